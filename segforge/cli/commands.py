@@ -1,0 +1,164 @@
+"""One thin function per `segforge` command: resolve paths, call the layers, save the composed config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from segforge.errors import SegforgeError
+from segforge.io.artifacts import atomic_write_text, read_json, write_json
+from segforge.io.dataset import DatasetError, load_dataset
+from segforge.workspace import Workspace, check_not_inside, resolve_dataset
+
+log = logging.getLogger("segforge")
+
+
+def save_config(folder: Path, command: str, cfg, overrides: list[str]) -> None:
+    """The exact composed config and the overrides of a run, beside its outputs."""
+    atomic_write_text(folder / f"{command}_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(folder / f"{command}_overrides.yaml", OmegaConf.to_yaml(OmegaConf.create({"overrides": list(overrides)})))
+
+
+def _checked_dataset(dataset_arg: str, cfg, require_labels: bool = True):
+    from segforge.io.checks import check_dataset
+
+    root = resolve_dataset(dataset_arg, cfg.paths.raw_root)
+    problems = check_dataset(root, require_labels=require_labels)
+    if problems:
+        raise DatasetError(problems)
+    return load_dataset(root, require_labels=require_labels)
+
+
+def run_check(args, cfg, overrides) -> int:
+    from segforge.io.checks import check_dataset, format_problems
+
+    root = resolve_dataset(args.dataset, cfg.paths.raw_root)
+    problems = check_dataset(root, require_labels=bool(cfg.require_labels))
+    if problems:
+        print(format_problems(problems) if problems else "", file=sys.stderr)
+        return 1
+    print(f"{root}: no problems found")
+    return 0
+
+
+def _keep_previous(path: Path, new_payload: dict) -> None:
+    """A plans.json someone may have edited is never lost: if it differs, it is kept under a dated name."""
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        old = None
+    if old is not None and {k: v for k, v in old.items() if k != "segforge_version"} == \
+            {k: v for k, v in json.loads(json.dumps(new_payload, default=str)).items() if k != "segforge_version"}:
+        return
+    backup = path.with_name(f"{path.stem}.previous-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+    shutil.copy2(path, backup)
+    log.info("kept the previous %s as %s", path.name, backup.name)
+
+
+def run_plan(args, cfg, overrides) -> int:
+    from segforge.io.artifacts import stamp
+    from segforge.planning.fingerprint import compute_fingerprint
+    from segforge.planning.planner import make_plans
+
+    spec = _checked_dataset(args.dataset, cfg)
+    ws = Workspace.from_config(cfg.paths, spec.name)
+    check_not_inside(ws.work_dir, spec.root, "dataset folder")
+    fingerprint = compute_fingerprint(spec, num_workers=int(cfg.preprocess.num_workers))
+    write_json(ws.fingerprint_path, fingerprint, kind="fingerprint")
+    try:
+        plans = make_plans(fingerprint, cfg.plan)
+    except ValueError as exc:
+        raise SegforgeError(f"{spec.root}: {exc}") from exc
+    _keep_previous(ws.plans_path, stamp("plans", plans))
+    write_json(ws.plans_path, plans, kind="plans")
+    save_config(ws.work_dir, "plan", cfg, overrides)
+    for name, conf in plans["configurations"].items():
+        log.info("plan %s: patch %s, batch %s, spacing %s, stages %d", name, conf["patch_size"], conf["batch_size"],
+                 conf["target_spacing"], len(conf["network"]["strides"]))
+    print(f"fingerprint: {ws.fingerprint_path}\nplans:       {ws.plans_path}")
+    if cfg.preprocess.get("run", True):
+        _preprocess(spec, ws, cfg, None)
+    return 0
+
+
+def _preprocess(spec, ws: Workspace, cfg, configurations) -> None:
+    from segforge.preprocessing.pipeline import run_preprocessing
+
+    plans = read_json(ws.plans_path, "plans")
+    names = list(configurations) if configurations else list(plans["configurations"])
+    for name in names:
+        if name not in plans["configurations"]:
+            raise SegforgeError(f"configuration {name} is not in {ws.plans_path}; it has {sorted(plans['configurations'])}")
+        check_not_inside(ws.preprocessed(name), spec.root, "dataset folder")
+        counts = run_preprocessing(spec.cases, plans, name, ws.preprocessed(name), spec.label_values,
+                                   int(cfg.preprocess.num_workers), int(cfg.preprocess.foreground_samples_per_class))
+        print(f"preprocessed {name}: {ws.preprocessed(name)} ({counts['done']} done, {counts['skipped']} up to date)")
+
+
+def run_preprocess(args, cfg, overrides) -> int:
+    spec = _checked_dataset(args.dataset, cfg)
+    ws = Workspace.from_config(cfg.paths, spec.name)
+    _preprocess(spec, ws, cfg, cfg.configurations)
+    return 0
+
+
+def run_train(args, cfg, overrides) -> int:
+    from segforge.training.run import train
+
+    # layout only: every DDP rank runs this, and the files were checked by `plan`
+    spec = load_dataset(resolve_dataset(args.dataset, cfg.paths.raw_root))
+    fold_dir = train(cfg, spec, overrides)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(f"model folder: {fold_dir.parent}\nrun folder:   {fold_dir}")
+    return 0
+
+
+def run_predict(args, cfg, overrides) -> int:
+    from segforge.inference.predictor import Predictor, predict_folder
+
+    input_path, output = Path(args.input), Path(args.output)
+    if not input_path.exists():
+        raise SegforgeError(f"{input_path}: input not found")
+    if input_path.is_dir() and output.resolve() == input_path.resolve():
+        raise SegforgeError(f"{output}: output folder is the input folder. Fix: choose another -o folder")
+    folds = list(cfg.predict.folds) if cfg.predict.folds is not None else None
+    predictor = Predictor.from_model_dir(args.model, folds=folds, device=cfg.predict.device, step_size=float(cfg.predict.step_size),
+                                         mirror=bool(cfg.predict.mirror), sw_batch_size=int(cfg.predict.sw_batch_size))
+    written = predict_folder(predictor, input_path, output)
+    write_json(output / "dataset.json", predictor.dataset_json)
+    save_config(output, "predict", cfg, overrides)
+    print(f"wrote {len(written)} mask(s) to {output}")
+    return 0
+
+
+def run_evaluate(args, cfg, overrides) -> int:
+    from segforge.evaluation.metrics import evaluate_folders, format_summary
+
+    pred_dir, ref_dir = Path(args.pred_dir), Path(args.ref_dir)
+    candidates = [Path(args.dataset_json)] if args.dataset_json else [pred_dir / "dataset.json", ref_dir.parent / "dataset.json"]
+    labels = OmegaConf.to_container(cfg.labels) if cfg.labels else None
+    for candidate in candidates:
+        if labels is None and candidate.is_file():
+            labels = read_json(candidate)["labels"]
+    if labels is None:
+        raise SegforgeError(f"no labels: none of {[str(c) for c in candidates]} exists. Fix: --dataset-json PATH")
+    summary = evaluate_folders(pred_dir, ref_dir, labels, pred_dir / "summary.json")
+    print(format_summary(summary))
+    print(f"summary: {pred_dir / 'summary.json'}")
+    return 0
+
+
+def run_demo(args, cfg, overrides) -> int:
+    from segforge.demo.runner import run_demo as demo
+
+    return demo(cfg, overrides)

@@ -1,0 +1,118 @@
+"""The `segforge` command: parse paths and modes, compose the Hydra config, call one stage.
+
+Grammar: `segforge COMMAND [paths and flags] [key=value ...]`. Paths and modes are flags or positionals; every
+config value is a Hydra override. Where both could set the same thing, the order of precedence (last wins) is:
+config default < environment variable (paths) < flag (e.g. `--work`) < `key=value` override.
+
+Lightning's DDP launcher re-executes this exact command line once per extra rank (and would append `hydra.*`
+overrides if Hydra's app state were initialised); `hydra.*` overrides are accepted and ignored, and every rank
+derives the same run folder from the config, never from the clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from segforge import __version__
+from segforge.errors import SegforgeError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+COMMANDS = {
+    "check": "List every problem of a training dataset (exit 0 when clean).",
+    "plan": "Check, fingerprint and plan a dataset (and preprocess it unless preprocess.run=false).",
+    "preprocess": "Crop, normalise and resample the training cases as plans.json says.",
+    "train": "Train one fold of one configuration (Lightning; DDP-ready).",
+    "predict": "Predict masks for a folder of images with a trained model folder.",
+    "evaluate": "Dice per case and class between a prediction and a reference folder.",
+    "demo": "Generate a synthetic dataset and run check, plan, preprocess, train, predict and evaluate on it.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segforge",
+        description="Self-configuring biomedical image segmentation. Every config value is a `key=value` override.",
+        epilog="Examples: segforge plan data/Dataset001_X plan.gpu_memory_gb=24 | "
+        "segforge train data/Dataset001_X trainer.max_epochs=50 fold=1 | "
+        "segforge predict -i imgs/ -o out/ --model WORK/Dataset001_X/results/segment/3d_fullres",
+    )
+    parser.add_argument("--version", action="version", version=f"segforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text + " Trailing key=value pairs override the config.")
+        if name in ("check", "plan", "preprocess", "train"):
+            p.add_argument("dataset", help="dataset folder (nnU-Net raw layout), or a name/id under paths.raw_root")
+        if name == "predict":
+            p.add_argument("-i", "--input", required=True, help="folder of images (CASE_0000.ext, ...) or one image file")
+            p.add_argument("-o", "--output", required=True, help="folder for the predicted masks")
+            p.add_argument("--model", required=True, help="trained model folder (holds plans.json and fold_*/)")
+        if name == "evaluate":
+            p.add_argument("pred_dir", help="folder of predicted masks")
+            p.add_argument("ref_dir", help="folder of reference masks")
+            p.add_argument("--dataset-json", help="dataset.json giving the labels (default: beside ref_dir or pred_dir)")
+        if name == "demo":
+            p.add_argument("--out", help="folder for the demo dataset and work root (default: ./segforge_demo)")
+        if name != "demo":
+            p.add_argument("--work", help="work root (same as paths.work_root=...; default $SEGFORGE_WORK or ./segforge_work)")
+        p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
+    return parser
+
+
+def compose_config(config_name: str, overrides: list[str]):
+    """The composed config of one command; Hydra's own errors become user errors."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=config_name):
+            return compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise SegforgeError(f"bad override in {overrides}: {exc}") from exc
+
+
+def split_overrides(args: argparse.Namespace) -> list[str]:
+    """User overrides minus Hydra's own (`hydra.*`, appended by relaunchers), with flags translated in front."""
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise SegforgeError(f"unexpected argument(s) {bad}: config overrides are written key=value (see --help)")
+    flags = [f"paths.work_root={args.work}"] if getattr(args, "work", None) else []
+    if getattr(args, "out", None):
+        flags.append(f"out={args.out}")
+    user = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra.")]
+    return flags + user
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        overrides = split_overrides(args)
+        cfg = compose_config(args.command, overrides)
+        if args.cfg:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+            return 0
+        from segforge.cli import commands
+
+        return int(getattr(commands, f"run_{args.command}")(args, cfg, overrides) or 0)
+    except SegforgeError as exc:
+        print(f"segforge {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"segforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

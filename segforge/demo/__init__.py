@@ -1,0 +1,1 @@
+"""demo: a synthetic dataset generator (3D and 2D) and the end-to-end demo run."""

@@ -1,0 +1,120 @@
+"""`segforge demo`: generate, check, plan, preprocess, train (child process), predict and evaluate, then report.
+
+Each step is the real command (the same entry point a user types), run in this process, except training, which
+runs as a child process so that a multi-rank launch re-executes only the training command. The report includes
+an oracle intensity-threshold baseline on the held-out cases, which shows the demo is not solvable by a threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from segforge.errors import SegforgeError
+
+DEMO_NAMES = {3: "Dataset900_Demo3D", 2: "Dataset901_Demo2D"}
+DEMO_MARKER = "segforge synthetic demo"
+
+
+def _as_override(key: str, value) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def _run(argv: list[str], timings: dict, label: str) -> None:
+    from segforge.cli.main import main
+
+    print(f"\n$ segforge {' '.join(argv)}", flush=True)
+    start = time.monotonic()
+    code = main(argv)
+    timings[label] = time.monotonic() - start
+    if code != 0:
+        raise SegforgeError(f"demo step `segforge {' '.join(argv)}` failed with exit code {code}")
+
+
+def _dataset(cfg, out: Path) -> Path:
+    from segforge.demo.synthetic import generate_dataset
+
+    dim = int(cfg.dim)
+    dataset = out / DEMO_NAMES[dim]
+    if dataset.exists():
+        description = json.loads((dataset / "dataset.json").read_text()).get("description", "") if (dataset / "dataset.json").is_file() else ""
+        if DEMO_MARKER not in description:
+            raise SegforgeError(f"{dataset}: exists and is not a segforge demo dataset; segforge will not touch it. "
+                                "Fix: choose another --out folder")
+        print(f"reusing the demo dataset {dataset}")
+        return dataset
+    print(f"generating the demo dataset {dataset}")
+    return generate_dataset(dataset, dim=dim, num_train=int(cfg.num_train), num_test=int(cfg.num_test), seed=int(cfg.seed))
+
+
+def threshold_baseline(dataset: Path, labels: dict) -> dict:
+    from segforge.demo.baseline import best_threshold_dice
+    from segforge.io.image import read_image
+
+    ending = json.loads((dataset / "dataset.json").read_text())["file_ending"]
+    images, refs = [], []
+    for ref in sorted((dataset / "labelsTs").glob(f"*{ending}")):
+        case = ref.name[: -len(ending)]
+        images.append(read_image(dataset / "imagesTs" / f"{case}_0000{ending}")[0].astype(np.float32))
+        refs.append(read_image(ref)[0])
+    classes = {name: v for name, v in labels.items() if isinstance(v, int) and v != 0 and name != "ignore"}
+    scores = best_threshold_dice(images, refs, list(classes.values()))
+    return {name: float(scores[v]) for name, v in classes.items()}
+
+
+def run_demo(cfg, overrides: list[str]) -> int:
+    out = Path(cfg.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    dataset = _dataset(cfg, out)
+    timings["generate"] = time.monotonic() - start
+    configuration = "3d_fullres" if int(cfg.dim) == 3 else "2d"
+    work = out / "work"
+    # the demo is self-contained: all roots under --out, whatever the environment says
+    roots = [f"paths.work_root={work}", f"paths.preprocessed_root={work}", f"paths.results_root={work}"]
+    plan = OmegaConf.to_container(cfg.plan, resolve=True)
+    plan["configurations"] = plan["configurations"] or [configuration]
+    plan_overrides = [_as_override(f"plan.{k}", v) for k, v in plan.items()]
+    plan_overrides.append(_as_override("preprocess.num_workers", int(cfg.preprocess.num_workers)))
+
+    _run(["check", str(dataset)] + roots, timings, "check")
+    _run(["plan", str(dataset)] + roots + plan_overrides, timings, "plan+preprocess")
+
+    train_cmd = [sys.executable, "-m", "segforge", "train", str(dataset), *roots, f"configuration={configuration}",
+                 "experiment=demo", *[str(o) for o in cfg.train_overrides]]
+    print(f"\n$ {' '.join(train_cmd[2:])}", flush=True)
+    t0 = time.monotonic()
+    if subprocess.run(train_cmd).returncode != 0:
+        raise SegforgeError("demo training failed (see its output above)")
+    timings["train"] = time.monotonic() - t0
+
+    model_dir = work / dataset.name / "results" / "segment" / configuration
+    predictions = out / "predictions"
+    _run(["predict", "-i", str(dataset / "imagesTs"), "-o", str(predictions), "--model", str(model_dir)] + roots
+         + [str(o) for o in cfg.predict_overrides], timings, "predict")
+    _run(["evaluate", str(predictions), str(dataset / "labelsTs")] + roots, timings, "evaluate")
+
+    summary = json.loads((predictions / "summary.json").read_text())
+    baseline = threshold_baseline(dataset, summary["classes"])
+    baseline_mean = float(np.mean(list(baseline.values())))
+    report = {"dataset": str(dataset), "work_root": str(work), "model_dir": str(model_dir), "predictions": str(predictions),
+              "dice": summary["mean_dice"], "mean_foreground_dice": summary["foreground_mean_dice"],
+              "threshold_baseline_dice": baseline, "threshold_baseline_mean": baseline_mean,
+              "seconds": {k: round(v, 1) for k, v in timings.items()}, "total_seconds": round(time.monotonic() - start, 1)}
+    (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n== segforge demo ==")
+    print(f"dataset:       {dataset}\nwork root:     {work}\nmodel folder:  {model_dir}\npredictions:   {predictions}")
+    print(f"{'class':<16}{'segforge Dice':>15}{'best threshold':>16}")
+    for name, value in summary["mean_dice"].items():
+        print(f"{name:<16}{value:>15.3f}{baseline[name]:>16.3f}")
+    print(f"{'mean':<16}{summary['foreground_mean_dice']:>15.3f}{baseline_mean:>16.3f}")
+    print("time (s):      " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {report['total_seconds']:.0f}")
+    print(f"report:        {out / 'demo_report.json'}")
+    return 0

@@ -1,0 +1,1 @@
+"""evaluation: per-case, per-class metrics and their summary.json."""

@@ -1,0 +1,1 @@
+"""inference: sliding-window prediction, test-time mirroring, fold ensembles and export with input geometry."""

@@ -1,0 +1,140 @@
+"""Predict masks with a trained model folder: the training preprocessing, Gaussian-weighted sliding windows
+(MONAI), test-time mirroring, a fold ensemble, and export onto the input's exact grid.
+
+``Predictor.from_model_dir(model_dir).predict(path_or_array)`` is the Python API; ``predict_folder`` drives the
+CLI. Weights load with ``weights_only=True``: a model folder is data, never code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from monai.inferers import sliding_window_inference
+
+from segforge.errors import SegforgeError
+from segforge.io.artifacts import check_header, read_json
+from segforge.io.dataset import group_channel_files
+from segforge.io.image import Geometry, read_case, write_image
+from segforge.preprocessing.crop import paste
+from segforge.preprocessing.pipeline import preprocess_image
+from segforge.preprocessing.resample import resample_probabilities
+from segforge.training.run import FINAL_WEIGHTS
+
+log = logging.getLogger(__name__)
+
+
+def select_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SegforgeError("device=cuda but no CUDA device is available. Fix: device=cpu or device=auto")
+    return torch.device(device)
+
+
+class Predictor:
+    def __init__(self, plans: dict, dataset_json: dict, configuration: str, networks: list[torch.nn.Module],
+                 device: torch.device, step_size: float = 0.5, mirror: bool = True, sw_batch_size: int = 2):
+        self.plans, self.dataset_json, self.configuration = plans, dataset_json, configuration
+        self.plan_config = plans["configurations"][configuration]
+        self.networks = [n.to(device).eval() for n in networks]
+        self.device, self.step_size, self.mirror, self.sw_batch_size = device, step_size, mirror, sw_batch_size
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, folds=None, device: str = "auto", step_size: float = 0.5,
+                       mirror: bool = True, sw_batch_size: int = 2) -> "Predictor":
+        model_dir = Path(model_dir)
+        plans = read_json(model_dir / "plans.json", "plans")
+        dataset_json = read_json(model_dir / "dataset.json")
+        fold_dirs = sorted(p for p in model_dir.glob("fold_*") if (p / FINAL_WEIGHTS).is_file())
+        if folds is not None:
+            wanted = {f"fold_{f}" for f in folds}
+            fold_dirs = [p for p in fold_dirs if p.name in wanted]
+        if not fold_dirs:
+            raise SegforgeError(f"{model_dir}: no fold_*/{FINAL_WEIGHTS} found{' for folds ' + str(list(folds)) if folds else ''}. "
+                                "Fix: pass the model folder of a finished `segforge train` run")
+        torch_device = select_device(device)
+        networks, configuration = [], None
+        for fold_dir in fold_dirs:
+            source = fold_dir / FINAL_WEIGHTS
+            try:
+                payload = torch.load(source, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise SegforgeError(f"{source}: cannot load weights ({exc}). Fix: re-run training or re-copy the model") from exc
+            check_header(payload, "model_weights", str(source))
+            kwargs = dict(payload["network"])
+            if not str(kwargs.get("_target_", "")).startswith("segforge."):
+                raise SegforgeError(f"{source}: network class {kwargs.get('_target_')!r} is not a segforge network")
+            network = instantiate(kwargs, _convert_="all")
+            network.load_state_dict(payload["state_dict"])
+            networks.append(network)
+            configuration = payload["configuration"]
+        return cls(plans, dataset_json, configuration, networks, torch_device, step_size, mirror, sw_batch_size)
+
+    @torch.no_grad()
+    def _probabilities(self, data: np.ndarray) -> torch.Tensor:
+        """Class probabilities ``(classes, z, y, x)`` of a preprocessed ``(c, z, y, x)`` case (on CPU)."""
+        dims = self.plan_config["dims"]
+        patch = list(self.plan_config["patch_size"])
+        x = torch.from_numpy(data).to(self.device)
+        # 2D models see the slices as a batch of 2D images
+        batch = x[None] if dims == 3 else x.permute(1, 0, 2, 3)
+        axes = [a for a in self.plan_config.get("mirror_axes", list(range(dims)))] if self.mirror else []
+        flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+        total = None
+        for network in self.networks:
+            for flip in flips:
+                dims_to_flip = [a + 2 for a in flip]
+                inputs = torch.flip(batch, dims_to_flip) if flip else batch
+                logits = sliding_window_inference(inputs, roi_size=patch, sw_batch_size=self.sw_batch_size,
+                                                  predictor=network, overlap=1 - self.step_size, mode="gaussian",
+                                                  padding_mode="constant", cval=0.0)
+                probs = torch.softmax(logits.float(), dim=1)
+                probs = torch.flip(probs, dims_to_flip) if flip else probs
+                total = probs if total is None else total + probs
+        total /= len(self.networks) * len(flips)
+        total = total[0] if dims == 3 else total.permute(1, 0, 2, 3)
+        return total.cpu()
+
+    def predict(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
+        """A mask on the input's grid: from channel files (a path or a list), or a ``(c, z, y, x)`` array + geometry."""
+        if not isinstance(image, np.ndarray):
+            files = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
+            image, geometry = read_case(files)
+        if geometry is None:
+            raise ValueError("an array input needs its geometry")
+        expected = len(self.plans["channel_names"])
+        if image.shape[0] != expected:
+            raise SegforgeError(f"the model expects {expected} channel(s), the input has {image.shape[0]}")
+        data, props = preprocess_image(image, geometry, self.plans, self.configuration)
+        probabilities = self._probabilities(data)
+        probabilities = resample_probabilities(probabilities, props["shape_after_crop"])
+        labels = probabilities.argmax(0).numpy().astype(np.uint8 if probabilities.shape[0] < 256 else np.uint16)
+        return paste(labels, props["crop_bbox"], tuple(props["shape_before_crop"]), fill=0), geometry
+
+
+def predict_folder(predictor: Predictor, input_path: Path, output_dir: Path) -> list[Path]:
+    """Predict every case in ``input_path`` (a folder of CASE_XXXX files, or one image) into ``output_dir``."""
+    ending = predictor.dataset_json.get("file_ending", ".nii.gz")
+    if input_path.is_file():
+        cases = {input_path.name[: -len(ending)].rsplit("_", 1)[0] if input_path.name.endswith(ending) else input_path.stem: [input_path]}
+    else:
+        groups, problems = group_channel_files(input_path, ending)
+        if problems:
+            raise SegforgeError("\n".join(str(p) for p in problems))
+        cases = {case: [files[c] for c in sorted(files)] for case, files in groups.items()}
+    if not cases:
+        raise SegforgeError(f"{input_path}: no images ending in {ending} found. Fix: name them CASE_0000{ending}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (case_id, files) in enumerate(sorted(cases.items()), 1):
+        mask, geometry = predictor.predict(files)
+        target = output_dir / f"{case_id}{ending}"
+        write_image(target, mask, geometry)
+        written.append(target)
+        log.info("  [%d/%d] %s -> %s", i, len(cases), case_id, target)
+    return written

@@ -1,0 +1,133 @@
+"""Versioned, human-readable artifacts on disk: JSON and YAML written atomically, refused when unreadable.
+
+Every artifact (fingerprint, plans, case properties, summaries, model weights) records ``kind``,
+``schema_version`` and ``segforge_version``. A stage that finds an artifact of another schema refuses it and says
+which command produces a current one. No pickle anywhere: JSON, YAML, ``.npy`` and ``weights_only`` torch files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segforge import __version__
+from segforge.errors import ArtifactError
+
+# One schema version per artifact kind; bump when a reader could no longer understand the old layout.
+SCHEMA_VERSIONS = {
+    "fingerprint": 1,
+    "plans": 1,
+    "case_properties": 1,
+    "preprocessing_manifest": 1,
+    "model_weights": 1,
+    "summary": 1,
+    "run": 1,
+}
+
+# The command that (re)creates each artifact, for the error message of a stage that cannot read it.
+PRODUCED_BY = {
+    "fingerprint": "segforge plan DATASET",
+    "plans": "segforge plan DATASET",
+    "case_properties": "segforge preprocess DATASET",
+    "preprocessing_manifest": "segforge preprocess DATASET",
+    "model_weights": "segforge train DATASET",
+    "summary": "segforge evaluate PRED REF",
+    "run": "segforge train DATASET",
+}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the complete new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def stamp(kind: str, payload: dict) -> dict:
+    """``payload`` with the artifact header in front."""
+    return {"kind": kind, "schema_version": SCHEMA_VERSIONS[kind], "segforge_version": __version__, **payload}
+
+
+def write_json(path: Path, payload: dict, kind: str | None = None) -> None:
+    """Write ``payload`` as indented JSON; with ``kind``, stamped with the artifact header."""
+    data = stamp(kind, payload) if kind else payload
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: Path, kind: str | None = None) -> dict:
+    """Read a JSON artifact; with ``kind``, refuse a missing, foreign or other-version artifact clearly."""
+    path = Path(path)
+    hint = f" Fix: run `{PRODUCED_BY[kind]}`." if kind else ""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: not found.{hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc}).{hint}") from exc
+    if kind is None:
+        return data
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise ArtifactError(f"{path}: is not a segforge {kind} artifact.{hint}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSIONS[kind]:
+        raise ArtifactError(
+            f"{path}: {kind} schema version {version} (written by segforge {data.get('segforge_version')}), "
+            f"this segforge reads version {SCHEMA_VERSIONS[kind]}.{hint}"
+        )
+    return data
+
+
+def check_header(data: dict, kind: str, source: str) -> None:
+    """Validate the header of an artifact already loaded (e.g. from a weights file)."""
+    hint = f" Fix: run `{PRODUCED_BY[kind]}`."
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise ArtifactError(f"{source}: is not a segforge {kind} artifact.{hint}")
+    if data.get("schema_version") != SCHEMA_VERSIONS[kind]:
+        raise ArtifactError(
+            f"{source}: {kind} schema version {data.get('schema_version')}, this segforge reads "
+            f"version {SCHEMA_VERSIONS[kind]}.{hint}"
+        )
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and a rename (the result is memory-mappable and pickle-free)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=".npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,236 @@
+"""Check a training dataset's files and list every problem at once: layout, readability, geometry, values, location.
+
+``check_dataset`` first runs ``scan_dataset`` (dataset.json and the layout on disk), then reads the training cases
+one at a time (memory stays bounded by one case) and checks each file:
+
+* it can be read completely (a truncated NIfTI is caught even though SimpleITK zero-fills it silently) and is 2D/3D,
+  with the same dimensionality as the rest of the dataset;
+* the channels of a case and its label share one voxel grid (size, spacing, origin, direction);
+* label values are declared in dataset.json, integer and non-negative; images and labels hold no NaN/inf;
+* its real path (symlinks followed) lies inside the dataset folder or under an allowed data root.
+
+User errors never raise: each becomes a ``Problem`` naming the file, what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import sys
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from segforge.io.dataset import Case, DatasetSpec, Problem, inside, scan_dataset
+from segforge.io.image import Geometry, ImageReadError, read_image
+
+GEOMETRY_TOL = 1e-3  # relative (and absolute) tolerance of Geometry.same_grid between files of one case
+MAX_LISTED = 10  # values shown per problem before "..."
+REEXPORT_FIX = "re-export the file from the original data (the copy may have been interrupted)"
+
+
+def check_dataset(root: Path, require_labels: bool = True, progress: bool = False, *,
+                  allowed_roots: list[Path] | None = None, env_root: bool = True) -> list[Problem]:
+    """Every problem of the dataset at ``root`` (empty when it is fit for planning and training).
+
+    ``allowed_roots``: folders outside the dataset that its files (through symlinks) may live in; with
+    ``env_root`` (the default) the folder in ``$SEGFORGE_RAW``, if set, is allowed too. ``progress`` prints a
+    case counter on stderr.
+    """
+    root = Path(root)
+    spec, problems = scan_dataset(root, require_labels)
+    if spec is None:
+        return problems
+    already = {p.path for p in problems}  # files scan_dataset reported (missing, outside): not read again
+    roots = _allowed_roots(allowed_roots, env_root)
+    ndims: list[tuple[str, int]] = []
+    for i, case in enumerate(spec.cases, 1):
+        problems += _check_case(root, spec, case, roots, already, ndims)
+        if progress:
+            print(f"\rchecked {i}/{len(spec.cases)} case(s)", end="\n" if i == len(spec.cases) else "",
+                  file=sys.stderr, flush=True)
+    problems += _dimension_problems(ndims)
+    return problems
+
+
+def format_problems(problems: list[Problem], dataset: str | os.PathLike = "the dataset") -> str:
+    """The problems as the CLI prints them: a header line, then each problem with its fix."""
+    return "\n".join([f"{len(problems)} problem(s) in {dataset}"] + [str(p) for p in problems])
+
+
+def _allowed_roots(allowed_roots: list[Path] | None, env_root: bool) -> list[Path]:
+    roots = [Path(r).expanduser() for r in (allowed_roots or [])]
+    if env_root and os.environ.get("SEGFORGE_RAW"):
+        roots.append(Path(os.environ["SEGFORGE_RAW"]).expanduser())
+    return [Path(os.path.realpath(r)) for r in roots]
+
+
+def _check_case(root: Path, spec: DatasetSpec, case: Case, roots: list[Path], already: set[str],
+                ndims: list[tuple[str, int]]) -> list[Problem]:
+    """Problems of one case's files; reads one file at a time and keeps only the reference grid."""
+    problems: list[Problem] = []
+    ref: tuple[Path, tuple, Geometry] | None = None  # first readable channel: what the others must match
+    for path in case.image_files:
+        got = _read(root, path, roots, already, problems)
+        if got is None:
+            continue
+        array, geometry = got
+        ndims.append((str(path), geometry.ndim))
+        problems += _nonfinite_problems(path, array)
+        if ref is None:
+            ref = (path, array.shape, geometry)
+        else:
+            problems += _grid_problems(path, array.shape, geometry, ref, "channel",
+                                       "resample all channels of a case onto one voxel grid")
+        del array
+    if case.label_file is not None:
+        got = _read(root, case.label_file, roots, already, problems)
+        if got is not None:
+            label, geometry = got
+            if ref is not None:
+                problems += _grid_problems(case.label_file, label.shape, geometry, ref, "label",
+                                           "export the label on its image's voxel grid (same size, spacing, "
+                                           "origin and direction), e.g. resample it with nearest-neighbour")
+            problems += _label_problems(case.label_file, label, spec)
+    return problems
+
+
+def _read(root: Path, path: Path, roots: list[Path], already: set[str],
+          problems: list[Problem]) -> tuple[np.ndarray, Geometry] | None:
+    """The file's array and geometry, or None after appending why it cannot be used."""
+    if str(path) in already or not inside(root, path):
+        return None  # scan_dataset has reported it
+    problems += _location_problems(root, path, roots)
+    incomplete = _incomplete_nifti(path)
+    if incomplete:
+        problems.append(Problem(str(path), incomplete, REEXPORT_FIX))
+        return None
+    try:
+        return read_image(path)
+    except ImageReadError as exc:
+        problems.append(_problem_from_error(path, exc))
+    except Exception as exc:  # a reader's own failure mode: still a problem with this file, never a crash
+        problems.append(Problem(str(path), f"cannot read image ({type(exc).__name__}: {exc})", REEXPORT_FIX))
+    return None
+
+
+def _problem_from_error(path: Path, exc: Exception) -> Problem:
+    """Split an ImageReadError's "PATH: what. Fix: how" text into a Problem."""
+    text = str(exc)
+    if text.startswith(f"{path}: "):
+        text = text[len(f"{path}: "):]
+    message, sep, fix = text.partition(" Fix: ")
+    return Problem(str(path), message.rstrip(".;, "), fix if sep else REEXPORT_FIX)
+
+
+def _location_problems(root: Path, path: Path, roots: list[Path]) -> list[Problem]:
+    """A file whose real path (symlinks followed) is neither in the dataset folder nor under an allowed root."""
+    real = Path(os.path.realpath(path))
+    if real.is_relative_to(Path(os.path.realpath(root))) or any(real.is_relative_to(r) for r in roots):
+        return []
+    where = f" or the allowed data roots ({', '.join(map(str, roots))})" if roots else ""
+    return [Problem(str(path), f"resolves to {real}, outside the dataset folder{where}",
+                    "copy the file into the dataset folder instead of linking it, or keep its target under a "
+                    "configured data root (SEGFORGE_RAW)")]
+
+
+def _incomplete_nifti(path: Path) -> str | None:
+    """Why a .nii/.nii.gz file is cut short, or None. SimpleITK zero-fills missing NIfTI data without an error."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
+        return None
+    size = None
+    if name.endswith(".gz"):
+        size = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            return f"is truncated or corrupt: its gzip stream is cut short ({exc})"
+    try:
+        import nibabel as nib
+
+        header = nib.load(str(path)).header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception:
+        return None  # not parseable as NIfTI here: read_image reports what is wrong
+    size = path.stat().st_size if size is None else size
+    if size < expected:
+        return f"is truncated: it holds {size} bytes of the {expected} its header promises"
+    return None
+
+
+def _grid_problems(path: Path, shape: tuple, geometry: Geometry, ref: tuple[Path, tuple, Geometry],
+                   what: str, fix: str) -> list[Problem]:
+    """Size and geometry differences between ``path`` and the case's reference channel."""
+    ref_path, ref_shape, ref_geo = ref
+    problems = []
+    if shape != ref_shape:
+        problems.append(Problem(str(path), f"{what} size {shape} (z, y, x) differs from {ref_path.name} {ref_shape}", fix))
+    diffs = geometry.same_grid(ref_geo, tol=GEOMETRY_TOL)
+    if diffs:
+        detail = "; ".join(f"{name} {_fmt_tuple(getattr(geometry, name))} vs {_fmt_tuple(getattr(ref_geo, name))}"
+                           for name in diffs)
+        problems.append(Problem(str(path), f"{what} {', '.join(diffs)} differ from {ref_path.name}: {detail}", fix))
+    return problems
+
+
+def _nonfinite_problems(path: Path, array: np.ndarray) -> list[Problem]:
+    if array.dtype.kind not in "fc":
+        return []
+    n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    if not (n_nan or n_inf):
+        return []
+    return [Problem(str(path), f"holds {n_nan} NaN and {n_inf} infinite voxel(s)",
+                    "replace them with finite values (e.g. the image's minimum) when exporting the file")]
+
+
+def _label_problems(path: Path, label: np.ndarray, spec: DatasetSpec) -> list[Problem]:
+    """Label values that are not finite, not integer, negative or not declared in dataset.json."""
+    problems = _nonfinite_problems(path, label)
+    if label.dtype.kind in "fc":
+        values = np.unique(label[np.isfinite(label)]).real
+        fractional = values[values != np.round(values)]
+        if fractional.size:
+            problems.append(Problem(str(path), f"holds fractional label values {_fmt_values(fractional)}",
+                                    "labels are integers: store the file with an integer type; if it was resampled, "
+                                    "use nearest-neighbour interpolation"))
+        values = values[values == np.round(values)]
+    else:
+        values = np.unique(label)
+    negative = values[values < 0]
+    if negative.size:
+        problems.append(Problem(str(path), f"holds negative label values {_fmt_values(negative)}",
+                                'labels are non-negative: remap them, e.g. unlabeled voxels to an "ignore" label '
+                                "above all others"))
+    declared = set(spec.label_values)
+    undeclared = [v for v in values if v >= 0 and int(v) not in declared]
+    if undeclared:
+        problems.append(Problem(str(path), f"holds label values {_fmt_values(undeclared)} not declared in dataset.json "
+                                           f"labels (declared: {spec.label_values})",
+                                "declare them in dataset.json \"labels\" or relabel the file"))
+    return problems
+
+
+def _dimension_problems(ndims: list[tuple[str, int]]) -> list[Problem]:
+    """Image files whose dimensionality differs from the dataset's (the majority; ties go to the first case)."""
+    counts = Counter(n for _, n in ndims)
+    if len(counts) < 2:
+        return []
+    major = max(counts, key=lambda n: (counts[n], n == ndims[0][1]))
+    return [Problem(path, f"is a {n}D image but {counts[major]} image file(s) of the dataset are {major}D",
+                    f"make every case {major}D (a dataset is either 2D or 3D), or remove this case")
+            for path, n in ndims if n != major]
+
+
+def _fmt_values(values) -> str:
+    shown = [f"{float(v):g}" if isinstance(v, (float, np.floating)) and v != int(v) else str(int(v)) for v in list(values)[:MAX_LISTED]]
+    more = f", ... ({len(values)} in all)" if len(values) > MAX_LISTED else ""
+    return "[" + ", ".join(shown) + more + "]"
+
+
+def _fmt_tuple(values) -> str:
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"

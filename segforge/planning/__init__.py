@@ -1,0 +1,1 @@
+"""planning: dataset fingerprint and training plans, as pure functions of image statistics."""

@@ -1,0 +1,66 @@
+"""The segmentation LightningModule: loss, optimizer, and the per-epoch pseudo-Dice on validation patches.
+
+The network is any ``nn.Module`` with ``forward(x, cond=None)``; the learning rate follows the progress-based
+schedule applied by ``ScheduleCallback`` (no scheduler object here, so epochs and time budgets are one mechanism).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+
+def make_optimizer(parameters, optim_cfg) -> torch.optim.Optimizer:
+    if optim_cfg.name == "sgd":
+        return torch.optim.SGD(parameters, lr=optim_cfg.lr, momentum=optim_cfg.momentum, nesterov=bool(optim_cfg.nesterov),
+                               weight_decay=optim_cfg.weight_decay)
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(parameters, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {optim_cfg.name!r}; use sgd or adamw")
+
+
+class SegmentationModule(L.LightningModule):
+    def __init__(self, network: nn.Module, loss: nn.Module, optim_cfg, num_classes: int):
+        super().__init__()
+        self.network, self.loss, self.optim_cfg, self.num_classes = network, loss, optim_cfg, num_classes
+        self._val_counts = None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        return self.network(x, cond)
+
+    def training_step(self, batch, batch_idx):
+        image, label = batch
+        loss = self.loss(self.network(image), label.float())
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0], sync_dist=False)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_counts = torch.zeros(3, self.num_classes - 1, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch, batch_idx):
+        image, label = batch
+        logits = self.network(image)
+        if isinstance(logits, (list, tuple)):
+            logits = logits[0]
+        self.log("val_loss", self.loss(logits, label.float()), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
+        prediction = logits.argmax(1)
+        target = label[:, 0]
+        for c in range(1, self.num_classes):
+            p, t = prediction == c, target == c
+            self._val_counts[0, c - 1] += (p & t).sum()
+            self._val_counts[1, c - 1] += (p & ~t).sum()
+            self._val_counts[2, c - 1] += (~p & t).sum()
+
+    def on_validation_epoch_end(self) -> None:
+        counts = self.all_gather(self._val_counts)  # Dice from counts summed over every rank
+        if counts.ndim == 3:
+            counts = counts.sum(0)
+        tp, fp, fn = counts
+        dice = 2 * tp / torch.clamp(2 * tp + fp + fn, min=1)
+        for c, value in enumerate(dice, 1):
+            self.log(f"val_dice_{c}", value.float(), rank_zero_only=True)
+        self.log("val_dice", dice.mean().float(), prog_bar=True, rank_zero_only=True)
+
+    def configure_optimizers(self):
+        return make_optimizer(self.network.parameters(), self.optim_cfg)
