@@ -43,7 +43,7 @@ def run_check(args, cfg, overrides) -> int:
     root = resolve_dataset(args.dataset, cfg.paths.raw_root)
     problems = check_dataset(root, require_labels=bool(cfg.require_labels))
     if problems:
-        print(format_problems(problems) if problems else "", file=sys.stderr)
+        print(format_problems(problems, root), file=sys.stderr)
         return 1
     print(f"{root}: no problems found")
     return 0

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "demo":
             p.add_argument("--work", help="work root (same as paths.work_root=...; default $SEGFORGE_WORK or ./segforge_work)")
         p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
-        p.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
+        p.set_defaults(overrides=[])
     return parser
 
 
@@ -78,7 +78,7 @@ def compose_config(config_name: str, overrides: list[str]):
 
 def split_overrides(args: argparse.Namespace) -> list[str]:
     """User overrides minus Hydra's own (`hydra.*`, appended by relaunchers), with flags translated in front."""
-    bad = [o for o in args.overrides if "=" not in o]
+    bad = [o for o in args.overrides if "=" not in o or o.startswith("-")]
     if bad:
         raise SegforgeError(f"unexpected argument(s) {bad}: config overrides are written key=value (see --help)")
     flags = [f"paths.work_root={args.work}"] if getattr(args, "work", None) else []
@@ -88,13 +88,33 @@ def split_overrides(args: argparse.Namespace) -> list[str]:
     return flags + user
 
 
+def configure_logging() -> None:
+    """segforge's messages to stderr, once; third-party noise that says nothing to a user is filtered."""
+    import warnings
+
+    logger = logging.getLogger("segforge")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    for pattern in (".*LeafSpec.*", ".*all_gather is deprecated.*", ".*number of training batches.*logging interval.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    # overrides (key=value) may stand anywhere after the command; argparse leaves them over
+    args, rest = parser.parse_known_args(argv)
+    if args.command:
+        args.overrides = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if not args.command:
         parser.print_help()
         return 1
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
     try:
         overrides = split_overrides(args)
         cfg = compose_config(args.command, overrides)

@@ -6,7 +6,8 @@ one at a time (memory stays bounded by one case) and checks each file:
 * it can be read completely (a truncated NIfTI is caught even though SimpleITK zero-fills it silently) and is 2D/3D,
   with the same dimensionality as the rest of the dataset;
 * the channels of a case and its label share one voxel grid (size, spacing, origin, direction);
-* label values are declared in dataset.json, integer and non-negative; images and labels hold no NaN/inf;
+* label values are declared in dataset.json, integer and non-negative; images and labels hold no NaN/inf
+  (counted in the file: SimpleITK's NIfTI reader silently turns them into 0);
 * its real path (symlinks followed) lies inside the dataset folder or under an allowed data root.
 
 User errors never raise: each becomes a ``Problem`` naming the file, what is wrong and how to fix it.
@@ -14,19 +15,16 @@ User errors never raise: each becomes a ``Problem`` naming the file, what is wro
 
 from __future__ import annotations
 
-import gzip
 import os
 import sys
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from segforge.io.dataset import Case, DatasetSpec, Problem, inside, scan_dataset
-from segforge.io.image import Geometry, ImageReadError, read_image
+from segforge.io.image import GEOMETRY_TOL, Geometry, ImageReadError, read_image
 
-GEOMETRY_TOL = 1e-3  # relative (and absolute) tolerance of Geometry.same_grid between files of one case
 MAX_LISTED = 10  # values shown per problem before "..."
 REEXPORT_FIX = "re-export the file from the original data (the copy may have been interrupted)"
 
@@ -103,10 +101,6 @@ def _read(root: Path, path: Path, roots: list[Path], already: set[str],
     if str(path) in already or not inside(root, path):
         return None  # scan_dataset has reported it
     problems += _location_problems(root, path, roots)
-    incomplete = _incomplete_nifti(path)
-    if incomplete:
-        problems.append(Problem(str(path), incomplete, REEXPORT_FIX))
-        return None
     try:
         return read_image(path)
     except ImageReadError as exc:
@@ -136,49 +130,34 @@ def _location_problems(root: Path, path: Path, roots: list[Path]) -> list[Proble
                     "configured data root (SEGFORGE_RAW)")]
 
 
-def _incomplete_nifti(path: Path) -> str | None:
-    """Why a .nii/.nii.gz file is cut short, or None. SimpleITK zero-fills missing NIfTI data without an error."""
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
-        return None
-    size = None
-    if name.endswith(".gz"):
-        size = 0
-        try:
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    size += len(chunk)
-        except (EOFError, OSError, zlib.error) as exc:
-            return f"is truncated or corrupt: its gzip stream is cut short ({exc})"
-    try:
-        import nibabel as nib
-
-        header = nib.load(str(path)).header
-        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    except Exception:
-        return None  # not parseable as NIfTI here: read_image reports what is wrong
-    size = path.stat().st_size if size is None else size
-    if size < expected:
-        return f"is truncated: it holds {size} bytes of the {expected} its header promises"
-    return None
-
-
 def _grid_problems(path: Path, shape: tuple, geometry: Geometry, ref: tuple[Path, tuple, Geometry],
                    what: str, fix: str) -> list[Problem]:
     """Size and geometry differences between ``path`` and the case's reference channel."""
     ref_path, ref_shape, ref_geo = ref
+    if geometry.ndim != ref_geo.ndim:  # one problem, not a size and a geometry one
+        return [Problem(str(path), f"{what} is {geometry.ndim}D but {ref_path.name} is {ref_geo.ndim}D", fix)]
     problems = []
     if shape != ref_shape:
-        problems.append(Problem(str(path), f"{what} size {shape} (z, y, x) differs from {ref_path.name} {ref_shape}", fix))
+        problems.append(Problem(str(path), f"{what} size {shape} (z, y, x) differs from {ref_path.name} {ref_shape}",
+                                fix))
     diffs = geometry.same_grid(ref_geo, tol=GEOMETRY_TOL)
     if diffs:
         detail = "; ".join(f"{name} {_fmt_tuple(getattr(geometry, name))} vs {_fmt_tuple(getattr(ref_geo, name))}"
                            for name in diffs)
-        problems.append(Problem(str(path), f"{what} {', '.join(diffs)} differ from {ref_path.name}: {detail}", fix))
+        problems.append(Problem(str(path), f"{what} geometry differs from {ref_path.name}: {detail}", fix))
     return problems
 
 
 def _nonfinite_problems(path: Path, array: np.ndarray) -> list[Problem]:
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        try:  # SimpleITK's NIfTI reader turns NaN/inf into 0 without a word: count them in the file itself
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            if img.get_data_dtype().kind in "fc":
+                array = np.asanyarray(img.dataobj)
+        except Exception:
+            pass
     if array.dtype.kind not in "fc":
         return []
     n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
@@ -227,7 +206,8 @@ def _dimension_problems(ndims: list[tuple[str, int]]) -> list[Problem]:
 
 
 def _fmt_values(values) -> str:
-    shown = [f"{float(v):g}" if isinstance(v, (float, np.floating)) and v != int(v) else str(int(v)) for v in list(values)[:MAX_LISTED]]
+    shown = [f"{float(v):g}" if isinstance(v, (float, np.floating)) and v != int(v) else str(int(v))
+             for v in list(values)[:MAX_LISTED]]
     more = f", ... ({len(values)} in all)" if len(values) > MAX_LISTED else ""
     return "[" + ", ".join(shown) + more + "]"
 

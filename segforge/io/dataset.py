@@ -256,7 +256,11 @@ def discover_cases(root: Path, fields: dict, images_dir: str, labels_dir: str | 
             cases.append(Case(case_id, [files[c] for c in range(n_channels)], label))
     if labels_dir and (root / labels_dir).is_dir():
         for path in sorted((root / labels_dir).iterdir()):
-            if path.name.startswith(".") or not path.name.lower().endswith(ending.lower()):
+            if path.name.startswith("."):
+                continue
+            if not path.name.lower().endswith(ending.lower()):
+                problems.append(Problem(str(path), f"does not end in the dataset's file_ending {ending!r}",
+                                        f"convert it to {ending} or remove it from {labels_dir}/"))
                 continue
             case_id = path.name[: -len(ending)]
             if case_id not in channels:

@@ -16,7 +16,9 @@ either backend gives the same array and geometry (pinned by a test).
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +30,8 @@ ITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NATURAL_2D_ENDINGS = (".png", ".tif", ".tiff", ".bmp")
 SUPPORTED_ENDINGS = ITK_ENDINGS + NATURAL_2D_ENDINGS
 FAKE_Z_SPACING = 999.0
+# relative (and absolute) tolerance when comparing the grids of files that must share one (channels, labels)
+GEOMETRY_TOL = 1e-3
 
 
 class ImageReadError(SegforgeError):
@@ -55,7 +59,7 @@ class Geometry:
             ndim=int(data["ndim"]),
         )
 
-    def same_grid(self, other: "Geometry", tol: float = 1e-4) -> list[str]:
+    def same_grid(self, other: "Geometry", tol: float = GEOMETRY_TOL) -> list[str]:
         """Names of the geometry fields that differ from ``other`` beyond a relative tolerance."""
         diffs = []
         for name in ("spacing", "origin", "direction"):
@@ -113,6 +117,10 @@ def read_image(path: str | os.PathLike, backend: str = "auto") -> tuple[np.ndarr
 def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
+    incomplete = incomplete_nifti(path)  # SimpleITK would zero-fill the missing part without an error
+    if incomplete:
+        raise ImageReadError(f"{path}: {incomplete}. Fix: re-export the file from the original data")
+
     image = sitk.ReadImage(str(path))
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageReadError(
@@ -142,6 +150,33 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
 
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def incomplete_nifti(path: Path) -> str | None:
+    """Why a .nii/.nii.gz file is cut short, or None. SimpleITK zero-fills missing NIfTI data without an error."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
+        return None
+    size = None
+    if name.endswith(".gz"):
+        size = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            return f"is truncated or corrupt: its gzip stream cannot be decompressed ({exc})"
+    try:
+        import nibabel as nib
+
+        proxy = nib.load(str(path)).dataobj  # the array proxy knows the file's data offset; img.header does not
+        expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    except Exception:
+        return None  # not parseable as NIfTI here: read_image reports what is wrong
+    size = path.stat().st_size if size is None else size
+    if size < expected:
+        return f"is truncated: it holds {size} bytes of the {expected} its header promises"
+    return None
 
 
 def _read_nibabel(path: Path) -> tuple[np.ndarray, Geometry]:
@@ -190,10 +225,10 @@ def read_case(paths: list[Path]) -> tuple[np.ndarray, Geometry]:
         if geometry is None:
             geometry = geo
         elif array.shape != arrays[0].shape or geo.same_grid(geometry):
-            raise ImageReadError(
-                f"{path}: geometry differs from {paths[0].name} (shape {array.shape} vs {arrays[0].shape}). "
-                "Fix: resample all channels of a case onto one grid"
-            )
+            what = f"shape {array.shape} vs {arrays[0].shape}" if array.shape != arrays[0].shape else \
+                ", ".join(geo.same_grid(geometry)) + " differ"
+            raise ImageReadError(f"{path}: grid differs from {paths[0].name} ({what}). "
+                                 "Fix: resample all channels of a case onto one grid")
         arrays.append(array.astype(np.float32, copy=False))
     return np.stack(arrays), geometry
 

@@ -92,7 +92,7 @@ def plan_normalization(fingerprint: dict, median_relative_size: float) -> list[d
     return out
 
 
-def plan_configuration(dims: int, spacing: list[float], median_shape: list[float], rules) -> dict:
+def plan_configuration(dims: int, spacing: list[float], median_shape: list[float], rules, dataset_voxels: float) -> dict:
     """One configuration: patch, batch and network topology for 2D (in-plane) or 3D."""
     if dims == 2:
         spacing_used, shape_used = spacing[1:], median_shape[1:]
@@ -106,7 +106,9 @@ def plan_configuration(dims: int, spacing: list[float], median_shape: list[float
     patch = fit_patch_to_budget(shape_used, spacing_used, max_voxels / rules.batch_size_min)
     topo = topology(patch, spacing_used, rules.min_feature_map, rules.max_stages)
     patch = divisible_patch(patch, topo["total_pooling"])
-    batch = int(max(rules.batch_size_min, min(max_voxels // math.prod(patch), 8 if dims == 3 else 64)))
+    # batch: what the budget allows, but no more than covers 5% of the dataset's voxels per step
+    batch_cap = int(0.05 * dataset_voxels // math.prod(patch))
+    batch = int(max(rules.batch_size_min, min(max_voxels // math.prod(patch), batch_cap)))
     return {
         "dims": dims,
         "target_spacing": [None] + list(spacing_used) if dims == 2 else list(spacing_used),
@@ -134,12 +136,13 @@ def make_plans(fingerprint: dict, rules) -> dict:
     resampled = [[s * sp / t if sp != t else s for s, sp, t in zip(shape, sps, spacing)] for shape, sps in zip(shapes, spacings)]
     median_shape = [float(v) for v in np.median(np.asarray(resampled), axis=0)]
     is_2d_data = all(shape[0] == 1 for shape in shapes)
+    dataset_voxels = float(sum(math.prod(shape) for shape in resampled))
     configurations = {}
     for name in rules.configurations:
         if name == "2d":
-            configurations[name] = plan_configuration(2, spacing, median_shape, rules)
+            configurations[name] = plan_configuration(2, spacing, median_shape, rules, dataset_voxels)
         elif name == "3d_fullres" and not is_2d_data:
-            configurations[name] = plan_configuration(3, spacing, median_shape, rules)
+            configurations[name] = plan_configuration(3, spacing, median_shape, rules, dataset_voxels)
     if not configurations:
         raise ValueError(f"no configuration of {list(rules.configurations)} applies to this dataset "
                          f"({'2D' if is_2d_data else '3D'} images)")

@@ -32,7 +32,7 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         image, label = batch
         loss = self.loss(self.network(image), label.float())
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0], sync_dist=False)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0], sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -53,14 +53,12 @@ class SegmentationModule(L.LightningModule):
             self._val_counts[2, c - 1] += (~p & t).sum()
 
     def on_validation_epoch_end(self) -> None:
-        counts = self.all_gather(self._val_counts)  # Dice from counts summed over every rank
-        if counts.ndim == 3:
-            counts = counts.sum(0)
+        counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")  # counts of every rank
         tp, fp, fn = counts
         dice = 2 * tp / torch.clamp(2 * tp + fp + fn, min=1)
         for c, value in enumerate(dice, 1):
-            self.log(f"val_dice_{c}", value.float(), rank_zero_only=True)
-        self.log("val_dice", dice.mean().float(), prog_bar=True, rank_zero_only=True)
+            self.log(f"val_dice_{c}", value.float(), sync_dist=True)
+        self.log("val_dice", dice.mean().float(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         return make_optimizer(self.network.parameters(), self.optim_cfg)

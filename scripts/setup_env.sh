@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install segforge with its extras.
+# Usage: source scripts/setup_env.sh [extras]   (extras default: dev)
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+extras="${1:-dev}"
+python="${PYTHON:-python3}"
+if [ ! -x "$repo/.venv/bin/python" ]; then
+  "$python" -m venv "$repo/.venv"
+fi
+# shellcheck disable=SC1091
+. "$repo/.venv/bin/activate"
+python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+# torch first and pinned: on CPU machines 2.13.0 is a local CPU wheel; pyproject's range (<2.14) then adds nothing.
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+python -m pip install -q -e "$repo[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+python -c "import segforge, torch; print(f'segforge {segforge.__version__}, torch {torch.__version__}')"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up .venv (if needed) and run the test suite, printing the slowest tests. Extra arguments go to pytest.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+. "$repo/scripts/setup_env.sh" dev
+cd "$repo"
+python -m pytest -q --durations=20 "$@"

@@ -1,0 +1,118 @@
+"""The CLI grammar, config composition and overrides, and the work-root contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segforge import __version__
+from segforge.cli.main import COMMANDS, compose_config, main, split_overrides
+from segforge.errors import SegforgeError
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "override" in capsys.readouterr().out
+
+
+def test_console_script_runs_as_module():
+    result = subprocess.run([sys.executable, "-m", "segforge", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and __version__ in result.stdout
+
+
+@pytest.mark.parametrize("name", ["check", "plan", "preprocess", "train", "predict", "evaluate", "demo"])
+def test_every_primary_config_composes(name):
+    cfg = compose_config(name, [])
+    assert "paths" in cfg
+
+
+def test_override_any_value_and_groups():
+    cfg = compose_config("train", ["trainer.max_epochs=5", "model.norm=group", "optim=adamw_cosine",
+                                   "data.augmentation.mirror_prob=0.2", "fold=all"])
+    assert cfg.trainer.max_epochs == 5
+    assert cfg.model.norm == "group"
+    assert cfg.optim.name == "adamw" and cfg.optim.schedule == "cosine"
+    assert cfg.data.augmentation.mirror_prob == 0.2
+    assert cfg.fold == "all"
+
+
+def test_experiment_then_override_wins():
+    cfg = compose_config("train", ["experiment=demo", "trainer.max_epochs=3"])
+    assert cfg.trainer.max_epochs == 3
+    assert cfg.data.iterations_per_epoch == 50  # from the experiment
+
+
+def test_precedence_default_env_flag_override(monkeypatch, tmp_path):
+    assert compose_config("plan", []).paths.work_root == "segforge_work"
+    monkeypatch.setenv("SEGFORGE_WORK", str(tmp_path / "env"))
+    cfg = compose_config("plan", [])
+    assert cfg.paths.work_root == str(tmp_path / "env")
+    assert cfg.paths.preprocessed_root == str(tmp_path / "env")  # sub-roots follow the work root by default
+    monkeypatch.setenv("SEGFORGE_RESULTS", str(tmp_path / "results"))
+    assert compose_config("plan", []).paths.results_root == str(tmp_path / "results")
+
+    class Args:
+        work = str(tmp_path / "flag")
+        overrides = []
+
+    assert compose_config("plan", split_overrides(Args)).paths.work_root == str(tmp_path / "flag")
+    Args.overrides = [f"paths.work_root={tmp_path / 'override'}"]
+    assert compose_config("plan", split_overrides(Args)).paths.work_root == str(tmp_path / "override")
+
+
+def test_hydra_overrides_from_a_relauncher_are_ignored():
+    class Args:
+        work = None
+        overrides = ["trainer.max_epochs=2", 'hydra.run.dir="/somewhere"', "hydra.job.name=train_ddp_process_1"]
+
+    assert split_overrides(Args) == ["trainer.max_epochs=2"]
+
+
+def test_print_composed_config(capsys):
+    assert main(["train", "some/dataset", "trainer.max_epochs=7", "--cfg", "job"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_epochs"] == 7
+
+
+def test_bad_override_is_a_clear_error_not_a_traceback(capsys):
+    assert main(["train", "x", "trainer.no_such_key_at_all"]) != 0
+    err = capsys.readouterr().err
+    assert "key=value" in err and "Traceback" not in err
+    assert main(["train", "x", "nosuchgroup.value=3"]) != 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_clear_error(capsys, tmp_path):
+    assert main(["plan", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "not found" in err
+
+
+def test_bare_dataset_name_resolves_under_raw_root(tiny_dataset, monkeypatch, capsys):
+    monkeypatch.setenv("SEGFORGE_RAW", str(tiny_dataset.parent))
+    assert main(["check", tiny_dataset.name]) == 0
+    assert main(["check", "1"]) == 0  # numeric id -> Dataset001_*
+    assert "no problems" in capsys.readouterr().out
+
+
+def test_config_files_ship_inside_the_package():
+    from segforge.cli.main import CONFIG_DIR
+
+    assert CONFIG_DIR.is_relative_to(Path(__import__("segforge").__file__).parent)
+    assert (CONFIG_DIR / "train.yaml").is_file()
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert "configs/**/*.yaml" in pyproject
