@@ -3,7 +3,7 @@
 Encoder stages downsample with a strided first convolution (stride 1 for the first stage), the decoder upsamples
 with transposed convolutions and concatenates skips. Deep-supervision heads (1x1 convolutions at every decoder
 resolution) are kept apart from the trunk. ``forward(x, cond=None)``: ``cond`` is an optional ``(batch,
-cond_dim)`` vector (the denoising task's timestep embedding) added to every block after its first convolution
+cond_dim)`` vector (the denoising task's timestep embedding) added to every block after its first convolution and norm
 through a zero-initialised projection, so a conditioned network starts out identical to an unconditioned one.
 """
 
@@ -52,10 +52,11 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            x = conv(x)
+            x = norm(conv(x))
+            # after the norm: an instance norm would subtract a per-channel shift added before it
             if i == 0 and self.cond_proj is not None and cond is not None:
                 x = x + self.cond_proj(cond).reshape(*cond.shape[:1], -1, *([1] * (x.ndim - 2)))
-            x = self.act(norm(x))
+            x = self.act(x)
         return x
 
 

@@ -40,10 +40,10 @@ def resample_label(label: np.ndarray, new_shape: list[int], values: list[int]) -
     best = torch.full(list(new_shape), -1.0)
     out = torch.zeros(list(new_shape), dtype=torch.int16)
     with torch.no_grad():
-        for value in values:
+        for value in sorted(values):
             mask = torch.from_numpy((label == value).astype(np.float32))[None]
             score = _interpolate(mask, new_shape)[0]
-            better = score > best
+            better = score >= best  # ties go to the later (higher) value: a thin structure beats background
             out[better] = value
             best = torch.where(better, score, best)
     return out.numpy().astype(label.dtype if label.dtype.kind in "iu" else np.int16)

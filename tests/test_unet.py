@@ -1,0 +1,203 @@
+"""segforge.nn.unet: shapes in 2D/3D, deep supervision, norms, zero-initialised conditioning, gradients, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from segforge.nn.unet import UNet, make_norm
+
+STRIDES_3D = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+KERNELS_3D = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+FEATURES = [4, 8, 12, 16]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one thread is fastest, and avoids OpenMP spin contention on a loaded 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def net3d(**kw) -> UNet:
+    args = dict(spatial_dims=3, in_channels=1, out_channels=3, features_per_stage=FEATURES, kernel_sizes=KERNELS_3D,
+                strides=STRIDES_3D)
+    args.update(kw)
+    torch.manual_seed(0)
+    return UNet(**args)
+
+
+def net2d(**kw) -> UNet:
+    args = dict(spatial_dims=2, in_channels=1, out_channels=2, features_per_stage=[4, 8, 16],
+                kernel_sizes=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]])
+    args.update(kw)
+    torch.manual_seed(0)
+    return UNet(**args)
+
+
+def test_3d_output_shape_eval():
+    net = net3d().eval()
+    x = torch.randn(2, 1, 8, 16, 24)
+    with torch.no_grad():
+        out = net(x)
+    assert isinstance(out, torch.Tensor)
+    assert out.shape == (2, 3, 8, 16, 24)
+    assert net.total_stride == [4, 8, 8]
+
+
+def test_2d_output_shape_eval():
+    net = net2d().eval()
+    with torch.no_grad():
+        out = net(torch.randn(3, 1, 16, 20))
+    assert out.shape == (3, 2, 16, 20)
+
+
+def test_deep_supervision_resolutions_follow_cumulative_strides():
+    net = net3d().train()
+    x = torch.randn(2, 1, 8, 16, 24)
+    outs = net(x)
+    assert isinstance(outs, list)
+    assert len(outs) == len(STRIDES_3D) - 1
+    cumulative = [1, 1, 1]
+    for out, stride in zip(outs, STRIDES_3D):
+        cumulative = [c * s for c, s in zip(cumulative, stride)]
+        expected = tuple(n // c for n, c in zip(x.shape[2:], cumulative))
+        assert out.shape == (2, 3, *expected)
+    sizes = [out[0, 0].numel() for out in outs]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+
+
+def test_deep_supervision_full_resolution_output_equals_eval_output_of_same_weights():
+    """Train mode with deep supervision returns the eval-mode logits first (instance norm has no running stats)."""
+    net = net3d()
+    x = torch.randn(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        train_out = net.train()(x)[0]
+        eval_out = net.eval()(x)
+    torch.testing.assert_close(train_out, eval_out)
+
+
+def test_without_deep_supervision_train_mode_returns_a_tensor():
+    net = net3d(deep_supervision=False).train()
+    out = net(torch.randn(1, 1, 8, 16, 16))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 3, 8, 16, 16)
+    assert len(net.heads) == 1
+
+
+def test_extra_input_channels():
+    net = net3d(in_channels=3).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 8, 16, 16))
+    assert out.shape == (1, 3, 8, 16, 16)
+    with pytest.raises(RuntimeError):
+        net(torch.randn(1, 1, 8, 16, 16))
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "group"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_norms_build_and_run(norm, dims):
+    net = (net3d if dims == 3 else net2d)(norm=norm)
+    x = torch.randn(2, 1, 8, 16, 16) if dims == 3 else torch.randn(2, 1, 16, 16)
+    outs = net.train()(x)
+    assert all(torch.isfinite(o).all() for o in outs)
+    with torch.no_grad():
+        out = net.eval()(x)
+    assert out.shape[2:] == x.shape[2:]
+    assert torch.isfinite(out).all()
+
+
+def test_make_norm_kinds():
+    assert isinstance(make_norm("instance", 3, 8), nn.InstanceNorm3d)
+    assert isinstance(make_norm("batch", 2, 8), nn.BatchNorm2d)
+    group = make_norm("group", 3, 12)
+    assert isinstance(group, nn.GroupNorm) and 12 % group.num_groups == 0
+    with pytest.raises(ValueError):
+        make_norm("layer", 3, 8)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "group"])
+def test_conditioning_is_zero_initialised(norm):
+    net = net3d(cond_dim=5, norm=norm).eval()
+    x, cond = torch.randn(2, 1, 8, 16, 16), torch.randn(2, 5)
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x, cond))
+
+
+def _perturb_conditioning(net: UNet) -> int:
+    torch.manual_seed(1)
+    count = 0
+    for module in net.modules():
+        if getattr(module, "cond_proj", None) is not None:
+            nn.init.normal_(module.cond_proj.weight)
+            nn.init.normal_(module.cond_proj.bias)
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("norm", [
+    "instance",
+    "batch",
+    "group",
+])
+def test_conditioning_changes_output_once_trained(norm):
+    net = net3d(cond_dim=5, norm=norm).eval()
+    assert _perturb_conditioning(net) == 2 * len(FEATURES) - 1  # every encoder and decoder block
+    x, cond = torch.randn(2, 1, 8, 16, 16), torch.randn(2, 5)
+    with torch.no_grad():
+        plain, conditioned = net(x), net(x, cond)
+        other = net(x, torch.randn(2, 5))
+    assert (plain - conditioned).abs().max() > 1e-3
+    assert (conditioned - other).abs().max() > 1e-3
+
+
+def test_cond_without_cond_dim_raises():
+    net = net3d().eval()
+    with pytest.raises(ValueError, match="cond_dim"):
+        net(torch.randn(1, 1, 8, 16, 16), torch.randn(1, 5))
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "group"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_every_parameter_gets_a_gradient_without_deep_supervision(norm, dims):
+    """An unused parameter (e.g. a deep-supervision head nobody calls) breaks DDP."""
+    net = (net3d if dims == 3 else net2d)(deep_supervision=False, norm=norm).train()
+    x = torch.randn(2, 1, 8, 16, 16) if dims == 3 else torch.randn(2, 1, 16, 16)
+    out = net(x)
+    target = torch.randint(0, out.shape[1], (out.shape[0], *out.shape[2:]))
+    nn.functional.cross_entropy(out, target).backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_every_parameter_gets_a_gradient_with_deep_supervision():
+    net = net3d().train()
+    outs = net(torch.randn(2, 1, 8, 16, 16))
+    sum(o.square().mean() for o in outs).backward()
+    assert [name for name, p in net.named_parameters() if p.grad is None] == []
+
+
+def test_every_parameter_gets_a_gradient_with_conditioning():
+    net = net3d(cond_dim=4, deep_supervision=False, norm="group").train()
+    net(torch.randn(2, 1, 8, 16, 16), torch.randn(2, 4)).square().mean().backward()
+    assert [name for name, p in net.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("features,kernels,strides", [
+    ([4, 8, 16], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2], [2, 2, 2]]),
+    ([4, 8], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2], [2, 2, 2]]),
+    ([4, 8, 16], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2]]),
+])
+def test_mismatched_lengths_raise(features, kernels, strides):
+    with pytest.raises(ValueError):
+        UNet(3, 1, 2, features, kernels, strides)
+
+
+def test_wrong_dimensionality_of_kernels_or_strides_raises():
+    with pytest.raises(ValueError):
+        UNet(3, 1, 2, [4, 8], [[3, 3], [3, 3]], [[1, 1, 1], [2, 2, 2]])
+    with pytest.raises(ValueError):
+        UNet(2, 1, 2, [4, 8], [[3, 3], [3, 3]], [[1, 1], [2, 2, 2]])
