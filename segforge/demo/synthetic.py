@@ -10,13 +10,13 @@ Labelled: ``liver`` (a large harmonically deformed ellipsoid, thin dark veins in
 (a tube along a random cubic Bezier curve in front of the spine) and ``lesion`` (a dark blob inside the liver).
 Unlabelled distractors share their intensities, so no intensity window separates the classes: the abdominal wall
 muscle, paraspinal muscles and a crescent "spleen" look like liver; subcutaneous fat is as bright as the aorta;
-bowel blobs, a bowel loop, the hepatic veins and the vertebral cortex are as dark as the lesion. Shape, size and
-context tell them apart. Images get smoothed-noise texture, partial-volume blur, a smooth multiplicative bias
-field, Rician noise and a random global scale.
+bowel blobs and a bowel loop (inside a thin bright wall), the hepatic veins and the vertebral cortex are as dark
+as the lesion. Shape, size and context tell them apart. Images get smoothed-noise texture, partial-volume blur, a
+smooth multiplicative bias field, Rician noise and a random global scale.
 
 2D (``.png``, uint16 images, uint8 labels, ~128 x 128): a tissue-like field with ``cytoplasm`` (irregular cells),
-``nucleus`` (bright, inside cells) and ``vessel`` (wide bright curved tubes); distractors are thin fibres and debris
-as dim as cytoplasm and bright debris dots as bright as nuclei and vessels.
+``nucleus`` (bright, inside cells) and ``vessel`` (wide bright curved tubes); the distractors, thin fibres and small
+debris dots, are either as dim as cytoplasm or as bright as nuclei and vessels.
 
 Every case is drawn from its own generator keyed by ``(seed, dim, split, index)``, so a case does not depend on
 how many others are generated (the test cases of ``num_train=2`` are those of ``num_train=24``).
@@ -48,13 +48,13 @@ CHANNEL_3D, CHANNEL_2D = "T1", "fluorescence"
 TRAIN, TEST = 0, 1
 
 # 3D tissues: T1-like intensity (fat bright) and the label each tissue carries.
-AIR, FAT, MUSCLE, INTERIOR, MARROW, CORTEX, SPLEEN, LIVER, VEIN, LESION, AORTA, BOWEL = range(12)
-T1_INTENSITY = np.array([0.0, 1.0, 0.45, 0.72, 0.62, 0.2, 0.45, 0.45, 0.2, 0.2, 1.0, 0.2])
-LABEL_OF_TISSUE_3D = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 3, 2, 0], np.uint8)
-# 2D tissues.
-STROMA, FIBRE, DEBRIS_DIM, DEBRIS_BRIGHT, VESSEL, CYTO, NUCLEUS = range(7)
-FL_INTENSITY = np.array([0.28, 0.58, 0.58, 0.92, 0.92, 0.58, 0.92])
-LABEL_OF_TISSUE_2D = np.array([0, 0, 0, 0, 3, 1, 2], np.uint8)
+AIR, FAT, MUSCLE, INTERIOR, MARROW, CORTEX, SPLEEN, LIVER, VEIN, LESION, AORTA, BOWEL, WALL = range(13)
+T1_INTENSITY = np.array([0.0, 1.0, 0.45, 0.72, 0.62, 0.2, 0.45, 0.45, 0.2, 0.2, 1.0, 0.2, 0.9])
+LABEL_OF_TISSUE_3D = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 3, 2, 0, 0], np.uint8)
+# 2D tissues; DIM and BRIGHT are the unlabelled distractors (fibres and debris).
+STROMA, DIM, BRIGHT, VESSEL, CYTO, NUCLEUS = range(6)
+FL_INTENSITY = np.array([0.28, 0.58, 0.92, 0.92, 0.58, 0.92])
+LABEL_OF_TISSUE_2D = np.array([0, 0, 0, 3, 1, 2], np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- shape helpers
@@ -116,7 +116,9 @@ def _pick(rng: np.random.Generator, mask: np.ndarray, coords) -> np.ndarray | No
 
 
 def _room(free: np.ndarray, spacing) -> np.ndarray:
-    """Distance in mm from each free voxel to the nearest occupied one."""
+    """Distance in mm from each free voxel to the nearest occupied one (infinite when nothing is occupied)."""
+    if free.all():
+        return np.full(free.shape, np.inf)
     return ndimage.distance_transform_edt(free, sampling=spacing)
 
 
@@ -126,7 +128,7 @@ def _finish(rng, intensity: np.ndarray, texture: float, blur, bias: float, noise
     tex_sigma = (0.7, 1.5, 1.5) if shape[0] > 1 else (0, 1.5, 1.5)
     image = intensity * (1 + texture * _smooth_noise(rng, shape, tex_sigma))
     image = ndimage.gaussian_filter(image, blur)
-    bias_sigma = tuple(max(n / 3, 0.0) if n > 1 else 0 for n in shape)
+    bias_sigma = tuple(n / 3 if n > 1 else 0 for n in shape)
     image *= np.exp(bias * _smooth_noise(rng, shape, bias_sigma))
     if rician:
         return np.hypot(image + noise * rng.standard_normal(shape), noise * rng.standard_normal(shape))
@@ -143,7 +145,6 @@ def make_case_3d(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Geom
     grid = np.meshgrid(*axes, indexing="ij")
     # one smooth elastic deformation (mm) of the whole anatomy
     grid = [g + amp * _smooth_noise(rng, shape, (3, 10, 10)) for g, amp in zip(grid, (1.0, 1.5, 1.5))]
-    Z, Y, X = grid
     points = np.stack([g.ravel() for g in grid], axis=1)
     zhalf = shape[0] * sz / 2
     for _ in range(20):  # redraw the anatomy (same rng: deterministic) in the rare case a class ends up too small
@@ -160,11 +161,10 @@ def make_case_3d(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Geom
     image = np.clip(np.rint(image * rng.uniform(400, 1600)), 0, 32767).astype(np.int16)
 
     angle = np.deg2rad(rng.uniform(-12, 12)) if rng.random() < 0.4 else 0.0
-    c, s = round(float(np.cos(angle)), 6), round(float(np.sin(angle)), 6)
+    c, s = float(np.cos(angle)), float(np.sin(angle))
     direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
     origin = (round(float(-(shape[2] - 1) / 2 * sxy + rng.normal(0, 5)), 2),
               round(float(-(shape[1] - 1) / 2 * sxy + rng.normal(0, 5)), 2), round(float(rng.uniform(-150, 50)), 2))
-    del X, Y, Z
     return image, label, Geometry(spacing=spacing, origin=origin, direction=direction, ndim=3)
 
 
@@ -220,8 +220,8 @@ def _anatomy_3d(rng, shape, spacing, grid, points, zhalf) -> np.ndarray:
         tissue[vein & liver] = VEIN
     # lesion(s) inside the liver, fully surrounded by it
     depth = _room(liver, spacing)
-    for k in range(1 if rng.random() < 0.7 else 2):
-        r = min(semi[1], semi[2]) * (rng.uniform(0.45, 0.6) if k == 0 else rng.uniform(0.3, 0.4))
+    for k in range(1 if rng.random() < 0.5 else 2):
+        r = min(semi[1], semi[2]) * (rng.uniform(0.5, 0.65) if k == 0 else rng.uniform(0.3, 0.4))
         while r > 3.0 and not (depth > 0.8 * r + 0.5).any():
             r *= 0.9
         where = _pick(rng, depth > 0.8 * r + 0.5, grid)
@@ -244,6 +244,9 @@ def _anatomy_3d(rng, shape, spacing, grid, points, zhalf) -> np.ndarray:
     if all(e is not None for e in ends):
         loop = _tube(points, shape, _bezier(np.array(ends)), _varying_radius(rng, 2.5, 3.5))
         tissue[loop & (room > 0.5)] = BOWEL
+    # a thin bright bowel wall (in-plane rim): a local cue that tells bowel from lesion
+    rim = ndimage.binary_dilation(tissue == BOWEL, structure=np.ones((1, 3, 3), bool))
+    tissue[rim & (tissue == INTERIOR)] = WALL
     return tissue
 
 
@@ -284,8 +287,9 @@ def _crossing_curve(rng, shape) -> np.ndarray:
 def _tissue_2d(rng, shape, grid, points) -> np.ndarray:
     """The tissue map of one 2D field: fibres, vessels, cells with nuclei, debris."""
     tissue = np.zeros(shape, np.uint8)
-    for _ in range(int(rng.integers(4, 7))):
-        tissue[_tube(points, shape, _bezier(_crossing_curve(rng, shape)), _varying_radius(rng, 0.9, 1.5))] = FIBRE
+    for _ in range(int(rng.integers(4, 8))):  # thin fibres, as dim as cytoplasm or as bright as nuclei and vessels
+        fibre = _tube(points, shape, _bezier(_crossing_curve(rng, shape)), _varying_radius(rng, 0.9, 1.5))
+        tissue[fibre] = DIM if rng.random() < 0.6 else BRIGHT
     vessels = np.zeros(shape, bool)
     for _ in range(int(rng.integers(1, 3))):
         vessels |= _tube(points, shape, _bezier(_crossing_curve(rng, shape)), _varying_radius(rng, 3.0, 4.5))
@@ -308,7 +312,7 @@ def _tissue_2d(rng, shape, grid, points) -> np.ndarray:
         where = _pick(rng, room > r + 2, grid)
         if where is not None:
             debris = _blob(grid, where, (1, r, r), rng, 0.1)
-            tissue[debris] = DEBRIS_BRIGHT if rng.random() < 0.5 else DEBRIS_DIM
+            tissue[debris] = BRIGHT if rng.random() < 0.5 else DIM
             room = np.minimum(room, _room(~debris, spacing))
     return tissue
 
@@ -341,8 +345,8 @@ def generate_dataset(out_dir: Path, dim: int = 3, num_train: int = 24, num_test:
     out_dir = Path(out_dir)
     if dim not in (2, 3):
         raise SegforgeError(f"dim must be 2 or 3, got {dim}")
-    if num_train < 1 or num_test < 0:
-        raise SegforgeError(f"need num_train >= 1 and num_test >= 0, got {num_train} and {num_test}")
+    if num_train < 1 or num_test < 0 or seed < 0:
+        raise SegforgeError(f"need num_train >= 1, num_test >= 0 and seed >= 0; got {num_train}, {num_test}, {seed}")
     _refuse_existing(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -357,12 +361,10 @@ def generate_dataset(out_dir: Path, dim: int = 3, num_train: int = 24, num_test:
                 image, label, geometry = make(case_rng(seed, dim, split, index))
                 write_image(tmp / f"images{sub}" / f"{case_id}_0000{ending}", image, geometry)
                 write_image(tmp / f"labels{sub}" / f"{case_id}{ending}", label, geometry)
-        if not test_ids:
-            (tmp / "imagesTs").mkdir()
         dataset_json = {
             "name": f"SegforgeSynthetic{dim}D",
-            "description": ("synthetic abdomen-like T1 MRI slabs (segforge demo)" if dim == 3
-                            else "synthetic tissue-like fluorescence fields (segforge demo)"),
+            "description": "segforge synthetic demo: " + ("abdomen-like T1 MRI slabs" if dim == 3
+                                                          else "tissue-like fluorescence fields"),
             "channel_names": {"0": CHANNEL_3D if dim == 3 else CHANNEL_2D},
             "labels": dict(LABELS_3D if dim == 3 else LABELS_2D),
             "numTraining": num_train,
