@@ -17,6 +17,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from segforge.errors import SegforgeError
+from segforge.io.artifacts import atomic_write_text
 
 DEMO_NAMES = {3: "Dataset900_Demo3D", 2: "Dataset901_Demo2D"}
 DEMO_MARKER = "segforge synthetic demo"
@@ -108,7 +109,7 @@ def run_demo(cfg, overrides: list[str]) -> int:
               "dice": summary["mean_dice"], "mean_foreground_dice": summary["foreground_mean_dice"],
               "threshold_baseline_dice": baseline, "threshold_baseline_mean": baseline_mean,
               "seconds": {k: round(v, 1) for k, v in timings.items()}, "total_seconds": round(time.monotonic() - start, 1)}
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "demo_report.json", json.dumps(report, indent=2) + "\n")
     print("\n== segforge demo ==")
     print(f"dataset:       {dataset}\nwork root:     {work}\nmodel folder:  {model_dir}\npredictions:   {predictions}")
     print(f"{'class':<16}{'segforge Dice':>15}{'best threshold':>16}")

@@ -1,0 +1,41 @@
+"""`segforge demo` wiring: every step runs through the real commands and the report names where things went.
+
+A reduced run (6 training cases, one short epoch) checks the wiring, not the accuracy; the full demo's accuracy
+is measured by running `bash scripts/demo.sh` (figures in the README).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from segforge.cli.main import main
+
+REDUCED = ["num_train=5", "num_test=2",
+           "train_overrides=['trainer.max_epochs=1','data.iterations_per_epoch=2','data.val_iterations=1','data.num_workers=0']"]
+
+
+def test_reduced_demo_runs_every_step_and_reports(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *REDUCED]) == 0
+    report = json.loads((out / "demo_report.json").read_text())
+    assert set(report["dice"]) == {"liver", "aorta", "lesion"}
+    assert set(report["threshold_baseline_dice"]) == {"liver", "aorta", "lesion"}
+    assert all(0.0 <= v <= 1.0 for v in report["threshold_baseline_dice"].values())
+    assert {"generate", "check", "plan+preprocess", "train", "predict", "evaluate"} <= set(report["seconds"])
+    predictions = sorted(p.name for p in (out / "predictions").glob("*.nii.gz"))
+    assert predictions == ["synth_ts000.nii.gz", "synth_ts001.nii.gz"]
+    assert (out / "predictions" / "summary.json").is_file()
+    assert (out / "work" / "Dataset900_Demo3D" / "results" / "segment" / "3d_fullres" / "fold_0" / "model_final.pt").is_file()
+    printed = capsys.readouterr().out
+    assert "best threshold" in printed and "report:" in printed
+
+
+def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
+    foreign = tmp_path / "demo" / "Dataset900_Demo3D"
+    foreign.mkdir(parents=True)
+    (foreign / "dataset.json").write_text(json.dumps({"description": "my real data"}))
+    assert main(["demo", "--out", str(tmp_path / "demo")]) != 0
+    assert "not a segforge demo dataset" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["dataset.json"]
