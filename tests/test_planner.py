@@ -15,8 +15,8 @@ import segforge
 from segforge.planning.planner import (
     divisible_patch,
     features_per_stage,
-    fit_patch_to_budget,
     make_plans,
+    patch_candidates,
     normalization_scheme,
     target_spacing,
     topology,
@@ -28,7 +28,9 @@ RULES_FILE = Path(segforge.__file__).parent / "configs" / "plan" / "default.yaml
 
 @pytest.fixture
 def rules():
-    return OmegaConf.load(RULES_FILE)
+    rules = OmegaConf.load(RULES_FILE)
+    rules.memory.method = "analytic"  # rule tests need no tracing (tests/test_memory.py covers the traced search)
+    return rules
 
 
 def stats(mean=50.0, std=20.0, lo=-100.0, hi=300.0) -> dict:
@@ -150,10 +152,10 @@ def test_topology_2d():
 
 
 @pytest.mark.parametrize("patch,total", [([30, 100, 257], [4, 32, 32]), ([1, 5, 3], [2, 8, 4]), ([64, 64], [32, 32])])
-def test_divisible_patch(patch, total):
+def test_divisible_patch_pads_up(patch, total):
     result = divisible_patch(patch, total)
     assert all(r % t == 0 and r >= t for r, t in zip(result, total))
-    assert all(abs(r - p) <= t / 2 or r == t for r, p, t in zip(result, patch, total))
+    assert all(p <= r < p + t or r == t for r, p, t in zip(result, patch, total))
 
 
 def test_topology_then_divisible_patch_keeps_min_feature_map():
@@ -163,12 +165,27 @@ def test_topology_then_divisible_patch_keeps_min_feature_map():
         assert all(f % t == 0 and f // t >= 4 for f, t in zip(fixed, topo["total_pooling"]))
 
 
-def test_fit_patch_to_budget_shrinks_the_physically_longest_axis():
-    patch = fit_patch_to_budget([10, 300, 300], [5.0, 0.7, 0.7], max_voxels=10 * 100 * 100)
-    assert math.prod(patch) <= 10 * 100 * 100
-    assert patch[0] == 10  # z spans 50 mm, in-plane 210 mm: only the in-plane axes shrink
-    assert 80 <= min(patch[1:]) and max(patch[1:]) <= 110
-    assert fit_patch_to_budget([10, 20, 30], [1.0, 1.0, 1.0], 1e9) == [10, 20, 30]
+def test_patch_candidates_start_isotropic_in_mm_clipped_to_the_median_image():
+    (first, topo), *_ = patch_candidates([1.0, 1.0, 1.0], [500, 500, 500], 256**3, 4, 6)
+    assert first == [256, 256, 256]
+    (first, topo), *_ = patch_candidates([2.0, 1.0, 1.0], [500, 500, 500], 256**3, 4, 6)
+    assert first[1] == first[2] and abs(first[0] * 2 - first[1]) <= topo["total_pooling"][0] * 2  # same extent in mm
+    (first, topo), *_ = patch_candidates([1.0, 1.0, 1.0], [40, 90, 70], 256**3, 4, 6)
+    assert all(f - t < m <= f for f, m, t in zip(first, [40, 90, 70], topo["total_pooling"]))
+
+
+def test_patch_candidates_shrink_the_axis_largest_relative_to_the_median():
+    median = [80.0, 358.0, 358.0]
+    candidates = patch_candidates([5.0, 0.7, 0.7], median, 256**3, 4, 6)
+    sizes = [math.prod(p) for p, _ in candidates]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    for (patch, topo), (smaller, _) in zip(candidates, candidates[1:]):
+        assert all(p % t == 0 for p, t in zip(patch, topo["total_pooling"]))
+        changed = [a for a in range(3) if smaller[a] != patch[a]]
+        ratios = [p / m for p, m in zip(patch, median)]
+        shrinkable = [a for a in range(3) if patch[a] > topo["total_pooling"][a]]
+        assert changed and ratios[changed[0]] == max(ratios[a] for a in shrinkable)
+    assert candidates[-1][0][0] <= 16
 
 
 def test_features_per_stage_and_normalization_scheme():
@@ -274,6 +291,6 @@ def test_make_plans_is_json_serialisable_and_deterministic(rules):
     assert json.loads(text) == plans
     assert fp == original  # the fingerprint is not modified
     assert json.dumps(make_plans(fp, rules)) == text
-    assert plans["rules"]["configurations"] == ["2d", "3d_fullres"]
+    assert plans["rules"]["configurations"] == ["2d", "3d_fullres", "3d_lowres"]
     assert plans["dataset_name"] == "Dataset042_Synth"
     assert plans["original_median_spacing"] == pytest.approx([5.0, 0.7, 0.7])

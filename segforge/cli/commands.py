@@ -65,16 +65,41 @@ def _keep_previous(path: Path, new_payload: dict) -> None:
     log.info("kept the previous %s as %s", path.name, backup.name)
 
 
+def _fingerprint(spec, ws: Workspace, cfg) -> dict:
+    """fingerprint.json, reused while the dataset and the settings are unchanged (``fingerprint.reuse``)."""
+    from segforge.io.artifacts import ArtifactError
+    from segforge.planning.fingerprint import compute_fingerprint, dataset_signature
+
+    settings = {"total_samples": int(cfg.fingerprint.total_samples), "seed": int(cfg.fingerprint.seed)}
+    signature = dataset_signature(spec, settings)
+    if cfg.fingerprint.reuse and ws.fingerprint_path.is_file():
+        try:
+            old = read_json(ws.fingerprint_path, "fingerprint")
+        except (ArtifactError, ValueError):
+            old = None
+        if old is not None and old.get("source_signature") == signature:
+            log.info("fingerprint: up to date (%s)", ws.fingerprint_path)
+            return old
+    fingerprint = compute_fingerprint(spec, num_workers=int(cfg.preprocess.num_workers), **settings)
+    fingerprint["source_signature"] = signature
+    write_json(ws.fingerprint_path, fingerprint, kind="fingerprint")
+    return fingerprint
+
+
 def run_plan(args, cfg, overrides) -> int:
     from segforge.io.artifacts import stamp
-    from segforge.planning.fingerprint import compute_fingerprint
     from segforge.planning.planner import make_plans
 
+    if getattr(args, "verify", False):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SegforgeError("--verify runs each planned training step on a CUDA device, and there is none here. "
+                                "Fix: run it on the GPU machine; plans themselves need no GPU (drop --verify)")
     spec = _checked_dataset(args.dataset, cfg)
     ws = Workspace.from_config(cfg.paths, spec.name)
     check_not_inside(ws.work_dir, spec.root, "dataset folder")
-    fingerprint = compute_fingerprint(spec, num_workers=int(cfg.preprocess.num_workers))
-    write_json(ws.fingerprint_path, fingerprint, kind="fingerprint")
+    fingerprint = _fingerprint(spec, ws, cfg)
     try:
         plans = make_plans(fingerprint, cfg.plan)
     except ValueError as exc:
@@ -83,12 +108,31 @@ def run_plan(args, cfg, overrides) -> int:
     write_json(ws.plans_path, plans, kind="plans")
     save_config(ws.work_dir, "plan", cfg, overrides)
     for name, conf in plans["configurations"].items():
-        log.info("plan %s: patch %s, batch %s, spacing %s, stages %d", name, conf["patch_size"], conf["batch_size"],
-                 conf["target_spacing"], len(conf["network"]["strides"]))
+        memory = conf["memory"]
+        log.info("plan %s: patch %s, batch %s, spacing %s, stages %d, predicted peak %.2f GiB of %.1f GB (%s)", name,
+                 conf["patch_size"], conf["batch_size"], [round(v, 3) if v else v for v in conf["target_spacing"]],
+                 len(conf["network"]["strides"]), memory["predicted_peak_bytes"] / 2**30, memory["gpu_memory_gb"],
+                 memory["precision"])
     print(f"fingerprint: {ws.fingerprint_path}\nplans:       {ws.plans_path}")
+    if getattr(args, "verify", False):
+        _verify_memory(plans, ws)
     if cfg.preprocess.get("run", True):
         _preprocess(spec, ws, cfg, None)
     return 0
+
+
+def _verify_memory(plans: dict, ws: Workspace) -> None:
+    """Run each planned step on the GPU and compare its measured peak with the prediction."""
+    from segforge.planning.memory import cuda_peak_bytes, spec_from_plan
+
+    rows = {}
+    for name in plans["configurations"]:
+        predicted = plans["configurations"][name]["memory"]["predicted_peak_bytes"]
+        measured = cuda_peak_bytes(spec_from_plan(plans, name))
+        rows[name] = {"predicted_peak_bytes": predicted, "measured_peak_bytes": measured, "ratio": measured / predicted}
+        print(f"verify {name}: predicted {predicted / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB "
+              f"(measured/predicted {measured / predicted:.3f})")
+    write_json(ws.work_dir / "memory_verification.json", {"configurations": rows})
 
 
 def _preprocess(spec, ws: Workspace, cfg, configurations) -> None:

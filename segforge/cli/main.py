@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("pred_dir", help="folder of predicted masks")
             p.add_argument("ref_dir", help="folder of reference masks")
             p.add_argument("--dataset-json", help="dataset.json giving the labels (default: beside ref_dir or pred_dir)")
+        if name == "plan":
+            p.add_argument("--verify", action="store_true",
+                           help="on a CUDA machine: run each planned training step and report predicted vs measured peak memory")
         if name == "demo":
             p.add_argument("--out", help="folder for the demo dataset and work root (default: ./segforge_demo)")
         if name != "demo":

@@ -27,6 +27,15 @@ def _as_override(key: str, value) -> str:
     return f"{key}={json.dumps(value)}"
 
 
+def _leaves(prefix: str, value):
+    """(dotted key, value) for every leaf of a nested dict: overrides Hydra's grammar accepts."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(f"{prefix}.{key}", item)
+    else:
+        yield prefix, value
+
+
 def _run(argv: list[str], timings: dict, label: str) -> None:
     from segforge.cli.main import main
 
@@ -82,7 +91,7 @@ def run_demo(cfg, overrides: list[str]) -> int:
     roots = [f"paths.work_root={work}", f"paths.preprocessed_root={work}", f"paths.results_root={work}"]
     plan = OmegaConf.to_container(cfg.plan, resolve=True)
     plan["configurations"] = plan["configurations"] or [configuration]
-    plan_overrides = [_as_override(f"plan.{k}", v) for k, v in plan.items()]
+    plan_overrides = [_as_override(k, v) for k, v in _leaves("plan", plan)]
     plan_overrides.append(_as_override("preprocess.num_workers", int(cfg.preprocess.num_workers)))
 
     _run(["check", str(dataset)] + roots, timings, "check")

@@ -21,7 +21,7 @@ from segforge.errors import ArtifactError
 # One schema version per artifact kind; bump when a reader could no longer understand the old layout.
 SCHEMA_VERSIONS = {
     "fingerprint": 1,
-    "plans": 1,
+    "plans": 2,  # 2: network norm/deep_supervision and a traced memory entry per configuration
     "case_properties": 1,
     "preprocessing_manifest": 1,
     "model_weights": 1,

@@ -101,10 +101,14 @@ class DatasetSpec:
 
     @property
     def num_outputs(self) -> int:
-        """Output channels of a segmentation network: classes incl. background, or one per region."""
-        if self.has_regions:
-            return len([k for k, v in self.labels.items() if k not in ("background", "ignore") and v != 0])
-        return 1 + len(self.foreground_classes)
+        return count_outputs(self.labels)
+
+
+def count_outputs(labels: dict) -> int:
+    """Output channels of a segmentation network: classes incl. background, or one per region."""
+    if any(isinstance(v, list) for v in labels.values()):
+        return len([k for k, v in labels.items() if k not in ("background", "ignore") and v != 0])
+    return 1 + len([k for k, v in labels.items() if isinstance(v, int) and v != 0 and k != "ignore"])
 
 
 DATASET_JSON_FIX = (

@@ -1,21 +1,39 @@
-"""Dataset fingerprint: per-case geometry and sizes, per-channel foreground intensities, per-class voxel counts.
+"""Dataset fingerprint: per-case geometry and sizes, per-channel foreground intensities, per-class voxel counts and
+connected components.
 
-Written as ``<work>/<dataset>/fingerprint.json``. Intensities are a bounded sample of voxels inside the labels,
-spread evenly over cases, so memory stays bounded whatever the dataset size.
+Written as ``<work>/<dataset>/fingerprint.json`` and reused while the dataset is unchanged (same files, sizes
+and modification times, same settings). Intensities are a bounded sample of voxels inside the labels, spread
+evenly over cases, so memory stays bounded whatever the dataset size; workers return only these small summaries.
 """
 
 from __future__ import annotations
 
-import logging
-from concurrent.futures import ProcessPoolExecutor
+import hashlib
+import json
+import os
 
 import numpy as np
+from scipy import ndimage
 
 from segforge.io.dataset import Case, DatasetSpec
 from segforge.io.image import read_case, read_image
+from segforge.parallel import progress_map
 from segforge.preprocessing.crop import crop, nonzero_bbox
 
-log = logging.getLogger(__name__)
+STAT_KEYS = ("mean", "median", "std", "min", "max", "percentile_00_5", "percentile_99_5")
+
+
+def class_summary(label: np.ndarray, label_values: list[int]) -> tuple[dict, dict]:
+    """Voxel count and number of connected components (face connectivity) of every declared label value."""
+    counts = np.bincount(label.reshape(-1), minlength=max(label_values) + 1)
+    boxes = ndimage.find_objects(label)  # one pass: the bounding box of every value present
+    components = {}
+    for value in label_values:
+        if value == 0:
+            continue
+        box = boxes[value - 1] if value - 1 < len(boxes) else None
+        components[str(value)] = int(ndimage.label(label[box] == value)[1]) if box is not None else 0
+    return {str(v): int(counts[v]) for v in label_values}, components
 
 
 def fingerprint_case(case: Case, label_values: list[int], samples_per_case: int, seed: int) -> dict:
@@ -29,51 +47,55 @@ def fingerprint_case(case: Case, label_values: list[int], samples_per_case: int,
         "shape_after_crop": list(cropped.shape[1:]),
         "relative_size_after_crop": float(np.prod(cropped.shape[1:]) / max(1, np.prod(image.shape[1:]))),
     }
+    del image
     if case.label_file is not None:
         label, _ = read_image(case.label_file)
-        label = crop(label[None], bbox)[0]
-        foreground = label > 0
-        values = cropped[:, foreground]
+        label = np.ascontiguousarray(crop(label[None], bbox)[0]).astype(np.int32, copy=False)
+        foreground = np.flatnonzero(label > 0)
         rng = np.random.default_rng(seed)
-        if values.shape[1] > samples_per_case:
-            values = values[:, rng.choice(values.shape[1], samples_per_case, replace=False)]
-        result["foreground_samples"] = values.tolist()
-        counts = np.bincount(label.reshape(-1).astype(np.int64), minlength=max(label_values) + 1)
-        result["class_voxels"] = {str(v): int(counts[v]) for v in label_values}
+        if foreground.size > samples_per_case:
+            foreground = rng.choice(foreground, samples_per_case, replace=False)
+        result["foreground_samples"] = cropped.reshape(cropped.shape[0], -1)[:, foreground].tolist()
+        result["class_voxels"], result["class_components"] = class_summary(label, label_values)
     return result
 
 
-def _stats(values: np.ndarray) -> dict:
+def intensity_stats(values: np.ndarray) -> dict:
     if values.size == 0:
-        return {k: 0.0 for k in ("mean", "median", "std", "min", "max", "percentile_00_5", "percentile_99_5")}
-    return {
-        "mean": float(values.mean()),
-        "median": float(np.median(values)),
-        "std": float(values.std()),
-        "min": float(values.min()),
-        "max": float(values.max()),
-        "percentile_00_5": float(np.percentile(values, 0.5)),
-        "percentile_99_5": float(np.percentile(values, 99.5)),
-    }
+        return {k: 0.0 for k in STAT_KEYS}
+    low, median, high = np.percentile(values, [0.5, 50.0, 99.5])
+    return {"mean": float(values.mean()), "median": float(median), "std": float(values.std()),
+            "min": float(values.min()), "max": float(values.max()),
+            "percentile_00_5": float(low), "percentile_99_5": float(high)}
+
+
+def dataset_signature(spec: DatasetSpec, settings: dict) -> str:
+    """Changes when any case file (name, size, mtime), dataset.json or the fingerprint settings change."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update((spec.root / "dataset.json").read_bytes())
+    for case in spec.cases:
+        for path in [*case.image_files, *([case.label_file] if case.label_file else [])]:
+            stat = path.stat()
+            digest.update(f"{os.path.relpath(path, spec.root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def compute_fingerprint(spec: DatasetSpec, num_workers: int = 2, total_samples: int = 100_000, seed: int = 0) -> dict:
     """The fingerprint of every training case (parallel over cases), as a JSON-ready dict."""
     per_case_samples = max(1, total_samples // max(1, len(spec.cases)))
     args = [(case, spec.label_values, per_case_samples, seed + i) for i, case in enumerate(spec.cases)]
-    if num_workers > 1 and len(args) > 1:
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
-            results = list(pool.map(fingerprint_case, *zip(*args)))
-    else:
-        results = [fingerprint_case(*a) for a in args]
-    samples = [np.asarray(r.pop("foreground_samples"), dtype=np.float64).reshape(spec.num_channels, -1)
-               for r in results if "foreground_samples" in r]
+    results, samples = [], []
+    for result in progress_map(fingerprint_case, args, num_workers, "fingerprint"):
+        if "foreground_samples" in result:
+            samples.append(np.asarray(result.pop("foreground_samples"), dtype=np.float64).reshape(spec.num_channels, -1))
+        results.append(result)
     pooled = np.concatenate(samples, axis=1) if samples else np.zeros((spec.num_channels, 0))
     return {
         "dataset_name": spec.name,
         "num_cases": len(results),
         "channel_names": {str(k): v for k, v in spec.channel_names.items()},
         "labels": spec.labels,
-        "intensity_foreground": {str(c): _stats(pooled[c]) for c in range(spec.num_channels)},
+        "settings": {"total_samples": total_samples, "seed": seed},
+        "intensity_foreground": {str(c): intensity_stats(pooled[c]) for c in range(spec.num_channels)},
         "cases": results,
     }

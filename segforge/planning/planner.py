@@ -1,15 +1,24 @@
-"""Plans: pure functions from a fingerprint and the planner's rules to named network/patch configurations.
+"""Plans: pure functions from a fingerprint and the planner's rules (``plan`` config) to named configurations.
 
-This is the first, fixed-rule form (target spacing, topology and normalisation follow nnU-Net's rules; patch
-size follows a voxel budget per GB). The memory-traced patch search replaces ``fit_patch_to_budget`` later;
-the plans.json layout stays.
+Target spacing, topology, patch candidates, lowres spacing and normalisation follow nnU-Net's rules (written
+here as small functions so each can be tested and changed from the config). Where nnU-Net guesses, segforge
+measures: the patch and batch size come from the traced peak memory of the real training step (``budget.py``,
+``memory.py``), recorded in each configuration's ``memory`` entry.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from segforge.io.dataset import count_outputs
+from segforge.planning.budget import Fit, MemoryBudget, PeakOracle, choose_batch, choose_candidate, describe
+from segforge.planning.memory import StepSpec
+
+log = logging.getLogger(__name__)
 
 CT_NAMES = ("ct", "computed tomography")
 
@@ -53,20 +62,44 @@ def topology(patch_size: list[int], spacing: list[float], min_feature_map: int =
 
 
 def divisible_patch(patch_size: list[int], total_pooling: list[int]) -> list[int]:
-    """``patch_size`` rounded to the nearest positive multiple of the total pooling per axis."""
-    return [max(t, int(round(p / t)) * t) for p, t in zip(patch_size, total_pooling)]
+    """``patch_size`` padded up to the next multiple of the total pooling per axis (nnU-Net's rule)."""
+    return [max(t, math.ceil(p / t) * t) for p, t in zip(patch_size, total_pooling)]
 
 
-def fit_patch_to_budget(median_shape: list[float], spacing: list[float], max_voxels: float) -> list[int]:
-    """Start from the median shape; shrink the physically longest axis until the patch fits ``max_voxels``."""
-    patch = [max(1, int(round(s))) for s in median_shape]
-    while math.prod(patch) > max_voxels:
-        extents = [p * s for p, s in zip(patch, spacing)]
-        axis = int(np.argmax([e if p > 8 else -1 for e, p in zip(extents, patch)]))
-        if patch[axis] <= 8:
-            break
-        patch[axis] = max(8, int(patch[axis] * 0.9))
-    return patch
+def initial_patch(spacing: list[float], median_shape: list[float], target_voxels: float) -> list[int]:
+    """An isotropic-in-millimetres patch of ``target_voxels`` voxels, clipped to the median image."""
+    inverse = 1.0 / np.asarray(spacing, float)
+    patch = inverse * (target_voxels / np.prod(inverse)) ** (1.0 / len(spacing))
+    return [max(1, min(int(round(p)), int(round(m)))) for p, m in zip(patch, median_shape)]
+
+
+def patch_candidates(spacing: list[float], median_shape: list[float], target_voxels: float,
+                     min_feature_map: int, max_stages: int) -> list[tuple[list[int], dict]]:
+    """nnU-Net's shrinking sequence, largest first: each step takes the total pooling off the axis with the
+    largest patch-to-median ratio, re-derives the topology and pads the patch to be divisible again."""
+    def settle(patch):
+        topo = topology(patch, spacing, min_feature_map, max_stages)
+        return divisible_patch(patch, topo["total_pooling"]), topo
+
+    patch, topo = settle(initial_patch(spacing, median_shape, target_voxels))
+    candidates = [(patch, topo)]
+    while True:
+        ratios = [p / max(m, 1.0) for p, m in zip(patch, median_shape)]
+        for axis in sorted(range(len(patch)), key=lambda a: -ratios[a]):
+            smaller = list(patch)
+            smaller[axis] -= topology(smaller, spacing, min_feature_map, max_stages)["total_pooling"][axis]
+            if smaller[axis] >= 1:
+                smaller_topo = topology(smaller, spacing, min_feature_map, max_stages)
+                smaller = list(patch)
+                smaller[axis] -= smaller_topo["total_pooling"][axis]
+            if smaller[axis] >= 1:
+                new_patch, new_topo = settle(smaller)
+                if math.prod(new_patch) < math.prod(patch):
+                    break
+        else:
+            return candidates
+        patch, topo = new_patch, new_topo
+        candidates.append((patch, topo))
 
 
 def features_per_stage(num_stages: int, base: int, cap: int) -> list[int]:
@@ -92,38 +125,99 @@ def plan_normalization(fingerprint: dict, median_relative_size: float) -> list[d
     return out
 
 
-def plan_configuration(dims: int, spacing: list[float], median_shape: list[float], rules, dataset_voxels: float) -> dict:
-    """One configuration: patch, batch and network topology for 2D (in-plane) or 3D."""
-    if dims == 2:
-        spacing_used, shape_used = spacing[1:], median_shape[1:]
-        max_voxels = rules.patch_voxels_per_gb_2d * rules.gpu_memory_gb * (32 / rules.features_base)
-        cap = rules.features_max_2d
-    else:
-        spacing_used, shape_used = spacing, median_shape
-        max_voxels = rules.patch_voxels_per_gb_3d * rules.gpu_memory_gb * (32 / rules.features_base)
-        cap = rules.features_max_3d
-    # a patch never exceeds the median image; the batch absorbs the rest of the budget
-    patch = fit_patch_to_budget(shape_used, spacing_used, max_voxels / rules.batch_size_min)
-    topo = topology(patch, spacing_used, rules.min_feature_map, rules.max_stages)
-    patch = divisible_patch(patch, topo["total_pooling"])
-    # batch: what the budget allows, but no more than covers 5% of the dataset's voxels per step
-    batch_cap = int(0.05 * dataset_voxels // math.prod(patch))
-    batch = int(max(rules.batch_size_min, min(max_voxels // math.prod(patch), batch_cap)))
+
+
+def memory_budget(rules) -> MemoryBudget:
+    """The budget from ``plan.gpu`` (a preset name) or ``plan.gpu_memory_gb``, with the memory rules."""
+    gpu_gb = float(rules.gpu_memory_gb)
+    if rules.get("gpu"):
+        presets = {str(k).lower(): v for k, v in dict(rules.gpu_presets).items()}
+        name = str(rules.gpu).lower()
+        if name not in presets:
+            raise ValueError(f"unknown plan.gpu={rules.gpu!r}; presets: {', '.join(sorted(presets))} "
+                             "(or set plan.gpu_memory_gb to any value)")
+        gpu_gb = float(presets[name])
+    if gpu_gb <= float(rules.memory.reserved_gb):
+        raise ValueError(f"plan.gpu_memory_gb={gpu_gb} leaves nothing after plan.memory.reserved_gb={rules.memory.reserved_gb}")
+    return MemoryBudget(gpu_gb, float(rules.memory.reserved_gb), float(rules.memory.margin))
+
+
+def step_spec(patch: list[int], topo: dict, rules, in_channels: int, num_classes: int, batch_size: int) -> StepSpec:
+    dims = len(patch)
+    cap = rules.features_max_2d if dims == 2 else rules.features_max_3d
+    return StepSpec(
+        spatial_dims=dims, in_channels=in_channels, num_classes=num_classes, patch_size=tuple(patch),
+        batch_size=batch_size,
+        features_per_stage=tuple(features_per_stage(len(topo["strides"]), int(rules.features_base), int(cap))),
+        kernel_sizes=tuple(tuple(k) for k in topo["kernel_sizes"]), strides=tuple(tuple(s) for s in topo["strides"]),
+        conv_per_stage=int(rules.conv_per_stage), norm=str(rules.norm), deep_supervision=bool(rules.deep_supervision),
+        precision=str(rules.memory.precision), optimizer=str(rules.memory.optimizer))
+
+
+def fit_configuration(spacing: list[float], median_shape: list[float], rules, in_channels: int, num_classes: int,
+                      dataset_voxels: float, oracle: PeakOracle) -> Fit:
+    """Patch, topology and batch for one configuration at ``spacing`` (2 or 3 axes), fitted to the budget."""
+    dims = len(spacing)
+    target_voxels = float(rules.initial_patch_voxels_2d if dims == 2 else rules.initial_patch_voxels_3d)
+    max_stages = int(rules.max_stages_2d if dims == 2 else rules.max_stages_3d)
+    candidates = patch_candidates(spacing, median_shape, target_voxels, int(rules.min_feature_map), max_stages)
+    batch_min = int(rules.batch_size_min)
+    specs = [step_spec(p, t, rules, in_channels, num_classes, batch_min) for p, t in candidates]
+    budget = memory_budget(rules)
+    fit = choose_candidate(specs, budget, oracle)
+    # no more per step than covers a share of the dataset's voxels (nnU-Net: 5%)
+    batch_max = max(batch_min, int(float(rules.max_dataset_coverage) * dataset_voxels // math.prod(fit.spec.patch_size)))
+    return choose_batch(fit, budget, oracle, batch_min, batch_max)
+
+
+def configuration_entry(fit: Fit, spacing: list[float], median_shape: list[float], rules, oracle: PeakOracle) -> dict:
+    spec, dims = fit.spec, fit.spec.spatial_dims
+    if not fit.fits:
+        log.warning("no %dD patch fits plan.gpu_memory_gb=%s; using the smallest candidate %s", dims,
+                    rules.gpu_memory_gb, list(spec.patch_size))
     return {
         "dims": dims,
-        "target_spacing": [None] + list(spacing_used) if dims == 2 else list(spacing_used),
-        "median_shape": [float(s) for s in shape_used],
-        "patch_size": patch,
-        "batch_size": batch,
-        "batch_size_is_per_device": True,
+        "target_spacing": [None] + list(spacing) if dims == 2 else list(spacing),
+        "median_shape": [float(s) for s in median_shape],
+        "patch_size": list(spec.patch_size),
+        "batch_size": spec.batch_size,
+        "batch_size_is_per_device": True,  # under DDP every device takes a batch this size
+        "patch_covers_median_fraction": float(math.prod(spec.patch_size) / max(math.prod(median_shape), 1.0)),
         "mirror_axes": list(range(dims)),
         "network": {
-            "features_per_stage": features_per_stage(len(topo["strides"]), rules.features_base, cap),
-            "kernel_sizes": topo["kernel_sizes"],
-            "strides": topo["strides"],
-            "conv_per_stage": rules.conv_per_stage,
+            "features_per_stage": list(spec.features_per_stage),
+            "kernel_sizes": [list(k) for k in spec.kernel_sizes],
+            "strides": [list(s) for s in spec.strides],
+            "conv_per_stage": spec.conv_per_stage,
+            "norm": spec.norm,
+            "deep_supervision": spec.deep_supervision,
         },
+        "memory": describe(fit, memory_budget(rules), spec.precision, spec.optimizer, oracle.method),
     }
+
+
+def lowres_spacing(spacing: list[float], median_shape: list[float], fullres: Fit, rules, in_channels: int,
+                   num_classes: int, dataset_voxels: float) -> list[float] | None:
+    """nnU-Net's 3d_lowres spacing: coarsen (anisotropic axes first) by ``lowres_spacing_step`` until the patch
+    covers ``lowres_threshold`` of the median image; None when that image is not at least 2x smaller.
+
+    The search uses the analytic proxy calibrated on the traced fullres plan (the final lowres plan is traced)."""
+    proxy = PeakOracle.calibrated(fullres.spec, fullres.peak_bytes)
+    full = np.asarray(spacing, float)
+    current = full.copy()
+    full_voxels = math.prod(median_shape)
+    for _ in range(1000):
+        coarse = current.max() / current > 2
+        current = current * np.where(coarse, rules.lowres_spacing_step, 1.0) if coarse.any() \
+            else current * rules.lowres_spacing_step
+        shape = list(full / current * np.asarray(median_shape))
+        scale = float(np.prod(full / current))
+        fit = fit_configuration(list(current), shape, rules, in_channels, num_classes, dataset_voxels * scale, proxy)
+        if math.prod(fit.spec.patch_size) / max(math.prod(shape), 1.0) >= float(rules.lowres_threshold):
+            break
+    if math.prod(shape) * 2 > full_voxels:
+        return None
+    return [float(v) for v in current]
 
 
 def make_plans(fingerprint: dict, rules) -> dict:
@@ -137,15 +231,31 @@ def make_plans(fingerprint: dict, rules) -> dict:
     median_shape = [float(v) for v in np.median(np.asarray(resampled), axis=0)]
     is_2d_data = all(shape[0] == 1 for shape in shapes)
     dataset_voxels = float(sum(math.prod(shape) for shape in resampled))
+    in_channels, num_classes = len(fingerprint["channel_names"]), count_outputs(fingerprint["labels"])
+    oracle = PeakOracle(str(rules.memory.method))
+    wanted = list(rules.configurations)
+    unknown = [n for n in wanted if n not in ("2d", "3d_fullres", "3d_lowres")]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {unknown} in plan.configurations; use 2d, 3d_fullres, 3d_lowres")
     configurations = {}
-    for name in rules.configurations:
-        if name == "2d":
-            configurations[name] = plan_configuration(2, spacing, median_shape, rules, dataset_voxels)
-        elif name == "3d_fullres" and not is_2d_data:
-            configurations[name] = plan_configuration(3, spacing, median_shape, rules, dataset_voxels)
+    if "2d" in wanted:
+        fit = fit_configuration(spacing[1:], median_shape[1:], rules, in_channels, num_classes, dataset_voxels, oracle)
+        configurations["2d"] = configuration_entry(fit, spacing[1:], median_shape[1:], rules, oracle)
+    if not is_2d_data and ("3d_fullres" in wanted or "3d_lowres" in wanted):
+        full = fit_configuration(spacing, median_shape, rules, in_channels, num_classes, dataset_voxels, oracle)
+        if "3d_fullres" in wanted:
+            configurations["3d_fullres"] = configuration_entry(full, spacing, median_shape, rules, oracle)
+        covered = math.prod(full.spec.patch_size) / max(math.prod(median_shape), 1.0)
+        if "3d_lowres" in wanted and covered < float(rules.lowres_threshold):
+            low = lowres_spacing(spacing, median_shape, full, rules, in_channels, num_classes, dataset_voxels)
+            if low is not None:
+                low_shape = [m * s / t for m, s, t in zip(median_shape, spacing, low)]
+                scale = math.prod(s / t for s, t in zip(spacing, low))
+                fit = fit_configuration(low, low_shape, rules, in_channels, num_classes, dataset_voxels * scale, oracle)
+                configurations["3d_lowres"] = configuration_entry(fit, low, low_shape, rules, oracle)
     if not configurations:
-        raise ValueError(f"no configuration of {list(rules.configurations)} applies to this dataset "
-                         f"({'2D' if is_2d_data else '3D'} images)")
+        raise ValueError(f"no configuration of {wanted} applies to this dataset "
+                         f"({'2D' if is_2d_data else '3D'} images; 2D data takes configurations=[2d])")
     median_relative_size = float(np.median([c["relative_size_after_crop"] for c in cases]))
     return {
         "dataset_name": fingerprint["dataset_name"],
@@ -155,5 +265,6 @@ def make_plans(fingerprint: dict, rules) -> dict:
         "original_median_shape": [float(v) for v in np.median(np.asarray(shapes), axis=0)],
         "normalization": plan_normalization(fingerprint, median_relative_size),
         "configurations": configurations,
-        "rules": {k: (list(v) if hasattr(v, "__iter__") and not isinstance(v, str) else v) for k, v in dict(rules).items()},
+        "memory_traces": oracle.traces,
+        "rules": OmegaConf.to_container(rules, resolve=True) if isinstance(rules, DictConfig) else dict(rules),
     }

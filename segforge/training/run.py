@@ -40,7 +40,7 @@ def network_kwargs(cfg, plan_config: dict, in_channels: int, out_channels: int) 
     from_plan = plan_config["network"]
     model = OmegaConf.to_container(cfg.model, resolve=True)
     kwargs = {k: v for k, v in model.items() if k != "_target_"}
-    for key in ("features_per_stage", "kernel_sizes", "strides", "conv_per_stage"):
+    for key in ("features_per_stage", "kernel_sizes", "strides", "conv_per_stage", "norm", "deep_supervision"):
         if kwargs.get(key) is None:
             kwargs[key] = from_plan[key]
     kwargs.update(spatial_dims=plan_config["dims"], in_channels=in_channels, out_channels=out_channels)

@@ -1,0 +1,163 @@
+"""Fit patch and batch size to a GPU memory budget, by the traced peak of the real training step.
+
+The search walks nnU-Net's sequence of shrinking patch candidates (largest first). A cheap analytic estimate,
+calibrated on the first traced candidate, guesses where the budget is crossed; traces then settle it exactly: the
+chosen candidate fits, and the next larger one is traced too and does not. Typically three traces per
+configuration, each a fraction of a second (see ``memory.py``). ``method=analytic`` skips the traces (a rough,
+uncalibrated estimate: for quick experiments, not for real plans).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+from segforge.planning.memory import GIB, StepSpec, analytic_activation_elements, traced_peak_bytes
+
+log = logging.getLogger(__name__)
+
+# analytic method only: bytes per activation element of the proxy (fitted on traced U-Nets, 2-byte autocast)
+ANALYTIC_BYTES_PER_ELEMENT = {"16-mixed": 7.0, "bf16-mixed": 7.0, "32-true": 12.0}
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A card's memory, what lies outside PyTorch's allocator, and the margin for fragmentation."""
+
+    gpu_memory_gb: float
+    reserved_gb: float = 0.5
+    margin: float = 0.1
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.gpu_memory_gb * GIB)
+
+    @property
+    def peak_limit_bytes(self) -> int:
+        """The largest traced peak that fits: (card - reserved) / (1 + margin)."""
+        return int((self.gpu_memory_gb - self.reserved_gb) * GIB / (1.0 + self.margin))
+
+    def fits(self, peak_bytes: int) -> bool:
+        return peak_bytes <= self.peak_limit_bytes
+
+
+def parameter_count(spec: StepSpec) -> int:
+    """Weights of the U-Net ``spec`` describes (convolutions, norms, transposed convolutions, heads)."""
+    count, channels = 0, spec.in_channels
+    feats = list(spec.features_per_stage)
+    for stage, (f, kernel) in enumerate(zip(feats, spec.kernel_sizes)):
+        for i in range(spec.conv_per_stage):
+            count += (channels if i == 0 else f) * f * math.prod(kernel) + 3 * f
+        channels = f
+    for stage in range(len(feats) - 1, 0, -1):
+        below, skip = feats[stage], feats[stage - 1]
+        count += below * skip * math.prod(spec.strides[stage]) + skip
+        for i in range(spec.conv_per_stage):
+            count += (2 * skip if i == 0 else skip) * skip * math.prod(spec.kernel_sizes[stage - 1]) + 3 * skip
+        count += (skip + 1) * spec.num_classes
+    return count
+
+
+def static_bytes(spec: StepSpec) -> int:
+    """Weights, gradients and optimizer state in float32: the part of the peak that does not scale with batch."""
+    state = {"sgd": 1, "adamw": 2}[spec.optimizer]
+    return 4 * parameter_count(spec) * (2 + state)
+
+
+def analytic_peak_bytes(spec: StepSpec, bytes_per_element: float) -> int:
+    return int(static_bytes(spec) + bytes_per_element * analytic_activation_elements(spec))
+
+
+class PeakOracle:
+    """Peak bytes per step spec: traced (cached), or the analytic proxy at ``bytes_per_element``."""
+
+    def __init__(self, method: str = "traced", bytes_per_element: float | None = None):
+        if method not in ("traced", "analytic"):
+            raise ValueError(f"plan.memory.method must be traced or analytic, not {method!r}")
+        self.method, self.bytes_per_element = method, bytes_per_element
+        self._cache: dict[StepSpec, int] = {}
+        self.traces = 0
+
+    def __call__(self, spec: StepSpec) -> int:
+        if spec not in self._cache:
+            if self.method == "traced":
+                self._cache[spec] = traced_peak_bytes(spec)
+                self.traces += 1
+            else:
+                per_element = self.bytes_per_element or ANALYTIC_BYTES_PER_ELEMENT[spec.precision]
+                self._cache[spec] = analytic_peak_bytes(spec, per_element)
+        return self._cache[spec]
+
+    @staticmethod
+    def calibrated(spec: StepSpec, peak_bytes: int) -> PeakOracle:
+        """An analytic oracle that reproduces ``peak_bytes`` for ``spec`` (cheap searches near a traced plan)."""
+        per_element = max(peak_bytes - static_bytes(spec), 1) / max(analytic_activation_elements(spec), 1.0)
+        return PeakOracle("analytic", per_element)
+
+
+@dataclass
+class Fit:
+    """The chosen candidate and batch, with the evidence: its predicted peak and the next larger candidate's."""
+
+    index: int
+    spec: StepSpec
+    peak_bytes: int
+    fits: bool
+    next_larger_patch: list[int] | None = None
+    next_larger_peak_bytes: int | None = None
+
+
+def choose_candidate(specs: list[StepSpec], budget: MemoryBudget, peak: PeakOracle) -> Fit:
+    """The largest candidate (lowest index) whose step fits ``budget``; ``specs`` run from largest to smallest."""
+    first = peak(specs[0])
+    if budget.fits(first) or len(specs) == 1:
+        return Fit(0, specs[0], first, budget.fits(first))
+    # calibrate the analytic proxy on the first trace, then guess the crossing
+    proxy = PeakOracle.calibrated(specs[0], first)
+    guess = next((i for i, s in enumerate(specs) if budget.fits(proxy(s))), len(specs) - 1)
+    index = max(guess, 1)
+    if budget.fits(peak(specs[index])):
+        while index > 1 and budget.fits(peak(specs[index - 1])):
+            index -= 1
+    else:
+        while index < len(specs) - 1 and not budget.fits(peak(specs[index])):
+            index += 1
+    chosen = peak(specs[index])
+    larger = specs[index - 1]
+    return Fit(index, specs[index], chosen, budget.fits(chosen), list(larger.patch_size), peak(larger))
+
+
+def choose_batch(fit: Fit, budget: MemoryBudget, peak: PeakOracle, batch_min: int, batch_max: int) -> Fit:
+    """Grow the batch while the step fits (activations scale with the batch; weights and state do not)."""
+    spec, current = fit.spec, fit.peak_bytes
+    per_sample = max(current - static_bytes(spec), 1) / spec.batch_size
+    batch = int(spec.batch_size + (budget.peak_limit_bytes - current) // per_sample) if fit.fits else spec.batch_size
+    batch = max(batch_min, min(batch, batch_max))
+    if batch == spec.batch_size:
+        return fit
+    candidate = replace(spec, batch_size=batch)
+    while batch > batch_min and not budget.fits(peak(candidate)):
+        batch -= 1
+        candidate = replace(spec, batch_size=batch)
+    return replace(fit, spec=candidate, peak_bytes=peak(candidate), fits=budget.fits(peak(candidate)))
+
+
+def describe(fit: Fit, budget: MemoryBudget, precision: str, optimizer: str, method: str) -> dict:
+    """The plan's ``memory`` entry: what was predicted, against what budget, with which margin."""
+    entry = {
+        "method": method,
+        "gpu_memory_gb": budget.gpu_memory_gb,
+        "precision": precision,
+        "optimizer": optimizer,
+        "predicted_peak_bytes": int(fit.peak_bytes),
+        "reserved_bytes": int(budget.reserved_gb * GIB),
+        "margin": budget.margin,
+        "required_bytes": int(fit.peak_bytes * (1 + budget.margin) + budget.reserved_gb * GIB),
+        "budget_bytes": budget.total_bytes,
+        "fits_budget": bool(fit.fits),
+    }
+    if fit.next_larger_patch is not None:
+        entry["next_larger_patch_size"] = fit.next_larger_patch
+        entry["next_larger_peak_bytes"] = int(fit.next_larger_peak_bytes)
+    return entry

@@ -1,0 +1,211 @@
+"""Peak memory of one real training step, traced rather than estimated.
+
+Why our own: nnU-Net compares a sum of feature-map sizes against a constant tuned on one GPU, which misjudges other
+cards, precisions and network variants. Here the real step (network class, norm, deep-supervision loss, backward,
+optimizer step with its state, autocast precision) runs under PyTorch's ``FakeTensorMode``: every aten op executes
+on shapes only, so a 3D step at any patch size costs milliseconds of dispatch and no memory. A
+``TorchDispatchMode`` (``LiveStorageTracker``) records each tensor storage as it is created and forgets it when
+its storage dies; the peak of live bytes (rounded to the CUDA caching allocator's 512-byte blocks) is the step's
+peak allocated memory. The same tracker measures a real CPU step, which is how the prediction is tested.
+
+What it does not see, and the plan's margin covers: allocator fragmentation, library workspaces (cuDNN) and the
+CUDA context (``reserved_gb``). Mixed precision is traced with CPU autocast in bfloat16: the same 2-byte
+activations as CUDA's float16/bfloat16 autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
+
+BLOCK_BYTES = 512  # the CUDA caching allocator rounds every allocation up to a multiple of this
+GIB = 1024**3
+_REAL_OPS = (torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step)
+
+
+def allocator_bytes(nbytes: int) -> int:
+    return BLOCK_BYTES * max(1, math.ceil(nbytes / BLOCK_BYTES)) if nbytes else 0
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Live tensor-storage bytes at the dispatcher: ``current`` now, ``peak`` since the last ``reset_peak``."""
+
+    def __init__(self):
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata  # the storage's identity; views share it and are counted once
+        if key in self._live:
+            return
+        nbytes = allocator_bytes(storage.nbytes())
+        self._live[key] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        # fires when the storage itself dies (PyTorch keeps a storage's Python object alive with the storage)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _REAL_OPS:
+            # small index ranges whose values code reads back (MONAI's Dice: ``arange(...).tolist()``); a fake
+            # tensor has no values, so these run for real, outside every mode, and are not counted
+            with _disable_current_modes():
+                return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                self.track(item)
+        return out
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One training step as a plan describes it: network topology, batch, precision and optimizer."""
+
+    spatial_dims: int
+    in_channels: int
+    num_classes: int
+    patch_size: tuple[int, ...]
+    batch_size: int
+    features_per_stage: tuple[int, ...]
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+    conv_per_stage: int = 2
+    norm: str = "instance"
+    deep_supervision: bool = True
+    precision: str = "16-mixed"   # 32-true | 16-mixed | bf16-mixed
+    optimizer: str = "sgd"        # sgd (momentum buffer) | adamw (two moments)
+
+    def network_kwargs(self) -> dict:
+        return dict(spatial_dims=self.spatial_dims, in_channels=self.in_channels, out_channels=self.num_classes,
+                    features_per_stage=list(self.features_per_stage), kernel_sizes=[list(k) for k in self.kernel_sizes],
+                    strides=[list(s) for s in self.strides], conv_per_stage=self.conv_per_stage, norm=self.norm,
+                    deep_supervision=self.deep_supervision)
+
+
+def spec_from_plan(plans: dict, configuration: str, batch_size: int | None = None) -> StepSpec:
+    """The training step one configuration of plans.json describes (hand edits included)."""
+    from segforge.io.dataset import count_outputs
+
+    conf = plans["configurations"][configuration]
+    network, memory = conf["network"], conf["memory"]
+    return StepSpec(
+        spatial_dims=conf["dims"], in_channels=len(plans["channel_names"]), num_classes=count_outputs(plans["labels"]),
+        patch_size=tuple(conf["patch_size"]), batch_size=int(batch_size or conf["batch_size"]),
+        features_per_stage=tuple(network["features_per_stage"]), kernel_sizes=tuple(tuple(k) for k in network["kernel_sizes"]),
+        strides=tuple(tuple(s) for s in network["strides"]), conv_per_stage=int(network["conv_per_stage"]),
+        norm=network["norm"], deep_supervision=bool(network["deep_supervision"]), precision=memory["precision"],
+        optimizer=memory["optimizer"])
+
+
+_LOSS_CFG = {"dice_weight": 1.0, "ce_weight": 1.0, "batch_dice": False}
+
+
+def _build(spec: StepSpec):
+    from omegaconf import OmegaConf
+
+    from segforge.nn.unet import UNet
+    from segforge.training.losses import make_segmentation_loss
+    from segforge.training.module import make_optimizer
+
+    network = UNet(**spec.network_kwargs())
+    network.train()
+    num_outputs = len(spec.strides) - 1 if spec.deep_supervision else 1
+    loss = make_segmentation_loss(OmegaConf.create(_LOSS_CFG), num_outputs)
+    optim_cfg = {"sgd": {"name": "sgd", "lr": 0.01, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5},
+                 "adamw": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 1e-4}}[spec.optimizer]
+    optimizer = make_optimizer(network.parameters(), OmegaConf.create(optim_cfg))
+    return network, loss, optimizer
+
+
+def _autocast(precision: str):
+    if precision in ("16-mixed", "bf16-mixed"):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision in ("32-true", "32"):
+        return contextlib.nullcontext()
+    raise ValueError(f"unknown precision {precision!r}; use 32-true, 16-mixed or bf16-mixed")
+
+
+def run_step(spec: StepSpec, tracker: LiveStorageTracker) -> int:
+    """Build and run one steady-state training step under ``tracker``; the step's peak live bytes.
+
+    Steady state: the optimizer state exists (a warm-up step on zero gradients creates it first), gradients were
+    freed by the previous ``zero_grad``, and the batch is allocated inside the step, as when it arrives on the GPU.
+    """
+    with tracker:
+        network, loss_fn, optimizer = _build(spec)
+        for parameter in network.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tracker.reset_peak()
+        shape = (spec.batch_size, spec.in_channels, *spec.patch_size)
+        image = torch.randn(shape)
+        label = torch.randint(0, spec.num_classes, (spec.batch_size, 1, *spec.patch_size))
+        with _autocast(spec.precision):
+            loss = loss_fn(network(image), label.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del loss, image, label
+    return tracker.peak
+
+
+def traced_peak_bytes(spec: StepSpec) -> int:
+    """Peak allocated bytes of one training step, from shapes alone (no memory, any patch size)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return run_step(spec, LiveStorageTracker())
+
+
+def measured_peak_bytes(spec: StepSpec) -> int:
+    """The same step actually run on the CPU, measured by the same tracker (for tests and ``--verify``)."""
+    return run_step(spec, LiveStorageTracker())
+
+
+def cuda_peak_bytes(spec: StepSpec) -> int:
+    """The real step on the current CUDA device: ``torch.cuda.max_memory_allocated`` (``plan --verify``)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    network, loss_fn, optimizer = _build(spec)
+    network.to("cuda")
+    for parameter in network.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dtype = torch.bfloat16 if spec.precision == "bf16-mixed" else torch.float16
+    image = torch.randn(spec.batch_size, spec.in_channels, *spec.patch_size, device="cuda")
+    label = torch.randint(0, spec.num_classes, (spec.batch_size, 1, *spec.patch_size), device="cuda")
+    with torch.autocast("cuda", dtype=dtype, enabled=spec.precision != "32-true"):
+        loss = loss_fn(network(image), label.float())
+    loss.backward()
+    optimizer.step()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
+def analytic_activation_elements(spec: StepSpec) -> float:
+    """nnU-Net-style size proxy: feature-map elements of encoder and decoder for the whole batch (a fast filter)."""
+    size = list(spec.patch_size)
+    total = 0.0
+    for stage, (feats, stride) in enumerate(zip(spec.features_per_stage, spec.strides)):
+        size = [s // st for s, st in zip(size, stride)]
+        voxels = math.prod(size)
+        total += feats * voxels * spec.conv_per_stage * (2 if stage < len(spec.strides) - 1 else 1)  # decoder twin
+    return float(total * spec.batch_size + spec.in_channels * math.prod(spec.patch_size) * spec.batch_size)
