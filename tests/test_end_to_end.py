@@ -20,6 +20,7 @@ import yaml
 
 from conftest import tree_hash, write_dataset
 from segforge.cli.main import main
+from segforge.io.artifacts import SCHEMA_VERSIONS
 from segforge.io.image import read_image
 
 TINY_TRAIN = ["optim=adamw_cosine", "trainer.max_epochs=8", "data.iterations_per_epoch=12", "data.val_iterations=2", "data.num_workers=0",
@@ -45,7 +46,7 @@ def trained(tmp_path_factory):
 def test_artifact_layout(trained):
     work, name = trained["work"], trained["dataset"].name
     plans = json.loads((work / name / "plans.json").read_text())
-    assert plans["kind"] == "plans" and plans["schema_version"] == 1 and "segforge_version" in plans
+    assert plans["kind"] == "plans" and plans["schema_version"] == SCHEMA_VERSIONS["plans"] and "segforge_version" in plans
     assert (work / name / "fingerprint.json").is_file()
     assert (work / name / "plan_config.yaml").is_file()
     assert (work / "pre" / name / "preprocessed" / "3d_fullres" / "manifest.json").is_file()

@@ -129,18 +129,24 @@ def choose_candidate(specs: list[StepSpec], budget: MemoryBudget, peak: PeakOrac
 
 
 def choose_batch(fit: Fit, budget: MemoryBudget, peak: PeakOracle, batch_min: int, batch_max: int) -> Fit:
-    """Grow the batch while the step fits (activations scale with the batch; weights and state do not)."""
+    """Grow the batch while the step fits. Activations scale linearly with the batch and weights, gradients and
+    optimizer state do not, so one trace at a guessed batch gives the exact slope and a second confirms."""
     spec, current = fit.spec, fit.peak_bytes
-    per_sample = max(current - static_bytes(spec), 1) / spec.batch_size
-    batch = int(spec.batch_size + (budget.peak_limit_bytes - current) // per_sample) if fit.fits else spec.batch_size
-    batch = max(batch_min, min(batch, batch_max))
-    if batch == spec.batch_size:
+    if not fit.fits or batch_max <= spec.batch_size:
         return fit
-    candidate = replace(spec, batch_size=batch)
-    while batch > batch_min and not budget.fits(peak(candidate)):
-        batch -= 1
-        candidate = replace(spec, batch_size=batch)
-    return replace(fit, spec=candidate, peak_bytes=peak(candidate), fits=budget.fits(peak(candidate)))
+
+    def largest_fitting(per_sample: float) -> int:
+        extra = (budget.peak_limit_bytes - current) // max(per_sample, 1.0)
+        return int(max(batch_min, min(batch_max, spec.batch_size + extra)))
+
+    batch = largest_fitting(max(current - static_bytes(spec), 1) / spec.batch_size)
+    if batch > spec.batch_size:
+        probe = peak(replace(spec, batch_size=batch))
+        batch = largest_fitting((probe - current) / (batch - spec.batch_size))
+    while batch > spec.batch_size and not budget.fits(peak(replace(spec, batch_size=batch))):
+        batch -= 1  # rounding in the allocator's blocks: at most a step or two
+    chosen = replace(spec, batch_size=batch)
+    return replace(fit, spec=chosen, peak_bytes=peak(chosen), fits=budget.fits(peak(chosen)))
 
 
 def describe(fit: Fit, budget: MemoryBudget, precision: str, optimizer: str, method: str) -> dict:
