@@ -91,13 +91,25 @@ def split_overrides(args: argparse.Namespace) -> list[str]:
     return flags + user
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (callers and test runners may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging() -> None:
     """segforge's messages to stderr, once; third-party noise that says nothing to a user is filtered."""
     import warnings
 
     logger = logging.getLogger("segforge")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
