@@ -16,4 +16,11 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 fi
 python -m pip install -q -e "$repo[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+# The bench extra (nnunetv2 -> timm) pulls PyPI's torchvision, which cannot load beside the local CPU torch and then
+# breaks `import lightning` (torchmetrics imports torchvision when present). nnU-Net's U-Net does not need it.
+if python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)" 2>/dev/null \
+    && ! python -c "import torchvision" 2>/dev/null; then
+  echo "removing torchvision: it does not load beside torch $(python -c 'import torch; print(torch.__version__)')"
+  python -m pip uninstall -q -y torchvision
+fi
 python -c "import segforge, torch; print(f'segforge {segforge.__version__}, torch {torch.__version__}')"

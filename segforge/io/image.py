@@ -153,12 +153,30 @@ _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 def incomplete_nifti(path: Path) -> str | None:
-    """Why a .nii/.nii.gz file is cut short, or None. SimpleITK zero-fills missing NIfTI data without an error."""
+    """Why a .nii/.nii.gz file is cut short, or None. SimpleITK zero-fills missing NIfTI data without an error.
+
+    A complete single-member gzip file ends with its uncompressed size (mod 2^32): when that matches what the
+    header promises, the file is complete and nothing is decompressed twice. Otherwise (truncated, corrupt, or an
+    unusual multi-member file) the stream is decompressed to find out.
+    """
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
         return None
-    size = None
-    if name.endswith(".gz"):
+    try:
+        import nibabel as nib
+
+        proxy = nib.load(str(path)).dataobj  # the array proxy knows the file's data offset; img.header does not
+        expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    except Exception:
+        expected = None  # no readable header: the stream check below, or read_image, says what is wrong
+    if not name.endswith(".gz"):
+        size = path.stat().st_size
+    else:
+        if expected is not None:
+            with open(path, "rb") as stream:
+                stream.seek(-4, os.SEEK_END)
+                if int.from_bytes(stream.read(4), "little") == expected % 2**32:
+                    return None
         size = 0
         try:
             with gzip.open(path, "rb") as stream:
@@ -166,15 +184,7 @@ def incomplete_nifti(path: Path) -> str | None:
                     size += len(chunk)
         except (EOFError, OSError, zlib.error) as exc:
             return f"is truncated or corrupt: its gzip stream cannot be decompressed ({exc})"
-    try:
-        import nibabel as nib
-
-        proxy = nib.load(str(path)).dataobj  # the array proxy knows the file's data offset; img.header does not
-        expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
-    except Exception:
-        return None  # not parseable as NIfTI here: read_image reports what is wrong
-    size = path.stat().st_size if size is None else size
-    if size < expected:
+    if expected is not None and size < expected:
         return f"is truncated: it holds {size} bytes of the {expected} its header promises"
     return None
 

@@ -109,21 +109,28 @@ class Fit:
 
 
 def choose_candidate(specs: list[StepSpec], budget: MemoryBudget, peak: PeakOracle) -> Fit:
-    """The largest candidate (lowest index) whose step fits ``budget``; ``specs`` run from largest to smallest."""
-    first = peak(specs[0])
-    if budget.fits(first) or len(specs) == 1:
-        return Fit(0, specs[0], first, budget.fits(first))
-    # calibrate the analytic proxy on the first trace, then guess the crossing
-    proxy = PeakOracle.calibrated(specs[0], first)
-    guess = next((i for i, s in enumerate(specs) if budget.fits(proxy(s))), len(specs) - 1)
-    index = max(guess, 1)
+    """The largest candidate (lowest index) whose step fits ``budget``; ``specs`` run from largest to smallest.
+
+    The analytic proxy guesses the crossing, is recalibrated on each traced guess, and traces settle it: the
+    chosen candidate fits and the next larger one (also traced) does not."""
+    def first_fitting(proxy: PeakOracle) -> int:
+        return next((i for i, s in enumerate(specs) if budget.fits(proxy(s))), len(specs) - 1)
+
+    index = first_fitting(PeakOracle("analytic"))
+    for _ in range(3):
+        better = first_fitting(PeakOracle.calibrated(specs[index], peak(specs[index])))
+        if better == index:
+            break
+        index = better
     if budget.fits(peak(specs[index])):
-        while index > 1 and budget.fits(peak(specs[index - 1])):
+        while index > 0 and budget.fits(peak(specs[index - 1])):
             index -= 1
     else:
         while index < len(specs) - 1 and not budget.fits(peak(specs[index])):
             index += 1
     chosen = peak(specs[index])
+    if index == 0:
+        return Fit(0, specs[0], chosen, budget.fits(chosen))
     larger = specs[index - 1]
     return Fit(index, specs[index], chosen, budget.fits(chosen), list(larger.patch_size), peak(larger))
 

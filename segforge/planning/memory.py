@@ -21,8 +21,14 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
+
+# the planner traces exactly what training runs: the same network class, loss and optimizer factory
+from segforge.nn.unet import UNet
+from segforge.training.losses import make_segmentation_loss
+from segforge.training.optim import make_optimizer
 
 BLOCK_BYTES = 512  # the CUDA caching allocator rounds every allocation up to a multiple of this
 GIB = 1024**3
@@ -117,12 +123,6 @@ _LOSS_CFG = {"dice_weight": 1.0, "ce_weight": 1.0, "batch_dice": False}
 
 
 def _build(spec: StepSpec):
-    from omegaconf import OmegaConf
-
-    from segforge.nn.unet import UNet
-    from segforge.training.losses import make_segmentation_loss
-    from segforge.training.module import make_optimizer
-
     network = UNet(**spec.network_kwargs())
     network.train()
     num_outputs = len(spec.strides) - 1 if spec.deep_supervision else 1
