@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
-from segforge.planning.memory import GIB, StepSpec, analytic_activation_elements, traced_peak_bytes
+from segforge.planning.memory import GIB, StepSpec, analytic_activation_elements, fake_mode, traced_peak_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,14 @@ class PeakOracle:
             raise ValueError(f"plan.memory.method must be traced or analytic, not {method!r}")
         self.method, self.bytes_per_element = method, bytes_per_element
         self._cache: dict[StepSpec, int] = {}
+        self._mode = None
         self.traces = 0
 
     def __call__(self, spec: StepSpec) -> int:
         if spec not in self._cache:
             if self.method == "traced":
-                self._cache[spec] = traced_peak_bytes(spec)
+                self._mode = self._mode or fake_mode()
+                self._cache[spec] = traced_peak_bytes(spec, self._mode)
                 self.traces += 1
             else:
                 per_element = self.bytes_per_element or ANALYTIC_BYTES_PER_ELEMENT[spec.precision]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
@@ -166,11 +167,14 @@ def run_step(spec: StepSpec, tracker: LiveStorageTracker) -> int:
     return tracker.peak
 
 
-def traced_peak_bytes(spec: StepSpec) -> int:
-    """Peak allocated bytes of one training step, from shapes alone (no memory, any patch size)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def fake_mode():
+    """A fake-tensor mode for ``traced_peak_bytes``; reusing one across traces reuses its dispatch cache (2x faster)."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
+
+def traced_peak_bytes(spec: StepSpec, mode=None) -> int:
+    """Peak allocated bytes of one training step, from shapes alone (no memory, any patch size)."""
+    with mode or fake_mode():
         return run_step(spec, LiveStorageTracker())
 
 
