@@ -294,3 +294,24 @@ def test_make_plans_is_json_serialisable_and_deterministic(rules):
     assert plans["rules"]["configurations"] == ["2d", "3d_fullres", "3d_lowres"]
     assert plans["dataset_name"] == "Dataset042_Synth"
     assert plans["original_median_spacing"] == pytest.approx([5.0, 0.7, 0.7])
+
+
+def test_normalization_from_channel_names_and_overrides(rules):
+    channels = {"0": "CT", "1": "noNorm", "2": "rescale_to_0_1", "3": "T2"}
+    plans = make_plans(anisotropic_fingerprint(channels=channels), rules)
+    assert [n["scheme"] for n in plans["normalization"]] == ["ct", "none", "rescale", "zscore"]
+    rules.normalization = {0: "zscore", "T2": "none"}  # by index or by name, as `plan.normalization={0:zscore}`
+    plans = make_plans(anisotropic_fingerprint(channels=channels), rules)
+    assert [n["scheme"] for n in plans["normalization"]] == ["zscore", "none", "rescale", "none"]
+    rules.normalization = {1: "histogram"}
+    with pytest.raises(ValueError, match="histogram"):
+        make_plans(anisotropic_fingerprint(channels=channels), rules)
+
+
+def test_normalize_rescale_and_none():
+    from segforge.preprocessing.normalize import normalize
+
+    image = np.stack([np.linspace(-5, 15, 64, dtype=np.float32).reshape(4, 4, 4)] * 2)
+    out = normalize(image.copy(), [{"scheme": "rescale"}, {"scheme": "none"}])
+    assert out[0].min() == 0.0 and out[0].max() == pytest.approx(1.0)
+    assert np.array_equal(out[1], image[1])

@@ -1,4 +1,4 @@
-"""Per-channel intensity normalisation as the plan says: CT clip + global z-score, or per-image z-score."""
+"""Per-channel intensity normalisation as the plan says: CT clip + global z-score, per-image z-score, rescale, none."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def normalize(image: np.ndarray, schemes: list[dict]) -> np.ndarray:
             data /= max(std, 1e-8)
             if mask is not None:
                 data[~mask] = 0
+        elif scheme == "rescale":  # per image to [0, 1] (nnU-Net's rescale_to_0_1 / rgb_to_0_1)
+            low, high = float(data.min()), float(data.max())
+            data -= low
+            data /= max(high - low, 1e-8)
         elif scheme != "none":
             raise ValueError(f"unknown normalisation scheme {scheme!r} for channel {channel}")
     return image
