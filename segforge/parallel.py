@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 log = logging.getLogger("segforge")
+
+
+def _worker_init() -> None:
+    # one intra-op thread per worker: the workers already use every core
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 
 def _call(item):
@@ -19,7 +27,10 @@ def progress_map(function: Callable, arg_tuples: Sequence[tuple], num_workers: i
     """``function(*args)`` for each tuple, yielded in order; a bar on a terminal, else a log line per ~10%."""
     total = len(arg_tuples)
     if num_workers > 1 and total > 1:
-        pool = ProcessPoolExecutor(max_workers=min(num_workers, total))
+        # not fork: a forked child of a process whose torch/OpenMP threads have run can deadlock in its first
+        # parallel region; forkserver children start from a clean server process
+        context = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
+        pool = ProcessPoolExecutor(max_workers=min(num_workers, total), mp_context=context, initializer=_worker_init)
         # chunks of one: cases differ widely in size, so small tasks balance the workers best
         results = pool.map(_call, [(function, a) for a in arg_tuples])
     else:

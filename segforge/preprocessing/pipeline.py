@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from segforge.io.dataset import Case
 from segforge.io.image import Geometry, read_case, read_image
 from segforge.preprocessing.crop import crop, nonzero_bbox
 from segforge.preprocessing.normalize import normalize
+from segforge.parallel import progress_map
 from segforge.preprocessing.resample import resample_image, resample_label, shape_at_spacing
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,8 @@ def run_preprocessing(cases: list[Case], plans: dict, configuration: str, out_di
     todo = [c for c in cases if not case_done(out_dir, c.case_id, digest)]
     log.info("preprocess %s: %d case(s) to do, %d already done", configuration, len(todo), len(cases) - len(todo))
     args = [(c, plans, configuration, out_dir, label_values, per_class, digest) for c in todo]
-    if num_workers > 1 and len(args) > 1:
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
-            for i, case_id in enumerate(pool.map(preprocess_case, *zip(*args)), 1):
-                log.info("  [%d/%d] %s", i, len(args), case_id)
-    else:
-        for i, a in enumerate(args, 1):
-            log.info("  [%d/%d] %s", i, len(args), preprocess_case(*a))
+    for _ in progress_map(preprocess_case, args, num_workers, f"preprocess {configuration}"):
+        pass
     write_json(out_dir / "manifest.json", {"configuration": configuration, "plan_hash": digest,
                                           "cases": [c.case_id for c in cases]}, kind="preprocessing_manifest")
     return {"done": len(todo), "skipped": len(cases) - len(todo)}
