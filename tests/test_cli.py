@@ -116,3 +116,13 @@ def test_config_files_ship_inside_the_package():
     assert (CONFIG_DIR / "train.yaml").is_file()
     pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     assert "configs/**/*.yaml" in pyproject
+
+
+def test_plan_rules_take_overrides_of_every_kind():
+    from segforge.cli.main import compose_config
+
+    cfg = compose_config("plan", ["plan.normalization={0:zscore}", "plan.gpu=a100-80gb", "plan.memory.precision=bf16-mixed",
+                                  "plan.configurations=[3d_fullres]", "plan.target_spacing=[2.0,1.0,1.0]"])
+    assert dict(cfg.plan.normalization) == {0: "zscore"} and cfg.plan.gpu == "a100-80gb"
+    assert cfg.plan.memory.precision == "bf16-mixed" and list(cfg.plan.configurations) == ["3d_fullres"]
+    assert list(cfg.plan.target_spacing) == [2.0, 1.0, 1.0]
