@@ -1,9 +1,9 @@
 """Fit patch and batch size to a GPU memory budget, by the traced peak of the real training step.
 
-The search walks nnU-Net's sequence of shrinking patch candidates (largest first). A cheap analytic estimate,
-calibrated on the first traced candidate, guesses where the budget is crossed; traces then settle it exactly: the
-chosen candidate fits, and the next larger one is traced too and does not. Typically three traces per
-configuration, each a fraction of a second (see ``memory.py``). ``method=analytic`` skips the traces (a rough,
+The search walks nnU-Net's sequence of shrinking patch candidates (largest first). A cheap analytic estimate
+guesses where the budget is crossed and is recalibrated on each traced guess; traces then settle it exactly: the
+chosen candidate fits, and the next larger one is traced too and does not. Typically two or three traces per
+configuration, about half a second each (see ``memory.py``). ``method=analytic`` skips the traces (a rough,
 uncalibrated estimate: for quick experiments, not for real plans).
 """
 
