@@ -145,7 +145,8 @@ def _preprocess(spec, ws: Workspace, cfg, configurations) -> None:
             raise SegforgeError(f"configuration {name} is not in {ws.plans_path}; it has {sorted(plans['configurations'])}")
         check_not_inside(ws.preprocessed(name), spec.root, "dataset folder")
         counts = run_preprocessing(spec.cases, plans, name, ws.preprocessed(name), spec.label_values,
-                                   int(cfg.preprocess.num_workers), int(cfg.preprocess.foreground_samples_per_class))
+                                   int(cfg.preprocess.num_workers), int(cfg.preprocess.foreground_samples_per_class),
+                                   ignore_label=spec.ignore_label)
         print(f"preprocessed {name}: {ws.preprocessed(name)} ({counts['done']} done, {counts['skipped']} up to date)")
 
 

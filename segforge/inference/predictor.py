@@ -21,8 +21,7 @@ from segforge.io.artifacts import check_header, read_json
 from segforge.io.dataset import group_channel_files
 from segforge.io.image import Geometry, read_case, write_image
 from segforge.preprocessing.crop import paste
-from segforge.preprocessing.pipeline import preprocess_image
-from segforge.preprocessing.resample import resample_probabilities
+from segforge.preprocessing.pipeline import preprocess_image, restore_probabilities
 from segforge.training.run import FINAL_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -111,8 +110,7 @@ class Predictor:
         if image.shape[0] != expected:
             raise SegforgeError(f"the model expects {expected} channel(s), the input has {image.shape[0]}")
         data, props = preprocess_image(image, geometry, self.plans, self.configuration)
-        probabilities = self._probabilities(data)
-        probabilities = resample_probabilities(probabilities, props["shape_after_crop"])
+        probabilities = restore_probabilities(self._probabilities(data), props)
         labels = probabilities.argmax(0).numpy().astype(np.uint8 if probabilities.shape[0] < 256 else np.uint16)
         return paste(labels, props["crop_bbox"], tuple(props["shape_before_crop"]), fill=0), geometry
 

@@ -22,7 +22,7 @@ from segforge.errors import ArtifactError
 SCHEMA_VERSIONS = {
     "fingerprint": 1,
     "plans": 2,  # 2: network norm/deep_supervision and a traced memory entry per configuration
-    "case_properties": 1,
+    "case_properties": 2,  # 2: normalisation and resampling applied, locations_per_class
     "preprocessing_manifest": 1,
     "model_weights": 1,
     "summary": 1,

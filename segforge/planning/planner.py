@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from segforge.io.dataset import count_outputs
 from segforge.planning.budget import Fit, MemoryBudget, PeakOracle, choose_batch, choose_candidate, describe
 from segforge.planning.memory import StepSpec
+from segforge.preprocessing.resample import DEFAULT_RESAMPLING, resampling_modes
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,13 @@ def lowres_spacing(spacing: list[float], median_shape: list[float], fullres: Fit
     return [float(v) for v in current]
 
 
+def resampling_rules(rules) -> dict:
+    """The ``resampling`` entry of plans.json: the config's rules over the defaults, checked."""
+    settings = {**DEFAULT_RESAMPLING, **(OmegaConf.to_container(rules) if isinstance(rules, DictConfig) else dict(rules or {}))}
+    resampling_modes([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], settings)  # raises on an unknown mode
+    return settings
+
+
 def make_plans(fingerprint: dict, rules) -> dict:
     """plans.json's payload from a fingerprint and the ``plan`` config group."""
     cases = fingerprint["cases"]
@@ -273,6 +281,7 @@ def make_plans(fingerprint: dict, rules) -> dict:
         "original_median_spacing": [float(v) for v in np.median(np.asarray(spacings), axis=0)],
         "original_median_shape": [float(v) for v in np.median(np.asarray(shapes), axis=0)],
         "normalization": plan_normalization(fingerprint, median_relative_size, rules.get("normalization")),
+        "resampling": resampling_rules(rules.get("resampling")),
         "configurations": configurations,
         "memory_traces": oracle.traces,
         "rules": OmegaConf.to_container(rules, resolve=True) if isinstance(rules, DictConfig) else dict(rules),

@@ -1,11 +1,17 @@
-"""Preprocess cases per plans.json into memory-mappable arrays, resumably; the same steps serve prediction.
+"""Preprocess cases per plans.json into memory-mappable arrays, resumably; the same steps (and their exact inverse)
+serve prediction.
 
 Per case and configuration, in ``<preprocessed>/<configuration>/``:
 ``CASE.npy`` (float32 ``(c, z, y, x)``), ``CASE_seg.npy`` (int16 ``(z, y, x)``), ``CASE_locations.npy`` (int32 rows
-``(class, z, y, x)``: a bounded sample of foreground voxels for oversampling) and ``CASE.json`` (geometry, crop box,
-shapes: everything needed to invert the steps). ``CASE.json`` is written last and carries the plan's hash, so a
-case counts as done only when complete and made from the current plan: a re-run after a crash redoes only
-unfinished cases, and an edited plan invalidates old output.
+``(class, z, y, x)``: a bounded uniform sample of each foreground class's voxels, for oversampling) and ``CASE.json``
+(geometry, crop box, shapes, the normalisation and resampling applied: everything needed to invert the steps).
+Uncompressed ``.npy`` on purpose: a random patch is a memory-mapped slice, read without decoding anything else.
+
+``CASE.json`` is written last and carries the preprocessing hash (plan values that change the output, settings,
+code version), so a case counts as done only when complete and made the current way: a re-run after a crash
+redoes only unfinished cases, and an edited plan invalidates old output. Every file is written under a temporary
+name and renamed into place. Cases run in worker processes that return only their id, so memory is a few cases'
+worth whatever the dataset's size.
 """
 
 from __future__ import annotations
@@ -16,31 +22,51 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from segforge.io.artifacts import read_json, save_npy_atomic, write_json
 from segforge.io.dataset import Case
 from segforge.io.image import Geometry, read_case, read_image
-from segforge.preprocessing.crop import crop, nonzero_bbox
-from segforge.preprocessing.normalize import normalize
 from segforge.parallel import progress_map
-from segforge.preprocessing.resample import resample_image, resample_label, shape_at_spacing
+from segforge.preprocessing.crop import crop, nonzero_bbox, paste
+from segforge.preprocessing.normalize import apply_normalization, invert_normalization, normalization_parameters
+from segforge.preprocessing.resample import (DEFAULT_RESAMPLING, resample, resample_image, resample_label,
+                                             resample_probabilities, resampling_modes, shape_at_spacing)
 
 log = logging.getLogger(__name__)
 
+# bump when the same plan and settings would produce different preprocessed files
+PREPROCESSING_VERSION = 2
+
+
+def resampling_settings(plans: dict) -> dict:
+    """The plan's resampling rules (plans written before they were recorded get the defaults of that time)."""
+    return {**DEFAULT_RESAMPLING, **(plans.get("resampling") or {})}
+
 
 def plan_hash(plans: dict, configuration: str) -> str:
-    """Hash of everything in the plan that changes preprocessed output."""
-    relevant = {"normalization": plans["normalization"], "target_spacing": plans["configurations"][configuration]["target_spacing"]}
+    """Hash of everything in the plan (and the code version) that changes preprocessed output."""
+    relevant = {"version": PREPROCESSING_VERSION, "normalization": plans["normalization"],
+                "target_spacing": plans["configurations"][configuration]["target_spacing"],
+                "resampling": resampling_settings(plans)}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def preprocess_image(image: np.ndarray, geometry: Geometry, plans: dict, configuration: str) -> tuple[np.ndarray, dict]:
-    """Crop, normalise and resample a ``(c, z, y, x)`` image; returns it and the properties to invert the steps."""
+def preprocess_image(image: np.ndarray, geometry: Geometry, plans: dict, configuration: str,
+                     copy: bool = True) -> tuple[np.ndarray, dict]:
+    """Crop, normalise and resample a ``(c, z, y, x)`` image; returns it and the properties to invert the steps.
+
+    ``copy=False`` lets the steps work inside ``image`` (it is then overwritten): for arrays the caller owns.
+    """
     bbox = nonzero_bbox(image)
-    data = np.array(crop(image, bbox), dtype=np.float32)
-    normalize(data, plans["normalization"])
+    data = crop(image, bbox)
+    if copy or data.dtype != np.float32:
+        data = np.array(data, dtype=np.float32)
+    applied = normalization_parameters(data, plans["normalization"])
+    apply_normalization(data, applied)
     target = plans["configurations"][configuration]["target_spacing"]
     new_shape = shape_at_spacing(list(data.shape[1:]), list(geometry.spacing), target)
+    modes = resampling_modes(geometry.spacing, target, resampling_settings(plans))
     properties = {
         "geometry": geometry.to_json(),
         "shape_before_crop": list(image.shape[1:]),
@@ -48,58 +74,119 @@ def preprocess_image(image: np.ndarray, geometry: Geometry, plans: dict, configu
         "shape_after_crop": list(data.shape[1:]),
         "shape_after_resampling": new_shape,
         "spacing_after_resampling": [sp if t is None else t for sp, t in zip(geometry.spacing, target)],
+        "normalization_applied": applied,
+        "resampling": modes,
     }
-    return resample_image(data, new_shape), properties
+    return resample_image(data, new_shape, modes["image"]), properties
 
 
-def foreground_locations(seg: np.ndarray, values: list[int], per_class: int, seed: int) -> np.ndarray:
-    """Up to ``per_class`` random voxel coordinates of each class present, as int32 rows (class, z, y, x)."""
+def restore_probabilities(probabilities: torch.Tensor, properties: dict) -> torch.Tensor:
+    """``(classes, *resampled)`` probabilities or logits back on the cropped original grid (before ``paste``)."""
+    modes = (properties.get("resampling") or {}).get("probabilities")
+    return resample_probabilities(probabilities, properties["shape_after_crop"], modes)
+
+
+def restore_image(data: np.ndarray, properties: dict) -> np.ndarray:
+    """Invert ``preprocess_image``: resample back, undo the normalisation, paste into the original extent."""
+    modes = properties["resampling"]["image"]
+    with torch.no_grad():
+        back = resample(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), properties["shape_after_crop"],
+                        modes).numpy()
+    invert_normalization(back, properties["normalization_applied"])
+    return paste(back, properties["crop_bbox"], tuple(properties["shape_before_crop"]), fill=0)
+
+
+def foreground_locations(seg: np.ndarray, values: list[int], per_class: int, seed: int,
+                         chunk_voxels: int = 1 << 22) -> np.ndarray:
+    """Up to ``per_class`` voxel coordinates of each class in ``values``, drawn uniformly without replacement, as
+    int32 rows (class, z, y, x), sorted by class then position.
+
+    Two streaming passes in chunks of slices (class counts, then the chosen ranks), so memory stays at a chunk's
+    worth however large the structures are.
+    """
     rng = np.random.default_rng(seed)
+    values = sorted(int(v) for v in values)
+    flat = seg.reshape(-1)
+    rows_per_chunk = max(1, chunk_voxels // max(1, int(np.prod(seg.shape[1:]))))
+    step = rows_per_chunk * int(np.prod(seg.shape[1:]))
+    counts = {v: 0 for v in values}
+    for start in range(0, flat.size, step):
+        chunk = flat[start:start + step]
+        for v, n in zip(*np.unique(chunk[np.isin(chunk, values)], return_counts=True)):
+            counts[int(v)] += int(n)
+    # the ranks (order of appearance in the flattened volume) to keep, per class
+    wanted = {v: np.sort(rng.choice(n, per_class, replace=False)) if n > per_class else np.arange(n)
+              for v, n in counts.items() if n}
+    seen = {v: 0 for v in wanted}
+    picked = {v: [] for v in wanted}
+    for start in range(0, flat.size, step):
+        chunk = flat[start:start + step]
+        hits = np.flatnonzero(np.isin(chunk, list(wanted)))
+        if not hits.size:
+            continue
+        labels = chunk[hits]
+        order = np.argsort(labels, kind="stable")  # grouped by class, in order of appearance within each
+        hits, labels = hits[order], labels[order]
+        bounds = np.flatnonzero(np.diff(labels)) + 1
+        for group in np.split(np.arange(hits.size), bounds):
+            v = int(labels[group[0]])
+            ranks = wanted[v]
+            lo, hi = np.searchsorted(ranks, [seen[v], seen[v] + group.size])
+            picked[v].append(start + hits[group[ranks[lo:hi] - seen[v]]])
+            seen[v] += group.size
     rows = []
-    for value in values:
-        coords = np.argwhere(seg == value)
-        if len(coords) > per_class:
-            coords = coords[rng.choice(len(coords), per_class, replace=False)]
-        if len(coords):
-            rows.append(np.concatenate([np.full((len(coords), 1), value), coords], axis=1))
-    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+    for v in values:
+        if v in picked and picked[v]:
+            coords = np.stack(np.unravel_index(np.concatenate(picked[v]), seg.shape), axis=1)
+            rows.append(np.concatenate([np.full((len(coords), 1), v), coords], axis=1))
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 1 + seg.ndim), np.int32)
 
 
-def case_done(out_dir: Path, case_id: str, digest: str) -> bool:
+def case_done(out_dir: Path, case_id: str, digest: str, per_class: int | None = None) -> bool:
     props = out_dir / f"{case_id}.json"
     if not props.is_file() or not all((out_dir / f"{case_id}{s}.npy").is_file() for s in ("", "_seg", "_locations")):
         return False
     try:
-        return read_json(props, "case_properties").get("plan_hash") == digest
+        properties = read_json(props, "case_properties")
     except Exception:  # an unreadable leftover is simply redone
         return False
+    return properties.get("plan_hash") == digest and (per_class is None or properties.get("locations_per_class") == per_class)
 
 
-def preprocess_case(case: Case, plans: dict, configuration: str, out_dir: Path, label_values: list[int],
+def preprocess_case(case: Case, plans: dict, configuration: str, out_dir: Path, foreground: list[int],
                     per_class: int, digest: str) -> str:
     image, geometry = read_case(case.image_files)
-    data, properties = preprocess_image(image, geometry, plans, configuration)
-    label, _ = read_image(case.label_file)
-    seg = crop(label[None], properties["crop_bbox"])[0]
-    seg = resample_label(seg.astype(np.int16), properties["shape_after_resampling"], label_values)
-    seed = int(hashlib.sha256(case.case_id.encode()).hexdigest()[:8], 16)
-    foreground = [v for v in label_values if v != 0]
+    data, properties = preprocess_image(image, geometry, plans, configuration, copy=False)
+    del image  # the cropped, normalised view lived inside it; `data` is the resampled copy
     save_npy_atomic(out_dir / f"{case.case_id}.npy", data)
-    save_npy_atomic(out_dir / f"{case.case_id}_seg.npy", seg.astype(np.int16))
+    del data
+    label, _ = read_image(case.label_file)
+    seg = crop(label, properties["crop_bbox"])
+    seg = resample_label(seg.astype(np.int16, copy=False), properties["shape_after_resampling"],
+                         modes=properties["resampling"]["label"]).astype(np.int16, copy=False)
+    del label
+    seed = int(hashlib.sha256(case.case_id.encode()).hexdigest()[:8], 16)
+    save_npy_atomic(out_dir / f"{case.case_id}_seg.npy", seg)
     save_npy_atomic(out_dir / f"{case.case_id}_locations.npy", foreground_locations(seg, foreground, per_class, seed))
-    properties.update(case_id=case.case_id, plan_hash=digest, classes_present=[int(v) for v in np.unique(seg)])
+    present = np.flatnonzero(np.bincount((seg.astype(np.int64) - int(seg.min())).ravel())) + int(seg.min())
+    properties.update(case_id=case.case_id, plan_hash=digest, locations_per_class=per_class,
+                      classes_present=[int(v) for v in present])
     write_json(out_dir / f"{case.case_id}.json", properties, kind="case_properties")
     return case.case_id
 
 
 def run_preprocessing(cases: list[Case], plans: dict, configuration: str, out_dir: Path, label_values: list[int],
-                      num_workers: int = 2, per_class: int = 10000) -> dict:
-    """Preprocess every unfinished case of one configuration; returns counts of done and skipped cases."""
+                      num_workers: int = 2, per_class: int = 10000, ignore_label: int | None = None) -> dict:
+    """Preprocess every unfinished case of one configuration; returns counts of done and skipped cases.
+
+    Oversampling locations are stored for every nonzero label value except the ignore label.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = plan_hash(plans, configuration)
-    todo = [c for c in cases if not case_done(out_dir, c.case_id, digest)]
+    foreground = [v for v in label_values if v != 0 and v != ignore_label]
+    todo = [c for c in cases if not case_done(out_dir, c.case_id, digest, per_class)]
     log.info("preprocess %s: %d case(s) to do, %d already done", configuration, len(todo), len(cases) - len(todo))
-    args = [(c, plans, configuration, out_dir, label_values, per_class, digest) for c in todo]
+    args = [(c, plans, configuration, out_dir, foreground, per_class, digest) for c in todo]
     for _ in progress_map(preprocess_case, args, num_workers, f"preprocess {configuration}"):
         pass
     write_json(out_dir / "manifest.json", {"configuration": configuration, "plan_hash": digest,
