@@ -1,5 +1,5 @@
 """Training data and preprocessing steps: splits, patch cropping, crop/paste, resampling, normalisation,
-foreground locations, the patch dataset and augmentation."""
+foreground locations, the patch dataset and its sampler."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from segforge.preprocessing.crop import crop, nonzero_bbox, paste
 from segforge.preprocessing.normalize import normalize
 from segforge.preprocessing.pipeline import foreground_locations
 from segforge.preprocessing.resample import resample_image, resample_label, shape_at_spacing
-from segforge.training.augment import augment_patch
-from segforge.training.data import PatchDataset, choose_patch_start, crop_with_padding, make_splits
+from segforge.training.augment import AugmentationSettings, Augmenter, PatchGeometry
+from segforge.training.data import make_splits
+from segforge.training.sampling import (PatchCollate, PatchDataset, PatchIndexSampler, choose_patch_start,
+                                       crop_with_padding)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -263,87 +265,74 @@ def preprocessed(tmp_path) -> Path:
     return folder
 
 
+def patches(folder, patch, dims, uids, oversampling=0.33, augmentation=None, seed=0, ids=("a", "b")):
+    """Final (image, label) batches for ``uids`` through the loader's dataset, collate and augmenter."""
+    settings = AugmentationSettings.from_config(augmentation) if augmentation is not None else None
+    geometry = PatchGeometry.resolve(settings or AugmentationSettings(), patch)
+    ds = PatchDataset(folder, list(ids), patch, dims, oversampling, settings, geometry, seed)
+    return PatchCollate(Augmenter(settings, geometry))([ds[u] for u in uids])
+
+
 @pytest.mark.parametrize("dims,patch", [(3, [4, 8, 8]), (3, [8, 24, 16]), (2, [8, 8]), (2, [24, 12])])
 def test_patch_dataset_shapes_and_types(preprocessed, dims, patch):
-    ds = PatchDataset(preprocessed, ["a", "b"], patch, dims, length=12, oversampling=0.33, augmentation=None, seed=0)
-    assert len(ds) == 12
-    for i in range(len(ds)):
-        image, label = ds[i]
-        assert image.dtype == torch.float32 and label.dtype == torch.int64
-        assert tuple(image.shape) == (2, *patch)
-        assert tuple(label.shape) == (1, *patch)
-        assert set(torch.unique(label).tolist()) <= {0, 1, 2}
-        # channel 0 was written equal to the label: image and label come from the same place
-        assert torch.equal(image[0], label[0].float())
+    image, label = patches(preprocessed, patch, dims, range(12))
+    assert image.dtype == torch.float32 and label.dtype == torch.int16
+    assert tuple(image.shape) == (12, 2, *patch)
+    assert tuple(label.shape) == (12, 1, *patch)
+    assert set(torch.unique(label).tolist()) <= {0, 1, 2}
+    # channel 0 was written equal to the label: image and label come from the same place
+    assert torch.equal(image[:, 0], label[:, 0].float())
 
 
 @pytest.mark.parametrize("dims,patch", [(3, [2, 6, 6]), (2, [6, 6])])
 def test_full_oversampling_always_contains_foreground(preprocessed, dims, patch):
-    ds = PatchDataset(preprocessed, ["a", "b"], patch, dims, length=40, oversampling=1.0, augmentation=None, seed=3)
-    for i in range(len(ds)):
-        _, label = ds[i]
-        assert (label > 0).any(), i
+    _, label = patches(preprocessed, patch, dims, range(40), oversampling=1.0, seed=3)
+    assert all((label[i] > 0).any() for i in range(40))
 
 
 def test_no_oversampling_also_gives_background_patches(preprocessed):
     """Guard for the test above: small random patches of these cases are usually all background."""
-    ds = PatchDataset(preprocessed, ["a", "b"], [2, 6, 6], 3, length=40, oversampling=0.0, augmentation=None, seed=3)
-    assert sum(bool((ds[i][1] > 0).any()) for i in range(len(ds))) < 40
+    _, label = patches(preprocessed, [2, 6, 6], 3, range(40), oversampling=0.0, seed=3)
+    assert sum(bool((label[i] > 0).any()) for i in range(40)) < 40
+
+
+def test_oversampling_share_is_the_configured_one(preprocessed):
+    """A third of the patches centred on foreground: their centre voxel is foreground; the rest land anywhere."""
+    _, label = patches(preprocessed, [1, 3, 3], 3, range(600), oversampling=0.333, seed=4)
+    centre_fg = (label[:, 0, 0, 1, 1] > 0).float().mean().item()
+    _, random_label = patches(preprocessed, [1, 3, 3], 3, range(600), oversampling=0.0, seed=4)
+    base = (random_label[:, 0, 0, 1, 1] > 0).float().mean().item()
+    # a forced centre is always foreground; the others are foreground at the base rate
+    assert centre_fg == pytest.approx(0.333 + (1 - 0.333) * base, abs=0.06)
+
+
+def test_ignore_label_is_never_a_sampling_centre():
+    seg = np.zeros((4, 10, 10), np.int16)
+    seg[:, :5] = 9  # the ignore label
+    seg[2, 7, 7] = 1
+    locations = foreground_locations(seg, [1], per_class=100, seed=0)
+    assert set(locations[:, 0].tolist()) == {1}
 
 
 @pytest.mark.parametrize("dims,patch", [(3, [4, 8, 8]), (2, [8, 8])])
-def test_deterministic_items_repeat(preprocessed, dims, patch):
-    augmentation = {"mirror_axes": list(range(dims)), "mirror_prob": 0.5, "noise_prob": 0.5, "noise_std": 0.1}
-    make = lambda: PatchDataset(preprocessed, ["a", "b"], patch, dims, length=9, oversampling=0.33,  # noqa: E731
-                                augmentation=augmentation, seed=7, deterministic=True)
-    ds, again = make(), make()
-    items = [ds[i] for i in range(len(ds))]
-    for i, (image, label) in enumerate(items):
-        for other_image, other_label in (ds[i], again[i]):
-            assert torch.equal(image, other_image)
-            assert torch.equal(label, other_label)
-    assert any(not torch.equal(items[0][0], item[0]) for item in items[1:])  # not one patch over and over
-    for i in range(0, len(ds), 3):  # deterministic oversampling: every third item is centred on foreground
-        assert (items[i][1] > 0).any()
+def test_items_are_a_function_of_their_uid(preprocessed, dims, patch):
+    augmentation = {"mirror_prob": 0.5, "noise_prob": 0.5, "rotation_prob": 0.5, "scale_prob": 0.5}
+    first = patches(preprocessed, patch, dims, range(9), augmentation=augmentation, seed=7)
+    again = patches(preprocessed, patch, dims, range(9), augmentation=augmentation, seed=7)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert any(not torch.equal(first[0][0], first[0][i]) for i in range(1, 9))  # not one patch over and over
+    other_seed = patches(preprocessed, patch, dims, range(9), augmentation=augmentation, seed=8)
+    assert not torch.equal(first[0], other_seed[0])
 
 
-# ---- augmentation ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", [(6, 8, 10), (9, 7)])
-def test_augment_keeps_image_and_label_aligned(shape):
-    rng = np.random.default_rng(8)
-    image = rng.standard_normal((1, *shape)).astype(np.float32)
-    label = (image[0] > 0).astype(np.int64)
-    cfg = {"mirror_axes": list(range(len(shape))), "mirror_prob": 1.0, "intensity_scale_prob": 1.0,
-           "intensity_scale_range": (0.5, 1.5)}
-    out_image, out_label = augment_patch(image, label, cfg, np.random.default_rng(0))
-    assert out_image.shape == image.shape and out_label.shape == label.shape
-    assert out_image.dtype == np.float32
-    np.testing.assert_array_equal(out_label, out_image[0] > 0)
-    flipped = np.flip(label, axis=tuple(range(len(shape))))
-    np.testing.assert_array_equal(out_label, flipped)  # mirroring did happen on every axis
-    assert not np.array_equal(out_label, label)
-    assert out_image.flags["C_CONTIGUOUS"] and out_label.flags["C_CONTIGUOUS"]
-
-
-def test_augment_introduces_no_new_label_values():
-    rng = np.random.default_rng(9)
-    label = rng.choice([0, 1, 3], size=(5, 6, 7)).astype(np.int64)
-    image = rng.standard_normal((2, 5, 6, 7)).astype(np.float32)
-    cfg = {"mirror_axes": [0, 1, 2], "mirror_prob": 0.5, "intensity_scale_prob": 1.0, "noise_prob": 1.0,
-           "noise_std": 0.5}
-    for seed in range(5):
-        out_image, out_label = augment_patch(image, label, cfg, np.random.default_rng(seed))
-        assert out_label.dtype == label.dtype
-        assert set(np.unique(out_label)) <= {0, 1, 3}
-        assert np.bincount(out_label.ravel()).tolist() == np.bincount(label.ravel()).tolist()
-        assert out_image.shape == image.shape
-
-
-def test_augment_with_empty_config_is_identity():
-    image = np.random.default_rng(10).standard_normal((1, 3, 4, 5)).astype(np.float32)
-    label = (image[0] > 0).astype(np.int64)
-    out_image, out_label = augment_patch(image, label, {}, np.random.default_rng(0))
-    np.testing.assert_array_equal(out_image, image)
-    np.testing.assert_array_equal(out_label, label)
+def test_index_sampler_shards_ranks_and_epochs():
+    samplers = [PatchIndexSampler(5, rank, 3) for rank in range(3)]
+    seen = []
+    for epoch in range(2):
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            seen += list(sampler)
+    assert len(seen) == len(set(seen)) == 30  # no uid twice: ranks and epochs all differ
+    fixed = PatchIndexSampler(5, 1, 3, deterministic=True)
+    fixed.set_epoch(4)
+    assert list(fixed) == list(PatchIndexSampler(5, 1, 3, deterministic=True)) and len(fixed) == 5

@@ -182,6 +182,8 @@ def run_preprocessing(cases: list[Case], plans: dict, configuration: str, out_di
     Oversampling locations are stored for every nonzero label value except the ignore label.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".tmp-*"):  # left by a run that was killed while writing
+        stale.unlink(missing_ok=True)
     digest = plan_hash(plans, configuration)
     foreground = [v for v in label_values if v != 0 and v != ignore_label]
     todo = [c for c in cases if not case_done(out_dir, c.case_id, digest, per_class)]

@@ -113,7 +113,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     batch_size = int(cfg.data.batch_size or plan_config["batch_size"])
     num_outputs = len(kwargs["strides"]) - 1 if kwargs.get("deep_supervision") else 1
     module = SegmentationModule(network, make_segmentation_loss(cfg.task.loss, num_outputs), cfg.optim, spec.num_outputs)
-    datamodule = SegmentationDataModule(data_dir, train_ids, val_ids, patch_size, plan_config["dims"], batch_size, cfg.data, int(cfg.seed))
+    datamodule = SegmentationDataModule(data_dir, train_ids, val_ids, patch_size, plan_config["dims"], batch_size, cfg.data,
+                                        int(cfg.seed), plan_config.get("mirror_axes"))
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     max_time_s = parse_duration(trainer_kwargs.get("max_time"))
@@ -134,7 +135,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     ]
     logger = L.pytorch.loggers.CSVLogger(str(fold_dir), name="logs", version="")
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(fold_dir), callbacks=callbacks, logger=logger,
-                        limit_val_batches=None if val_ids else 0, use_distributed_sampler=True)
+                        limit_val_batches=None if val_ids else 0,
+                        use_distributed_sampler=False)  # PatchIndexSampler shards by rank itself
     resume_from = str(checkpoint) if checkpoint.is_file() and str(cfg.resume) == "auto" else None
     if resume_from:
         log.info("resuming from %s", resume_from)
