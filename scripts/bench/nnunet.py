@@ -1,4 +1,5 @@
-"""nnU-Net v2's benchmark stages (fingerprint, plan), each run cold in a child process by ``bench.child``.
+"""nnU-Net v2's benchmark stages (fingerprint, plan, preprocess, patches), each run cold in a child process by
+``bench.child``.
 
 Imported as ``bench.nnunet`` (``scripts/`` on ``sys.path``, see ``bench/__init__.py``). Importing this module does
 not import nnunetv2 (the parent and the tests work without it); the ``stage_*`` functions run in the child.
@@ -93,6 +94,83 @@ def summarize_plans(plans: dict) -> dict:
     return out
 
 
+# ---- data pipeline ------------------------------------------------------------------------------------------
+
+
+def stage_preprocess(timer, dataset_id: int, configurations: list[str], num_processes: int) -> dict:
+    """Child side: ``nnUNetv2_preprocess -d ID -c CONFIGS -np N`` (plans from an earlier ``plan`` stage)."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+
+    with timer:
+        _call(preprocess_dataset, dataset_id, plans_identifier="nnUNetPlans", configurations=tuple(configurations),
+              num_processes=tuple([num_processes] * len(configurations)), verbose=False)
+    return {"configurations": list(configurations)}
+
+
+def training_pipeline(dataset_id: int, configuration: str, deep_supervision: bool = True):
+    """nnU-Net's training loader for a configuration, built as ``nnUNetTrainer.get_dataloaders`` builds it: its
+    ``nnUNetDataLoader`` over the preprocessed cases, with the transforms of ``get_training_transforms`` at the
+    rotation, pseudo-2D and initial-patch rules of ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``
+    (restated here: that method needs a whole trainer object)."""
+    import json
+
+    import numpy as np
+    from nnunetv2.configuration import ANISO_THRESHOLD
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset_id)
+    plans = PlansManager(str(folder / "nnUNetPlans.json"))
+    config = plans.get_configuration(configuration)
+    labels = plans.get_label_manager(json.loads((folder / "dataset.json").read_text()))
+    data_folder = folder / config.data_identifier
+    dataset = infer_dataset_class(str(data_folder))(str(data_folder))
+    patch = list(config.patch_size)
+    dim = len(patch)
+    if dim == 2:
+        dummy_2d, mirror = False, (0, 1)
+        rotation = (-np.pi, np.pi) if max(patch) / min(patch) <= 1.5 else (-np.pi / 12, np.pi / 12)
+    else:
+        dummy_2d, mirror = max(patch) / patch[0] > ANISO_THRESHOLD, (0, 1, 2)
+        rotation = (-np.pi, np.pi) if dummy_2d else (-np.pi / 6, np.pi / 6)
+    initial = get_patch_size(patch[-dim:], rotation, rotation, rotation, (0.85, 1.25))
+    if dummy_2d:
+        initial[0] = patch[0]
+    scales = None
+    if deep_supervision:
+        scales = [list(s) for s in 1 / np.cumprod(np.vstack(config.pool_op_kernel_sizes), axis=0)][:-1]
+    transforms = nnUNetTrainer.get_training_transforms(
+        patch, rotation, scales, mirror, dummy_2d, use_mask_for_norm=config.use_mask_for_norm, is_cascaded=False,
+        foreground_labels=labels.foreground_labels, regions=None, ignore_label=None)
+    loader = nnUNetDataLoader(dataset, config.batch_size, initial, patch, labels, oversample_foreground_percent=0.33,
+                              sampling_probabilities=None, pad_sides=None, transforms=transforms,
+                              probabilistic_oversampling=False)
+    return loader, {"patch_size": patch, "batch_size": config.batch_size, "initial_patch_size": [int(v) for v in initial],
+                    "pseudo_2d": bool(dummy_2d)}
+
+
+def stage_patches(timer, dataset_id: int, configuration: str, batches: int, deep_supervision: bool = True) -> dict:
+    """Child side: augmented batches of nnU-Net's training loader in one process on one thread (what one of its
+    augmentation workers produces), deep-supervision targets included as in training."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    loader, info = training_pipeline(dataset_id, configuration, deep_supervision)
+    next(loader)  # warm-up
+    with timer:
+        for _ in range(batches):
+            next(loader)
+    return {**info, "patches": batches * info["batch_size"], "deep_supervision": deep_supervision}
+
+
 class NnunetTool:
     """Parent side: bench-owned nnU-Net folders for one dataset, one run folder per repeat."""
 
@@ -164,3 +242,28 @@ class NnunetTool:
         return run_stage(f"{__name__}:stage_plan",
                          {"dataset_id": self.dataset_id, "gpu_memory_gb": self.gpu_memory_gb, "planner": self.planner},
                          run_dir, name="plan", env=self.env(run_index), timeout=self.timeout, profile=profile)
+
+    # ---- data pipeline ---------------------------------------------------------------------------------------
+    def plans(self, run_index: int = 0) -> dict:
+        import json
+
+        return json.loads((self.run_dir(run_index) / "preprocessed" / self.dataset_root.name / "nnUNetPlans.json").read_text())
+
+    def preprocess(self, configurations: list[str], run_index: int = 0, profile: bool = False) -> StageResult:
+        folder = self.run_dir(run_index) / "preprocessed" / self.dataset_root.name
+        for name in configurations:  # cold: nnU-Net skips nothing, but start from empty folders all the same
+            shutil.rmtree(folder / f"nnUNetPlans_{name}", ignore_errors=True)
+        return run_stage(f"{__name__}:stage_preprocess",
+                         {"dataset_id": self.dataset_id, "configurations": list(configurations),
+                          "num_processes": self.num_workers},
+                         self.run_dir(run_index), name="preprocess", env=self.env(run_index), timeout=self.timeout,
+                         profile=profile)
+
+    def patches(self, configuration: str, batches: int, deep_supervision: bool = True, run_index: int = 0,
+                profile: bool = False) -> StageResult:
+        env = {**self.env(run_index), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        return run_stage(f"{__name__}:stage_patches",
+                         {"dataset_id": self.dataset_id, "configuration": configuration, "batches": batches,
+                          "deep_supervision": deep_supervision},
+                         self.run_dir(run_index), name=f"patches_{configuration}", env=env, timeout=self.timeout,
+                         profile=profile)

@@ -37,31 +37,26 @@ def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, truncate: float = 4.0) -> None:
-    """Blur the (sample, channel) pairs with any sigma > 0 by per-pair, per-axis sigmas ``(b, c, dims)``: separable,
-    one grouped convolution per axis for all pairs at once (edges replicated)."""
-    pairs = _pairs((sigma > 0).any(-1))
-    if not pairs:
-        return
-    b_idx = torch.tensor([p[0] for p in pairs], device=x.device)
-    c_idx = torch.tensor([p[1] for p in pairs], device=x.device)
-    sub = x[b_idx, c_idx][None]  # (1, n, *spatial)
+    """Blur the (sample, channel) pairs with any sigma > 0 by per-axis sigmas ``(b, c, dims)``: separable, each axis a
+    sum of shifted copies (several times faster on CPU than a grouped convolution), edges replicated."""
     dims = x.ndim - 2
-    conv = F.conv3d if dims == 3 else F.conv2d
-    for axis in range(dims):
-        s = sigma[b_idx, c_idx, axis]
-        if not bool((s > 0).any()):
-            continue
-        radius = max(1, math.ceil(truncate * float(s.max())))
-        radius = min(radius, sub.shape[2 + axis] - 1) if sub.shape[2 + axis] > 1 else 0
-        if radius == 0:
-            continue
-        shape = [len(pairs), 1] + [1] * dims
-        shape[2 + axis] = 2 * radius + 1
-        weight = _gaussian_kernels(s, radius).reshape(shape).to(x.dtype)
-        pad = [0, 0] * dims
-        pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = radius
-        sub = conv(F.pad(sub, pad, mode="replicate"), weight, groups=len(pairs))
-    x[b_idx, c_idx] = sub[0]
+    for b, c in _pairs((sigma > 0).any(-1)):
+        channel = x[b, c]
+        for axis in range(dims):
+            s = float(sigma[b, c, axis])
+            length = channel.shape[axis]
+            radius = min(math.ceil(truncate * s), length - 1)
+            if s <= 0 or radius < 1:
+                continue
+            weights = _gaussian_kernels(sigma[b, c, axis:axis + 1], radius)[0].tolist()
+            pad = [0, 0] * dims
+            pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = radius
+            padded = F.pad(channel[None, None], pad, mode="replicate")[0, 0]
+            out = padded.narrow(axis, 0, length) * weights[0]
+            for k in range(1, 2 * radius + 1):
+                out.add_(padded.narrow(axis, k, length), alpha=weights[k])
+            channel = out
+        x[b, c] = channel
 
 
 def multiply_brightness(x: torch.Tensor, factor: torch.Tensor) -> None:

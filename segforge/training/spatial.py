@@ -72,12 +72,24 @@ def sampling_grid(matrix: torch.Tensor, offset: torch.Tensor, patch: Sequence[in
                   displacement: torch.Tensor | None = None) -> torch.Tensor:
     """``grid_sample`` grid (``align_corners=True``, last axis x, y[, z]) for source voxel coordinates
     ``offset + matrix @ (p + displacement)``, where ``offset`` is the patch centre inside the source box."""
-    p = _centred_coordinates(tuple(int(n) for n in patch)).to(matrix.device)
+    device, dims = matrix.device, len(patch)
+    size = torch.tensor([max(n - 1, 1) for n in source_shape], dtype=torch.float32, device=device)
+    matrix = matrix.float() * (2 / size)[:, None]  # straight to grid_sample's [-1, 1] units
+    offset = offset.float() * (2 / size) - 1
     if displacement is not None:
-        p = p + displacement
-    coords = p @ matrix.T.float() + offset.float()
-    size = torch.tensor([max(n - 1, 1) for n in source_shape], dtype=torch.float32, device=matrix.device)
-    return (coords * (2 / size) - 1).flip(-1)
+        p = _centred_coordinates(tuple(int(n) for n in patch)).to(device) + displacement
+        return (p @ matrix.T + offset).flip(-1)
+    # without a displacement field each component is a sum of one ramp per axis: no (voxels x dims) product
+    axes = [torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2 for n in patch]
+    grid = torch.empty((*patch, dims), dtype=torch.float32, device=device)
+    for k in range(dims):
+        component = offset[k]
+        for j in range(dims):
+            shape = [1] * dims
+            shape[j] = -1
+            component = component + (matrix[k, j] * axes[j]).reshape(shape)
+        grid[..., dims - 1 - k] = component
+    return grid
 
 
 def warp_image(source: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -99,7 +111,7 @@ def warp_label(source: torch.Tensor, grid: torch.Tensor, mode: str = "linear") -
                              align_corners=True)[0].round().to(source.dtype)
     flat = source.reshape(-1)
     low = int(flat.min())
-    counts = torch.bincount((flat - low).long())
+    counts = torch.bincount(flat - low if low else flat)
     base = int(torch.argmax(counts)) + low
     out = torch.full(spatial, base, dtype=source.dtype, device=source.device)
     best = torch.zeros(spatial, device=source.device)
