@@ -57,6 +57,18 @@ def tree_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one thread is fastest, and avoids OpenMP spin contention on a loaded 2-core machine
+    (``pytestmark = pytest.mark.usefixtures("one_torch_thread")`` in a test module)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "Dataset001_Tiny")

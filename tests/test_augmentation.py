@@ -16,12 +16,7 @@ from segforge.training.spatial import (affine_matrix, sampling_grid, smooth_disp
 from segforge.training.threads import thread_policy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def blobs(shape, seed=0, values=(1, 2, 5)) -> np.ndarray:

@@ -169,3 +169,20 @@ def test_nnunet_fingerprint_and_plan_on_tiny(tmp_path):
     tool = NnunetTool(root, 903, tmp_path / "work", num_workers=2, timeout=300)
     assert tool.fingerprint(0).metrics["num_cases"] == 6 and tool.has_fingerprint(0)
     assert "3d_fullres" in tool.plan(0).metrics["configurations"]
+
+
+def test_segforge_data_pipeline_stages_on_tiny(tmp_path):
+    """preprocess, patches and the memory stage of bench_data_pipeline.py run and report (child processes)."""
+    root = datasets.ensure_dataset("tiny", tmp_path, workers=2, log=lambda msg: None)
+    tool = SegforgeTool(root, tmp_path / "work", num_workers=1, plan_overrides=_fast_plan_overrides(), timeout=180)
+    tool.fingerprint(0)
+    tool.plan(0)
+    (tool.run_dir(0) / "preprocessed" / "stale").mkdir(parents=True)  # preprocessing is measured cold
+    prep = tool.preprocess(["3d_fullres"], 0)
+    assert prep.metrics["num_cases"] == 6 and prep.metrics["output_mb"] > 0
+    assert not (tool.run_dir(0) / "preprocessed" / "stale").exists()
+    assert len(list(tool.preprocessed("3d_fullres").glob("case_*_seg.npy"))) == 6
+    patches = tool.patches("3d_fullres", [8, 16, 16], 2, 3)
+    assert patches.metrics["patches"] == 6 and patches.metrics["threads"] == 1 and patches.seconds > 0
+    memory = tool.preprocess_case_memory([5.0, 1.6, 1.6])
+    assert all(shape[0] < 16 for shape in memory.metrics["shapes_after_resampling"]) and memory.peak_rss_mb > 0

@@ -20,13 +20,7 @@ from segforge.training.sampling import (PatchCollate, PatchDataset, PatchIndexSa
                                        crop_with_padding)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one thread is fastest, and avoids OpenMP spin contention on a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---- splits ----------------------------------------------------------------------------------------------------
 
@@ -336,3 +330,39 @@ def test_index_sampler_shards_ranks_and_epochs():
     fixed = PatchIndexSampler(5, 1, 3, deterministic=True)
     fixed.set_epoch(4)
     assert list(fixed) == list(PatchIndexSampler(5, 1, 3, deterministic=True)) and len(fixed) == 5
+
+
+def test_device_and_worker_augmentation_give_the_same_batches(preprocessed):
+    """augment_on=workers augments inside the loader; augment_on=device after the transfer: same numbers, same batch."""
+    from omegaconf import OmegaConf
+
+    from segforge.training.data import SegmentationDataModule
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "segforge" / "configs" / "data" / "default.yaml")
+    cfg.iterations_per_epoch, cfg.num_workers, cfg.torch_threads = 3, 0, 1
+    cfg.augmentation.rotation_prob = cfg.augmentation.noise_prob = cfg.augmentation.blur_prob = 0.7
+    batches = {}
+    for where in ("workers", "device"):
+        cfg.augment_on = where
+        module = SegmentationDataModule(preprocessed, ["a", "b"], [], [6, 10, 10], 3, 2, cfg, seed=3)
+        batches[where] = [module.on_after_batch_transfer(batch, 0) for batch in module.train_dataloader()]
+    assert len(batches["device"]) == 3
+    for (image_w, label_w), (image_d, label_d) in zip(batches["workers"], batches["device"]):
+        assert torch.equal(image_w, image_d) and torch.equal(label_w, label_d)
+    assert torch.equal(batches["device"][0][1][:, 0].float(), batches["device"][0][0][:, 0]) is False  # augmented
+
+
+def test_ignore_and_region_values_pass_through_augmentation(tmp_path):
+    """Label values are carried, never remapped: an ignore value (255) and region member values survive warping."""
+    folder = tmp_path / "pre"
+    seg = np.zeros((8, 24, 24), np.int16)
+    seg[:, 2:10] = 255
+    seg[2:6, 12:20, 4:12] = 1
+    seg[3:5, 14:18, 6:10] = 2
+    save_npy_atomic(folder / "c.npy", seg[None].astype(np.float32))
+    save_npy_atomic(folder / "c_seg.npy", seg)
+    save_npy_atomic(folder / "c_locations.npy", foreground_locations(seg, [1, 2], 100, 0))
+    augmentation = {"rotation_prob": 1.0, "scale_prob": 1.0}
+    _, label = patches(folder, [6, 16, 16], 3, range(20), oversampling=0.5, augmentation=augmentation, ids=["c"])
+    values = set(torch.unique(label).tolist())
+    assert values <= {0, 1, 2, 255} and {255, 1} <= values

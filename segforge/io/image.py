@@ -240,7 +240,8 @@ def read_case(paths: list[Path]) -> tuple[np.ndarray, Geometry]:
             raise ImageReadError(f"{path}: grid differs from {paths[0].name} ({what}). "
                                  "Fix: resample all channels of a case onto one grid")
         arrays.append(array.astype(np.float32, copy=False))
-    return np.stack(arrays), geometry
+    # one channel: a view, not a copy (a 512x512x300 CT is 300 MB as float32)
+    return (arrays[0][None] if len(arrays) == 1 else np.stack(arrays)), geometry
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) -> None:
