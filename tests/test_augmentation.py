@@ -290,7 +290,9 @@ def test_augmenter_batch_on_the_batch_device_keeps_dtypes():
 def test_thread_policy():
     auto = {"augment_on": "auto", "num_workers": "auto", "torch_threads": "auto", "worker_threads": 1}
     cpu = thread_policy(auto, on_cuda=False, ranks_on_node=1, cores=2)
-    assert (cpu.augment_on, cpu.num_workers, cpu.torch_threads) == ("workers", 1, 2)
+    assert (cpu.augment_on, cpu.num_workers, cpu.torch_threads) == ("device", 0, 2)  # no worker beside the step
+    big_cpu = thread_policy(auto, on_cuda=False, ranks_on_node=1, cores=16)
+    assert (big_cpu.augment_on, big_cpu.num_workers, big_cpu.torch_threads) == ("device", 1, 16)
     ddp_cpu = thread_policy(auto, on_cuda=False, ranks_on_node=2, cores=2)
     assert (ddp_cpu.num_workers, ddp_cpu.torch_threads) == (0, 1)  # one core per rank: no worker on top
     gpu = thread_policy(auto, on_cuda=True, ranks_on_node=4, cores=32)
