@@ -15,7 +15,7 @@ from segforge.preprocessing.normalize import normalize
 from segforge.preprocessing.pipeline import foreground_locations
 from segforge.preprocessing.resample import resample_image, resample_label, shape_at_spacing
 from segforge.training.augment import AugmentationSettings, Augmenter, PatchGeometry
-from segforge.training.data import make_splits
+from segforge.training.splits import make_splits
 from segforge.training.sampling import (PatchCollate, PatchDataset, PatchIndexSampler, choose_patch_start,
                                        crop_with_padding)
 

@@ -16,11 +16,15 @@ from segforge.io.artifacts import write_json
 from segforge.io.image import file_ending, read_image, strip_ending
 
 
-def dice_per_class(prediction: np.ndarray, reference: np.ndarray, classes: list[int], ignore: int | None = None) -> dict[int, float]:
+def dice_per_class(prediction: np.ndarray, reference: np.ndarray, classes: list, ignore: int | None = None) -> dict:
+    """Dice per class value, or per region (a list of values, given as a tuple) of label maps."""
     valid = reference != ignore if ignore is not None else np.ones(reference.shape, bool)
     out = {}
     for c in classes:
-        p, r = (prediction == c) & valid, (reference == c) & valid
+        if isinstance(c, tuple):
+            p, r = np.isin(prediction, c) & valid, np.isin(reference, c) & valid
+        else:
+            p, r = (prediction == c) & valid, (reference == c) & valid
         denominator = int(p.sum()) + int(r.sum())
         out[c] = 2.0 * int((p & r).sum()) / denominator if denominator else math.nan
     return out
@@ -31,11 +35,20 @@ def nan_mean(values) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def evaluate_folders(pred_dir: Path, ref_dir: Path, labels: dict, output: Path | None = None) -> dict:
-    """Dice per case and class for every reference that has a prediction; writes ``summary.json``."""
-    classes = {name: v for name, v in labels.items() if isinstance(v, int) and v != 0 and name != "ignore"}
+def evaluate_folders(pred_dir: Path, ref_dir, labels: dict, output: Path | None = None) -> dict:
+    """Dice per case and class (or region) for every reference that has a prediction; writes ``summary.json``.
+
+    ``ref_dir``: a folder of reference masks, or a mapping of case id to reference file.
+    """
+    has_regions = any(isinstance(v, list) for v in labels.values())
+    classes = {name: (tuple(v) if isinstance(v, list) else v) for name, v in labels.items()
+               if name not in ("background", "ignore") and (isinstance(v, list) or v != 0)} if has_regions else \
+        {name: v for name, v in labels.items() if isinstance(v, int) and v != 0 and name != "ignore"}
     ignore = labels.get("ignore") if isinstance(labels.get("ignore"), int) else None
-    references = sorted(p for p in Path(ref_dir).iterdir() if file_ending(p) and not p.name.startswith("."))
+    if isinstance(ref_dir, dict):
+        references = [Path(p) for _, p in sorted(ref_dir.items())]
+    else:
+        references = sorted(p for p in Path(ref_dir).iterdir() if file_ending(p) and not p.name.startswith("."))
     if not references:
         raise SegforgeError(f"{ref_dir}: no reference masks found")
     per_case, missing = [], []
@@ -54,7 +67,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, labels: dict, output: Path |
     if not per_case:
         raise SegforgeError(f"{pred_dir}: no prediction matches a reference in {ref_dir} (by file name)")
     mean = {name: nan_mean([c["dice"][name] for c in per_case]) for name in classes}
-    summary = {"classes": classes, "num_cases": len(per_case), "missing_predictions": missing,
+    summary = {"classes": {k: list(v) if isinstance(v, tuple) else v for k, v in classes.items()}, "num_cases": len(per_case), "missing_predictions": missing,
                "mean_dice": mean, "foreground_mean_dice": nan_mean(list(mean.values())), "cases": per_case}
     if output is not None:
         write_json(output, summary, kind="summary")

@@ -60,31 +60,104 @@ class ConvBlock(nn.Module):
         return x
 
 
+class ResidualBlock(nn.Module):
+    """nnU-Net's residual encoder block (ResEnc, ``BasicBlockD``): conv-norm-act-conv-norm plus a shortcut (average
+    pooling for a stride, a 1x1 conv + norm for a change of width), then the activation; optional conditioning
+    after the first norm, as in ``ConvBlock``."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Sequence[int],
+                 stride: Sequence[int], norm: str, cond_dim: int | None):
+        super().__init__()
+        conv = _CONV[spatial_dims]
+        padding = [k // 2 for k in kernel_size]
+        self.conv1 = conv(in_channels, out_channels, list(kernel_size), stride=list(stride), padding=padding)
+        self.norm1 = make_norm(norm, spatial_dims, out_channels)
+        self.conv2 = conv(out_channels, out_channels, list(kernel_size), padding=padding)
+        self.norm2 = make_norm(norm, spatial_dims, out_channels)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        shortcut = []
+        if any(s != 1 for s in stride):
+            shortcut.append((nn.AvgPool2d if spatial_dims == 2 else nn.AvgPool3d)(list(stride), list(stride)))
+        if in_channels != out_channels:
+            shortcut += [conv(in_channels, out_channels, 1, bias=False), make_norm(norm, spatial_dims, out_channels)]
+        self.shortcut = nn.Sequential(*shortcut)
+        self.cond_proj = None
+        if cond_dim:
+            self.cond_proj = nn.Linear(cond_dim, out_channels)
+            nn.init.zeros_(self.cond_proj.weight)
+            nn.init.zeros_(self.cond_proj.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.norm1(self.conv1(x))
+        if self.cond_proj is not None and cond is not None:
+            out = out + self.cond_proj(cond).reshape(*cond.shape[:1], -1, *([1] * (out.ndim - 2)))
+        out = self.norm2(self.conv2(self.act(out)))
+        return self.act(out + self.shortcut(x))
+
+
+class Stage(nn.Module):
+    """A sequence of blocks that all take the conditioning vector."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, cond)
+        return x
+
+
+def make_upsample(spatial_dims: int, below: int, skip: int, stride: list[int], kind: str) -> nn.Module:
+    """Decoder upsampling: a transposed convolution, or nearest-neighbour interpolation + 1x1 convolution."""
+    if kind == "transposed":
+        return _TRANSPOSED[spatial_dims](below, skip, stride, stride=stride)
+    if kind == "interpolate":
+        return nn.Sequential(nn.Upsample(scale_factor=tuple(float(s) for s in stride), mode="nearest"),
+                             _CONV[spatial_dims](below, skip, 1))
+    raise ValueError(f"unknown upsample {kind!r}; use transposed or interpolate")
+
+
+RESIDUAL_BLOCKS = [1, 3, 4, 6, 6, 6, 6, 6]  # nnU-Net ResEnc-M's blocks per encoder stage
+
+
 class UNet(nn.Module):
-    """A plain U-Net from a plan's topology (see module docstring)."""
+    """A U-Net from a plan's topology (see module docstring); ``encoder="residual"`` uses ``ResidualBlock`` stages
+    (``blocks_per_stage``, default nnU-Net ResEnc-M's), ``upsample="interpolate"`` replaces transposed
+    convolutions."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, features_per_stage: Sequence[int],
                  kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]], conv_per_stage: int = 2,
-                 norm: str = "instance", deep_supervision: bool = True, cond_dim: int | None = None):
+                 norm: str = "instance", deep_supervision: bool = True, cond_dim: int | None = None,
+                 encoder: str = "plain", blocks_per_stage: Sequence[int] | None = None, upsample: str = "transposed"):
         super().__init__()
         if not (len(features_per_stage) == len(kernel_sizes) == len(strides)):
             raise ValueError("features_per_stage, kernel_sizes and strides need one entry per stage")
         if any(len(k) != spatial_dims or len(s) != spatial_dims for k, s in zip(kernel_sizes, strides)):
             raise ValueError(f"every kernel size and stride needs {spatial_dims} entries")
+        if encoder not in ("plain", "residual"):
+            raise ValueError(f"unknown encoder {encoder!r}; use plain or residual")
         self.spatial_dims, self.deep_supervision, self.cond_dim = spatial_dims, deep_supervision, cond_dim
         self.strides = [list(s) for s in strides]
+        blocks = list(blocks_per_stage or RESIDUAL_BLOCKS)[: len(strides)]
+        if encoder == "residual" and len(blocks) < len(strides):
+            raise ValueError(f"blocks_per_stage needs {len(strides)} entries, got {list(blocks_per_stage)}")
         self.encoder = nn.ModuleList()
         channels = in_channels
-        for feats, kernel, stride in zip(features_per_stage, kernel_sizes, strides):
-            self.encoder.append(ConvBlock(spatial_dims, channels, feats, kernel, stride, conv_per_stage, norm, cond_dim))
+        for stage, (feats, kernel, stride) in enumerate(zip(features_per_stage, kernel_sizes, strides)):
+            if encoder == "plain":
+                self.encoder.append(ConvBlock(spatial_dims, channels, feats, kernel, stride, conv_per_stage, norm, cond_dim))
+            else:
+                self.encoder.append(Stage([ResidualBlock(spatial_dims, channels if b == 0 else feats, feats, kernel,
+                                                         stride if b == 0 else [1] * spatial_dims, norm, cond_dim)
+                                           for b in range(int(blocks[stage]))]))
             channels = feats
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
         self.heads = nn.ModuleList()
         for stage in range(len(features_per_stage) - 1, 0, -1):
             below, skip = features_per_stage[stage], features_per_stage[stage - 1]
-            stride = list(strides[stage])
-            self.upsample.append(_TRANSPOSED[spatial_dims](below, skip, stride, stride=stride))
+            self.upsample.append(make_upsample(spatial_dims, below, skip, list(strides[stage]), upsample))
             self.decoder.append(ConvBlock(spatial_dims, 2 * skip, skip, kernel_sizes[stage - 1], [1] * spatial_dims,
                                           conv_per_stage, norm, cond_dim))
             if deep_supervision or stage == 1:  # without deep supervision only the full-resolution head exists

@@ -1,4 +1,4 @@
-"""Training data: cross-validation splits and the DataModule that feeds patches to the trainer.
+"""Training data: the DataModule that feeds patches to the trainer.
 
 The pieces: ``sampling`` (which patch, its crop and random parameters, on the loader side), ``augment`` (the batch
 made from the crops, on the training device or in the loader workers), ``threads`` (who gets which cores). The
@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
@@ -23,17 +22,6 @@ from segforge.training.sampling import PatchCollate, PatchDataset, PatchIndexSam
 from segforge.training.threads import ThreadPolicy, thread_policy
 
 log = logging.getLogger(__name__)
-
-
-def make_splits(case_ids: list[str], num_folds: int, seed: int) -> list[dict]:
-    """Seeded k-fold split: ``[{"train": [...], "val": [...]}, ...]`` (every case validated exactly once)."""
-    ids = sorted(case_ids)
-    if len(ids) < num_folds:
-        raise ValueError(f"{len(ids)} case(s) cannot be split into {num_folds} folds; set num_folds or fold=all")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    folds = np.array_split(order, num_folds)
-    return [{"train": sorted(ids[i] for f in folds[:k] + folds[k + 1:] for i in f), "val": sorted(ids[i] for i in folds[k])}
-            for k in range(num_folds)]
 
 
 def _init_worker(threads: int, _worker_id: int) -> None:

@@ -1,7 +1,9 @@
-"""The segmentation LightningModule: loss, optimizer, and the per-epoch pseudo-Dice on validation patches.
+"""The segmentation LightningModule: the loss step, and the per-epoch pseudo-Dice on validation patches with its
+exponential moving average (what the best checkpoint and early stopping follow).
 
 The network is any ``nn.Module`` with ``forward(x, cond=None)``; the learning rate follows the progress-based
 schedule applied by ``ScheduleCallback`` (no scheduler object here, so epochs and time budgets are one mechanism).
+Labels: softmax over classes, or one sigmoid per region (``regions``); the ignore label counts nowhere.
 """
 
 from __future__ import annotations
@@ -14,44 +16,77 @@ from segforge.training.optim import make_optimizer
 
 
 class SegmentationModule(L.LightningModule):
-    def __init__(self, network: nn.Module, loss: nn.Module, optim_cfg, num_classes: int):
+    def __init__(self, network: nn.Module, loss: nn.Module, optim_cfg, num_classes: int,
+                 regions: list[list[int]] | None = None, ignore_label: int | None = None, ema_decay: float = 0.9,
+                 channels_last: bool = False):
         super().__init__()
         self.network, self.loss, self.optim_cfg, self.num_classes = network, loss, optim_cfg, num_classes
+        self.regions, self.ignore_label, self.ema_decay = regions, ignore_label, ema_decay
+        self.channels_last = channels_last
+        self.dice_ema: float | None = None
         self._val_counts = None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
         return self.network(x, cond)
 
+    def _inputs(self, image: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return image.contiguous(memory_format=torch.channels_last_3d if image.ndim == 5 else torch.channels_last)
+        return image
+
     def training_step(self, batch, batch_idx):
         image, label = batch
-        loss = self.loss(self.network(image), label.float())
+        loss = self.loss(self.network(self._inputs(image)), label)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0], sync_dist=True)
         return loss
 
+    @property
+    def num_scored(self) -> int:
+        """Classes (without background) or regions the pseudo-Dice is computed for."""
+        return len(self.regions) if self.regions else self.num_classes - 1
+
     def on_validation_epoch_start(self) -> None:
-        self._val_counts = torch.zeros(3, self.num_classes - 1, device=self.device, dtype=torch.float64)
+        self._val_counts = torch.zeros(3, self.num_scored, device=self.device, dtype=torch.float64)
 
     def validation_step(self, batch, batch_idx):
         image, label = batch
-        logits = self.network(image)
+        logits = self.network(self._inputs(image))
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
-        self.log("val_loss", self.loss(logits, label.float()), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
-        prediction = logits.argmax(1)
-        target = label[:, 0]
-        for c in range(1, self.num_classes):
-            p, t = prediction == c, target == c
-            self._val_counts[0, c - 1] += (p & t).sum()
-            self._val_counts[1, c - 1] += (p & ~t).sum()
-            self._val_counts[2, c - 1] += (~p & t).sum()
+        self.log("val_loss", self.loss(logits, label), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
+        target = label[:, 0].long()
+        valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_label is None else target != self.ignore_label
+        if self.regions:
+            predicted = [logits[:, r] > 0 for r in range(len(self.regions))]
+            truth = [torch.isin(target, torch.tensor(r, device=target.device)) for r in self.regions]
+        else:
+            prediction = logits.argmax(1)
+            predicted = [prediction == c for c in range(1, self.num_classes)]
+            truth = [target == c for c in range(1, self.num_classes)]
+        for k, (p, t) in enumerate(zip(predicted, truth)):
+            p, t = p & valid, t & valid
+            self._val_counts[0, k] += (p & t).sum()
+            self._val_counts[1, k] += (p & ~t).sum()
+            self._val_counts[2, k] += (~p & t).sum()
 
     def on_validation_epoch_end(self) -> None:
         counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")  # counts of every rank
         tp, fp, fn = counts
         dice = 2 * tp / torch.clamp(2 * tp + fp + fn, min=1)
-        for c, value in enumerate(dice, 1):
-            self.log(f"val_dice_{c}", value.float(), sync_dist=True)
+        for k, value in enumerate(dice, 1):
+            self.log(f"val_dice_{k}", value.float(), sync_dist=True)
+        mean = float(dice.mean())
+        if not self.trainer.sanity_checking:
+            self.dice_ema = mean if self.dice_ema is None else self.ema_decay * self.dice_ema + (1 - self.ema_decay) * mean
         self.log("val_dice", dice.mean().float(), prog_bar=True, sync_dist=True)
+        if self.dice_ema is not None:
+            self.log("val_dice_ema", float(self.dice_ema), prog_bar=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["segforge_dice_ema"] = self.dice_ema
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.dice_ema = checkpoint.get("segforge_dice_ema")
 
     def configure_optimizers(self):
         return make_optimizer(self.network.parameters(), self.optim_cfg)

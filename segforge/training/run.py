@@ -2,17 +2,19 @@
 
 ```
 <results>/<task>/<configuration>/            plans.json, dataset.json (the model folder `predict --model` takes)
-<results>/<task>/<configuration>/fold_<k>/   config.yaml, overrides.yaml, checkpoints/last.ckpt, model_final.pt, logs
+<results>/<task>/<configuration>/fold_<k>/   config.yaml, overrides.yaml, network.yaml, checkpoints/{last,best}.ckpt,
+                                             model_final.pt, logs/, progress.png, validation/summary.json
 ```
 Every DDP rank runs this function with the same config and lands in the same folder; only global rank 0 writes
-configs and the final weights. An interrupted run resumes from ``checkpoints/last.ckpt`` (``resume=auto``).
+configs, the final weights and the final validation. An interrupted run resumes from ``checkpoints/last.ckpt``
+(``resume=auto``), with its optimizer, step, schedule clock, best Dice and curves.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,25 +23,28 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from segforge.errors import SegforgeError
-from segforge.io.artifacts import atomic_write_text, read_json, stamp, write_json
+from segforge.io.artifacts import read_json, stamp, write_json
 from segforge.io.dataset import DatasetSpec
 from segforge.preprocessing.pipeline import plan_hash
-from segforge.training.data import SegmentationDataModule, make_splits
+from segforge.training.callbacks import AtomicCheckpointIO, BestCheckpoint, EpochProgress, RunFolderWriter
+from segforge.training.data import SegmentationDataModule
+from segforge.training.finetune import FINAL_WEIGHTS, load_initial_weights
 from segforge.training.losses import make_segmentation_loss
 from segforge.training.module import SegmentationModule
 from segforge.training.schedules import ScheduleCallback, parse_duration
+from segforge.training.splits import make_splits
 from segforge.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-FINAL_WEIGHTS = "model_final.pt"
+NOT_NETWORK_ARGS = ("channels_last", "compile")  # model.* settings of the run, not of the network class
 
 
 def network_kwargs(cfg, plan_config: dict, in_channels: int, out_channels: int) -> dict:
     """The network's constructor arguments: the plan's topology, where the ``model`` config leaves a value null."""
     from_plan = plan_config["network"]
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    kwargs = {k: v for k, v in model.items() if k != "_target_"}
+    kwargs = {k: v for k, v in model.items() if k != "_target_" and k not in NOT_NETWORK_ARGS}
     for key in ("features_per_stage", "kernel_sizes", "strides", "conv_per_stage", "norm", "deep_supervision"):
         if kwargs.get(key) is None:
             kwargs[key] = from_plan[key]
@@ -47,15 +52,20 @@ def network_kwargs(cfg, plan_config: dict, in_channels: int, out_channels: int) 
     return {"_target_": model["_target_"], **kwargs}
 
 
-def fold_case_ids(workspace: Workspace, case_ids: list[str], fold, num_folds: int, seed: int) -> tuple[list, list, list]:
+def fold_case_ids(workspace: Workspace, case_ids: list[str], fold, num_folds: int, seed: int,
+                  group_pattern: str | None = None) -> tuple[list, list, list]:
     """(train ids, val ids, splits): a user's splits.json is respected, otherwise a seeded k-fold split."""
     if str(fold) == "all":
         return sorted(case_ids), [], None
     if workspace.splits_path.is_file():
         splits = read_json(workspace.splits_path)
+        unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
+        if unknown:
+            raise SegforgeError(f"{workspace.splits_path} names case(s) not in the dataset: {unknown[:5]}. "
+                                "Fix: correct the file, or delete it to have a new split made")
     else:
         try:
-            splits = make_splits(case_ids, num_folds, seed)
+            splits = make_splits(case_ids, num_folds, seed, group_pattern)
         except ValueError as exc:
             raise SegforgeError(f"{exc}") from exc
     fold = int(fold)
@@ -64,22 +74,32 @@ def fold_case_ids(workspace: Workspace, case_ids: list[str], fold, num_folds: in
     return splits[fold]["train"], splits[fold]["val"], splits
 
 
-class RunFolderWriter(L.Callback):
-    """Writes the run's config and the model folder's plans/dataset.json once DDP ranks are known (rank 0 only)."""
+def label_setup(spec: DatasetSpec) -> tuple[list[list[int]] | None, int | None]:
+    """(regions as lists of label values, or None; the ignore label, or None)."""
+    regions = None
+    if spec.has_regions:
+        regions = [list(v) if isinstance(v, list) else [v] for k, v in spec.labels.items()
+                   if k not in ("background", "ignore") and v != 0]
+    return regions, spec.ignore_label
 
-    def __init__(self, files: dict[Path, str], copies: dict[Path, Path]):
-        self.files, self.copies = files, copies
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        for path, text in self.files.items():
-            atomic_write_text(path, text)
-        for target, source in self.copies.items():
-            if not target.exists():
-                tmp = target.with_name(f".tmp-{target.name}")
-                shutil.copyfile(source, tmp)
-                tmp.replace(target)
+def check_precision(trainer_kwargs: dict) -> None:
+    precision = str(trainer_kwargs.get("precision"))
+    on_gpu = torch.cuda.is_available() and str(trainer_kwargs.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    if precision in ("16-mixed", "16", "16-true") and not on_gpu:
+        raise SegforgeError(f"trainer.precision={precision} needs a CUDA GPU. Fix: trainer.precision=bf16-mixed "
+                            "(CPU and GPU) or 32-true")
+
+
+def make_loggers(cfg, fold_dir: Path) -> list:
+    # a new version folder per (re)start: a resumed run never overwrites the logs of the part before
+    loggers = [L.pytorch.loggers.CSVLogger(str(fold_dir), name="logs")] if cfg.logger.csv else []
+    if cfg.logger.tensorboard:
+        try:
+            loggers.append(L.pytorch.loggers.TensorBoardLogger(str(fold_dir), name="tensorboard"))
+        except ModuleNotFoundError:
+            log.warning("logger.tensorboard=true but neither tensorboard nor tensorboardX is installed; skipped")
+    return loggers
 
 
 def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
@@ -96,7 +116,10 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     if manifest is None or manifest["plan_hash"] != plan_hash(plans, configuration):
         raise SegforgeError(f"{data_dir}: preprocessed data is missing or from another plan. "
                             f"Fix: run `segforge preprocess {spec.root}`")
-    train_ids, val_ids, splits = fold_case_ids(workspace, manifest["cases"], cfg.fold, int(cfg.num_folds), int(cfg.seed))
+    train_ids, val_ids, splits = fold_case_ids(workspace, manifest["cases"], cfg.fold, int(cfg.num_folds), int(cfg.seed),
+                                               cfg.get("split_groups"))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_precision(trainer_kwargs)
 
     task = str(cfg.task.name)
     model_dir = workspace.model_dir(task, configuration)
@@ -105,58 +128,89 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     if checkpoint.is_file() and str(cfg.resume) in ("False", "false"):
         raise SegforgeError(f"{fold_dir} already holds a run. Fix: resume=auto to continue it, or choose another fold "
                             "or paths.results_root (segforge never overwrites a run)")
+    resume_from = str(checkpoint) if checkpoint.is_file() and str(cfg.resume) in ("auto", "True", "true") else None
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     kwargs = network_kwargs(cfg, plan_config, spec.num_channels, spec.num_outputs)
     network = instantiate(kwargs, _convert_="all")
+    if cfg.get("init_from") and not resume_from:  # a resumed run continues its own weights
+        load_initial_weights(network, kwargs, Path(str(cfg.init_from)))
+    if cfg.model.get("channels_last"):
+        network = network.to(memory_format=torch.channels_last_3d if plan_config["dims"] == 3 else torch.channels_last)
+    trained = torch.compile(network) if cfg.model.get("compile") else network
     patch_size = list(cfg.data.patch_size or plan_config["patch_size"])
     batch_size = int(cfg.data.batch_size or plan_config["batch_size"])
     num_outputs = len(kwargs["strides"]) - 1 if kwargs.get("deep_supervision") else 1
-    module = SegmentationModule(network, make_segmentation_loss(cfg.task.loss, num_outputs), cfg.optim, spec.num_outputs)
+    regions, ignore_label = label_setup(spec)
+    loss = make_segmentation_loss(cfg.task.loss, num_outputs, regions, ignore_label)
+    module = SegmentationModule(trained, loss, cfg.optim, spec.num_outputs, regions, ignore_label,
+                                float(cfg.callbacks.dice_ema_decay), bool(cfg.model.get("channels_last")))
     datamodule = SegmentationDataModule(data_dir, train_ids, val_ids, patch_size, plan_config["dims"], batch_size, cfg.data,
                                         int(cfg.seed), plan_config.get("mirror_axes"))
 
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     max_time_s = parse_duration(trainer_kwargs.get("max_time"))
     total_steps = int(trainer_kwargs["max_epochs"]) * int(cfg.data.iterations_per_epoch)
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
     new_files = {workspace.splits_path: json.dumps(splits, indent=2) + "\n"} if splits and not workspace.splits_path.is_file() else {}
-    writer = RunFolderWriter(
-        files={**new_files, fold_dir / "config.yaml": resolved,
-               fold_dir / "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create({"overrides": list(overrides)})),
-               fold_dir / "network.yaml": OmegaConf.to_yaml(OmegaConf.create(kwargs))},
-        copies={model_dir / "plans.json": workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"},
-    )
     callbacks = [
-        writer,
+        RunFolderWriter(
+            files={**new_files, fold_dir / "config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+                   fold_dir / "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create({"overrides": list(overrides)})),
+                   fold_dir / "network.yaml": OmegaConf.to_yaml(OmegaConf.create(kwargs))},
+            copies={model_dir / "plans.json": workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}),
         ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps, max_time_s),
         L.pytorch.callbacks.ModelCheckpoint(dirpath=fold_dir / "checkpoints", save_last=True, save_top_k=0,
                                             every_n_epochs=1, save_on_train_epoch_end=True),
+        EpochProgress(fold_dir / "progress.png" if cfg.callbacks.progress_plot else None),
     ]
-    logger = L.pytorch.loggers.CSVLogger(str(fold_dir), name="logs", version="")
-    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(fold_dir), callbacks=callbacks, logger=logger,
-                        limit_val_batches=None if val_ids else 0,
+    if cfg.callbacks.best_checkpoint and val_ids:
+        callbacks.append(BestCheckpoint(fold_dir / "checkpoints" / "best.ckpt"))
+    if cfg.callbacks.early_stopping_patience and val_ids:
+        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_dice_ema", mode="max", check_on_train_epoch_end=False,
+                                                           patience=int(cfg.callbacks.early_stopping_patience)))
+    bar = str(cfg.callbacks.progress_bar)
+    if bar == "rich" or (bar == "auto" and sys.stderr.isatty()):
+        callbacks.append(L.pytorch.callbacks.RichProgressBar())
+    elif bar in ("none", "auto"):
+        trainer_kwargs.setdefault("enable_progress_bar", False)  # one log line per epoch instead (EpochProgress)
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(fold_dir), callbacks=callbacks, logger=make_loggers(cfg, fold_dir),
+                        plugins=[AtomicCheckpointIO()], limit_val_batches=None if val_ids else 0,
                         use_distributed_sampler=False)  # PatchIndexSampler shards by rank itself
-    resume_from = str(checkpoint) if checkpoint.is_file() and str(cfg.resume) == "auto" else None
     if resume_from:
         log.info("resuming from %s", resume_from)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True if resume_from else None)
+    trainer.save_checkpoint(checkpoint)  # the final state, also when max_time or early stopping ended the run
 
     if trainer.is_global_zero:
         export_weights(fold_dir / FINAL_WEIGHTS, network, kwargs, configuration, plan_config)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        write_json(fold_dir / "training_summary.json", {"fold": str(cfg.fold), "train_cases": len(train_ids),
-                                                        "val_cases": len(val_ids), "global_step": trainer.global_step,
-                                                        "epochs": trainer.current_epoch, "final_metrics": metrics}, kind="run")
+        summary = {"fold": str(cfg.fold), "train_cases": len(train_ids), "val_cases": len(val_ids),
+                   "global_step": trainer.global_step, "epochs": trainer.current_epoch, "final_metrics": metrics,
+                   "data_policy": datamodule.policy.to_json() if datamodule.policy else None}
+        if val_ids and cfg.final_validation.enabled:
+            validation = _final_validation(network, plans, spec, configuration, val_ids, fold_dir, cfg)
+            summary["validation_mean_dice"] = validation["foreground_mean_dice"]
+        write_json(fold_dir / "training_summary.json", summary, kind="run")
         log.info("trained fold %s: %s", cfg.fold, fold_dir)
     return fold_dir
+
+
+def _final_validation(network, plans, spec, configuration, val_ids, fold_dir: Path, cfg) -> dict:
+    from segforge.training.validation import validate_fold
+
+    device = torch.device("cuda" if torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") else "cpu")
+    summary = validate_fold(network, plans, read_json(spec.root / "dataset.json"), configuration, spec, val_ids,
+                            fold_dir / "validation", device, mirror=bool(cfg.final_validation.mirror),
+                            step_size=float(cfg.final_validation.step_size))
+    log.info("validation of fold %s (%d cases, sliding window): mean foreground Dice %.4f", cfg.fold,
+             summary["num_cases"], summary["foreground_mean_dice"])
+    return summary
 
 
 def export_weights(path: Path, network: torch.nn.Module, kwargs: dict, configuration: str, plan_config: dict) -> None:
     """The weights ``predict`` loads: tensors and plain values only, loadable with ``weights_only=True``."""
     payload = stamp("model_weights", {"configuration": configuration, "network": kwargs,
                                       "patch_size": plan_config["patch_size"],
-                                      "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()}})
+                                      "state_dict": {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}})
     tmp = path.with_name(f".tmp-{path.name}")
     torch.save(payload, tmp)
     tmp.replace(path)

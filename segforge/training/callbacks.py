@@ -1,0 +1,149 @@
+"""Lightning pieces of a training run: atomic checkpoint writes, the best checkpoint by the EMA of the validation
+pseudo-Dice, one summary line and a ``progress.png`` per epoch, and the run folder's files.
+
+Each callback keeps what it needs in the checkpoint (``state_dict``), so a resumed run continues its best value,
+its curves and its clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from segforge.io.artifacts import atomic_write_text
+
+log = logging.getLogger("segforge")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written under a temporary name and renamed: a kill mid-write never leaves a truncated file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class BestCheckpoint(L.Callback):
+    """``best.ckpt`` whenever the EMA of the validation pseudo-Dice (``val_dice_ema``) reaches a new high."""
+
+    def __init__(self, path: Path):
+        self.path, self.best = Path(path), None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        ema = trainer.callback_metrics.get("val_dice_ema")
+        if trainer.sanity_checking or ema is None:
+            return
+        ema = float(ema)
+        if self.best is None or ema > self.best:
+            self.best = ema
+            trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict.get("best")
+
+
+_CURVES = ("train_loss_epoch", "val_loss", "val_dice", "val_dice_ema", "lr")
+
+
+class EpochProgress(L.Callback):
+    """One log line per epoch (loss, Dice, its EMA, learning rate, epoch time) and ``progress.png`` (rank 0)."""
+
+    def __init__(self, plot_path: Path | None):
+        self.plot_path = Path(plot_path) if plot_path else None
+        self.history: list[dict] = []
+        self._epoch_start = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in _CURVES}
+        metrics.update(epoch=trainer.current_epoch, step=trainer.global_step,
+                       epoch_seconds=time.monotonic() - self._epoch_start if self._epoch_start else None)
+        self.history.append(metrics)
+        if not trainer.is_global_zero:
+            return
+        shown = ", ".join(f"{k.replace('_epoch', '')} {metrics[k]:.4g}" for k in _CURVES if k in metrics)
+        log.info("epoch %d/%d (step %d): %s, %.1f s", trainer.current_epoch + 1, trainer.max_epochs or 0,
+                 trainer.global_step, shown, metrics["epoch_seconds"] or 0.0)
+        if self.plot_path is not None:
+            try:
+                plot_progress(self.history, self.plot_path)
+            except Exception as exc:  # a plot must never stop training
+                log.warning("progress plot not written: %s", exc)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+def plot_progress(history: list[dict], path: Path) -> None:
+    """Losses and pseudo-Dice, learning rate, and epoch time against the epoch, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+
+    def series(key):
+        return [h.get(key, float("nan")) if h.get(key) is not None else float("nan") for h in history]
+
+    figure, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+    axes[0].plot(epochs, series("train_loss_epoch"), label="train loss")
+    axes[0].plot(epochs, series("val_loss"), label="validation loss")
+    axes[0].set_ylabel("loss")
+    dice_axis = axes[0].twinx()
+    dice_axis.plot(epochs, series("val_dice"), "g.", label="pseudo-Dice")
+    dice_axis.plot(epochs, series("val_dice_ema"), "g-", label="pseudo-Dice (EMA)")
+    dice_axis.set_ylabel("Dice")
+    dice_axis.set_ylim(0, 1)
+    axes[0].legend(loc="upper left")
+    dice_axis.legend(loc="upper right")
+    axes[1].plot(epochs, series("lr"))
+    axes[1].set_ylabel("learning rate")
+    axes[2].plot(epochs, series("epoch_seconds"))
+    axes[2].set_ylabel("epoch time (s)")
+    axes[2].set_xlabel("epoch")
+    figure.tight_layout()
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    figure.savefig(tmp, format="png", dpi=80)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+class RunFolderWriter(L.Callback):
+    """Writes the run's config and the model folder's plans/dataset.json once DDP ranks are known (rank 0 only)."""
+
+    def __init__(self, files: dict[Path, str], copies: dict[Path, Path]):
+        self.files, self.copies = files, copies
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        for path, text in self.files.items():
+            atomic_write_text(path, text)
+        for target, source in self.copies.items():
+            if not target.exists():
+                tmp = target.with_name(f".tmp-{target.name}")
+                shutil.copyfile(source, tmp)
+                tmp.replace(target)

@@ -1,0 +1,32 @@
+"""The end-of-training validation of a fold: sliding-window prediction of each validation case on its original
+grid (as ``segforge predict`` does), written under ``fold_<k>/validation/``, and a ``summary.json`` of Dice."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from segforge.evaluation.metrics import evaluate_folders
+from segforge.io.dataset import DatasetSpec
+from segforge.io.image import write_image
+
+log = logging.getLogger("segforge")
+
+
+def validate_fold(network: torch.nn.Module, plans: dict, dataset_json: dict, configuration: str, spec: DatasetSpec,
+                  val_ids: list[str], out_dir: Path, device: torch.device, mirror: bool = True,
+                  step_size: float = 0.5, sw_batch_size: int = 2) -> dict:
+    from segforge.inference.predictor import Predictor
+
+    predictor = Predictor(plans, dataset_json, configuration, [network], device, step_size, mirror, sw_batch_size)
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    cases = [c for c in spec.cases if c.case_id in set(val_ids)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, case in enumerate(cases, 1):
+        mask, geometry = predictor.predict(case.image_files)
+        write_image(out_dir / f"{case.case_id}{ending}", mask, geometry)
+        log.info("validation %d/%d: %s", i, len(cases), case.case_id)
+    references = {c.case_id: c.label_file for c in cases}
+    return evaluate_folders(out_dir, references, spec.labels, out_dir / "summary.json")
