@@ -146,3 +146,20 @@ def test_ddp_two_cpu_ranks_write_one_run_folder(trained, tmp_path):
     assert sorted(p.name for p in fold.glob("*.yaml")) == ["config.yaml", "network.yaml", "overrides.yaml"]
     assert json.loads((fold / "training_summary.json").read_text())["global_step"] == 3
     assert not any(p.name in ("lightning_logs", "outputs") for p in tmp_path.iterdir())  # no stray run folders
+
+
+def test_run_folder_has_best_checkpoint_curves_logs_and_validation(trained):
+    fold = trained["model_dir"] / "fold_0"
+    best = torch.load(fold / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["segforge_dice_ema"] is not None and 0 < best["segforge_dice_ema"] <= 1
+    assert (fold / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (fold / "logs" / "version_0" / "metrics.csv").is_file()
+    assert list((fold / "tensorboard").rglob("events.out.tfevents.*"))
+    assert not list(fold.rglob(".tmp-*"))  # every write was atomic and finished
+    splits = json.loads((trained["work"] / trained["dataset"].name / "splits.json").read_text())
+    validation = json.loads((fold / "validation" / "summary.json").read_text())
+    assert sorted(c["case"] for c in validation["cases"]) == splits[0]["val"]  # the fold's cases, no other
+    assert validation["foreground_mean_dice"] > 0.5 and not validation["missing_predictions"]
+    summary = json.loads((fold / "training_summary.json").read_text())
+    assert summary["validation_mean_dice"] == validation["foreground_mean_dice"]
+    assert summary["data_policy"]["augment_on"] == "device"

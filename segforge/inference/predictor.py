@@ -42,6 +42,9 @@ class Predictor:
         self.plan_config = plans["configurations"][configuration]
         self.networks = [n.to(device).eval() for n in networks]
         self.device, self.step_size, self.mirror, self.sw_batch_size = device, step_size, mirror, sw_batch_size
+        # region-based models: one sigmoid per region, painted in regions_class_order
+        self.regions_class_order = dataset_json.get("regions_class_order") \
+            if any(isinstance(v, list) for v in dataset_json.get("labels", {}).values()) else None
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, folds=None, device: str = "auto", step_size: float = 0.5,
@@ -92,7 +95,7 @@ class Predictor:
                 logits = sliding_window_inference(inputs, roi_size=patch, sw_batch_size=self.sw_batch_size,
                                                   predictor=network, overlap=1 - self.step_size, mode="gaussian",
                                                   padding_mode="constant", cval=0.0)
-                probs = torch.softmax(logits.float(), dim=1)
+                probs = torch.sigmoid(logits.float()) if self.regions_class_order else torch.softmax(logits.float(), dim=1)
                 probs = torch.flip(probs, dims_to_flip) if flip else probs
                 total = probs if total is None else total + probs
         total /= len(self.networks) * len(flips)
@@ -111,7 +114,12 @@ class Predictor:
             raise SegforgeError(f"the model expects {expected} channel(s), the input has {image.shape[0]}")
         data, props = preprocess_image(image, geometry, self.plans, self.configuration)
         probabilities = restore_probabilities(self._probabilities(data), props)
-        labels = probabilities.argmax(0).numpy().astype(np.uint8 if probabilities.shape[0] < 256 else np.uint16)
+        if self.regions_class_order:
+            labels = np.zeros(probabilities.shape[1:], np.uint8 if max(self.regions_class_order) < 256 else np.uint16)
+            for region, value in enumerate(self.regions_class_order):
+                labels[(probabilities[region] > 0.5).numpy()] = value
+        else:
+            labels = probabilities.argmax(0).numpy().astype(np.uint8 if probabilities.shape[0] < 256 else np.uint16)
         return paste(labels, props["crop_bbox"], tuple(props["shape_before_crop"]), fill=0), geometry
 
 

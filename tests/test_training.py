@@ -1,0 +1,177 @@
+"""Training through the CLI on tiny data: exact resume, wall-clock budget, precision, regions and the ignore
+label, fine-tuning, early stopping, grouped splits."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROTATED, make_case
+from segforge.cli.main import main
+from segforge.io.image import Geometry, read_image, write_image
+from segforge.training.splits import case_groups, make_splits
+
+QUICK = ["optim=adamw_cosine", "data.iterations_per_epoch=6", "data.val_iterations=1", "trainer.accelerator=cpu",
+         "final_validation.enabled=false", "callbacks.progress_plot=false", "logger.tensorboard=false"]
+
+
+def roots(work: Path, results: str = "res") -> list[str]:
+    return [f"paths.work_root={work}", f"paths.preprocessed_root={work / 'pre'}", f"paths.results_root={work / results}"]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    from conftest import write_dataset
+
+    base = tmp_path_factory.mktemp("training")
+    dataset = write_dataset(base / "Dataset001_Tiny")
+    work = base / "work"
+    assert main(["plan", str(dataset), *roots(work), "plan.features_base=4", "plan.configurations=[3d_fullres]"]) == 0
+    return dataset, work
+
+
+def fold_dir(work: Path, dataset: Path, results: str = "res") -> Path:
+    return work / results / dataset.name / "results" / "segment" / "3d_fullres" / "fold_0"
+
+
+def weights(folder: Path) -> dict:
+    return torch.load(folder / "model_final.pt", weights_only=True)["state_dict"]
+
+
+def test_resume_continues_exactly_where_it_stopped(planned):
+    """An interrupted run resumed to the end equals the uninterrupted run: weights, step, optimizer moments."""
+    dataset, work = planned
+    run = ["train", str(dataset), *QUICK, "trainer.max_epochs=3"]
+    assert main([*run, *roots(work, "straight")]) == 0
+    assert main([*run, *roots(work, "resumed"), "+trainer.max_steps=12"]) == 0  # stopped after 2 of 3 epochs
+    interrupted = torch.load(fold_dir(work, dataset, "resumed") / "checkpoints" / "last.ckpt", weights_only=True)
+    assert interrupted["global_step"] == 12
+    assert main([*run, *roots(work, "resumed")]) == 0
+    straight, resumed = fold_dir(work, dataset, "straight"), fold_dir(work, dataset, "resumed")
+    for key, value in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 18
+    for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(state_b["exp_avg_sq"], state_a["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    assert len(list((resumed / "logs").glob("version_*"))) == 2  # the first part's logs were kept
+
+
+def test_max_time_ends_the_run_cleanly_with_a_checkpoint(planned):
+    dataset, work = planned
+    assert main(["train", str(dataset), *roots(work, "timed"), *QUICK, "trainer.max_epochs=100000",
+                 "trainer.max_time=00:00:00:04", "trainer.log_every_n_steps=1"]) == 0
+    fold = fold_dir(work, dataset, "timed")
+    summary = json.loads((fold / "training_summary.json").read_text())
+    assert 0 < summary["global_step"] < 100000 * 6
+    checkpoint = torch.load(fold / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == summary["global_step"]  # the final state, not the last epoch end
+    with open(next((fold / "logs").glob("version_*/metrics.csv"))) as handle:
+        rates = [float(r["lr"]) for r in csv.DictReader(handle) if r.get("lr")]
+    assert rates[-1] < 0.2 * max(rates)  # the schedule ran over the time budget, not the epoch count
+
+
+def test_bf16_mixed_trains_on_cpu_and_16_mixed_is_refused(planned, capsys):
+    dataset, work = planned
+    assert main(["train", str(dataset), *roots(work, "bf16"), *QUICK, "trainer.max_epochs=1",
+                 "trainer.precision=bf16-mixed"]) == 0
+    summary = json.loads((fold_dir(work, dataset, "bf16") / "training_summary.json").read_text())
+    assert np.isfinite(summary["final_metrics"]["train_loss_epoch"])
+    assert main(["train", str(dataset), *roots(work, "fp16"), *QUICK, "trainer.precision=16-mixed"]) == 2
+    assert "bf16-mixed" in capsys.readouterr().err
+    assert not (work / "fp16").exists()
+
+
+def write_region_dataset(root: Path, num_train: int = 10) -> Path:
+    """BraTS-like nested regions (whole = {1, 2}, core = {2}) and an ignore label (3) over part of each case."""
+    rng = np.random.default_rng(4)
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    for i in range(num_train):
+        image, label = make_case(rng)
+        label[:, :, :4] = 3  # unannotated strip
+        geometry = Geometry(spacing=(3.0, 0.9, 0.9), origin=(0.0, 0.0, 0.0), direction=ROTATED, ndim=3)
+        write_image(root / "imagesTr" / f"case{i:03d}_0000.nii.gz", image, geometry)
+        write_image(root / "labelsTr" / f"case{i:03d}.nii.gz", label, geometry)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "whole": [1, 2], "core": [2], "ignore": 3},
+        "regions_class_order": [1, 2], "numTraining": num_train, "file_ending": ".nii.gz"}))
+    return root
+
+
+def test_regions_and_ignore_label_train(tmp_path):
+    dataset = write_region_dataset(tmp_path / "Dataset002_Regions")
+    work = tmp_path / "work"
+    assert main(["plan", str(dataset), *roots(work), "plan.features_base=8", "plan.configurations=[3d_fullres]"]) == 0
+    assert main(["train", str(dataset), *roots(work), "optim=adamw_cosine", "trainer.max_epochs=14",
+                 "data.iterations_per_epoch=12", "data.val_iterations=2", "trainer.accelerator=cpu", "num_folds=5",
+                 "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 0
+    fold = fold_dir(work, dataset)
+    validation = json.loads((fold / "validation" / "summary.json").read_text())
+    assert set(validation["classes"]) == {"whole", "core"}
+    assert validation["mean_dice"]["whole"] > 0.6 and validation["mean_dice"]["core"] > 0.5, validation["mean_dice"]
+    for case in validation["cases"]:
+        mask, _ = read_image(case["prediction"])
+        assert set(np.unique(mask)) <= {0, 1, 2}  # regions painted back to labels; the ignore value never predicted
+    network = json.loads(json.dumps(torch.load(fold / "model_final.pt", weights_only=True)["network"]))
+    assert network["out_channels"] == 2  # one sigmoid output per region
+
+
+def test_fine_tuning_starts_from_another_model(planned, tmp_path, capsys):
+    dataset, work = planned
+    source = work / "res" / dataset.name / "results" / "segment" / "3d_fullres"
+    if not (source / "fold_0" / "model_final.pt").is_file():
+        assert main(["train", str(dataset), *roots(work), *QUICK, "trainer.max_epochs=1"]) == 0
+    # the same images with one class less: the heads differ, the rest is the source's
+    other = tmp_path / "Dataset003_Ball"
+    shutil.copytree(dataset, other)
+    spec = json.loads((other / "dataset.json").read_text())
+    spec["labels"] = {"background": 0, "ball": 1}
+    (other / "dataset.json").write_text(json.dumps(spec))
+    for path in (other / "labelsTr").iterdir():
+        label, geometry = read_image(path)
+        write_image(path, np.where(label == 1, 1, 0).astype(np.uint8), geometry)
+    other_work = tmp_path / "work"
+    assert main(["plan", str(other), *roots(other_work), "plan.features_base=4", "plan.configurations=[3d_fullres]"]) == 0
+    assert main(["train", str(other), *roots(other_work), *QUICK, "trainer.max_epochs=1", "optim.lr=0",
+                 "optim.weight_decay=0", f"init_from={source}"]) == 0
+    tuned, original = weights(fold_dir(other_work, other)), weights(source / "fold_0")
+    for key, value in original.items():
+        if key.startswith("heads."):
+            assert tuned[key].shape[0] == 2 and value.shape[0] == 3
+        else:
+            torch.testing.assert_close(tuned[key], value, msg=key)  # learning rate 0: still the source's
+    assert main(["train", str(other), *roots(other_work, "bad"), *QUICK, f"init_from={source}",
+                 "model.features_per_stage=[4,8,16,24]"]) == 2
+    assert "architecture differs" in capsys.readouterr().err
+
+
+def test_early_stopping_on_the_ema_dice(planned):
+    dataset, work = planned
+    assert main(["train", str(dataset), *roots(work, "early"), *QUICK, "trainer.max_epochs=20", "optim.lr=0",
+                 "optim.weight_decay=0", "callbacks.early_stopping_patience=1"]) == 0
+    summary = json.loads((fold_dir(work, dataset, "early") / "training_summary.json").read_text())
+    assert summary["global_step"] == 2 * 6  # nothing learns at lr 0: no better EMA after the first validation
+
+
+def test_grouped_splits_keep_a_patient_on_one_side():
+    ids = [f"patient{p:02d}_scan{s}" for p in range(9) for s in range(p % 3 + 1)] + ["loner"]
+    groups = case_groups(ids, r"^(patient\d+)_")
+    assert groups["patient04"] == ["patient04_scan0", "patient04_scan1"] and groups["loner"] == ["loner"]
+    splits = make_splits(ids, 5, seed=1, group_pattern=r"^(patient\d+)_")
+    assert sorted(c for s in splits for c in s["val"]) == sorted(ids)
+    for fold in splits:
+        val_groups = {c.split("_")[0] for c in fold["val"]}
+        assert not any(c.split("_")[0] in val_groups for c in fold["train"])
+    sizes = [len(f["val"]) for f in splits]
+    assert max(sizes) - min(sizes) <= 3
+    assert splits == make_splits(list(reversed(ids)), 5, seed=1, group_pattern=r"^(patient\d+)_")
+    with pytest.raises(ValueError, match="group"):
+        make_splits(ids, 11, seed=1, group_pattern=r"^(patient\d+)_")
