@@ -23,4 +23,9 @@ if python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tor
   echo "removing torchvision: it does not load beside torch $(python -c 'import torch; print(torch.__version__)')"
   python -m pip uninstall -q -y torchvision
 fi
+# Real 2D test data: the nuclei image and mask inside stardist's wheel (BSD-3). Only the files are used: importing
+# stardist needs tensorflow, so it is installed without its dependencies.
+if [[ ",$extras," == *",dev,"* ]] && ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('stardist') is None)"; then
+  python -m pip install -q --no-deps "stardist==0.9.2" 2>&1 | grep -v "^WARNING: Location" || true
+fi
 python -c "import segforge, torch; print(f'segforge {segforge.__version__}, torch {torch.__version__}')"
