@@ -195,3 +195,37 @@ def test_wrong_dimensionality_of_kernels_or_strides_raises():
         UNet(3, 1, 2, [4, 8], [[3, 3], [3, 3]], [[1, 1, 1], [2, 2, 2]])
     with pytest.raises(ValueError):
         UNet(2, 1, 2, [4, 8], [[3, 3], [3, 3]], [[1, 1], [2, 2, 2]])
+
+
+@pytest.mark.parametrize("encoder,upsample", [("residual", "transposed"), ("plain", "interpolate"),
+                                              ("residual", "interpolate")])
+def test_variants_keep_shapes_heads_and_gradients(encoder, upsample):
+    """The residual encoder and interpolation upsampling change the trunk, not the contract."""
+    net = net3d(encoder=encoder, upsample=upsample, blocks_per_stage=[1, 2, 2, 2]).train()
+    x = torch.randn(2, 1, 8, 16, 24)
+    outs = net(x)
+    reference = [tuple(o.shape) for o in net3d().train()(x)]
+    assert [tuple(o.shape) for o in outs] == reference
+    sum(o.square().mean() for o in outs).backward()
+    assert [name for name, p in net.named_parameters() if p.grad is None] == []
+    if encoder == "residual":
+        blocks = [len(stage.blocks) for stage in net.encoder]
+        assert blocks == [1, 2, 2, 2]
+        assert sum(p.numel() for p in net.parameters()) > sum(p.numel() for p in net3d().parameters())
+
+
+def test_residual_encoder_takes_the_conditioning_zero_initialised():
+    net = net3d(encoder="residual", cond_dim=3).eval()
+    x, cond = torch.randn(1, 1, 8, 16, 16), torch.randn(1, 3)
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x, cond))
+    assert _perturb_conditioning(net) > len(FEATURES)
+    with torch.no_grad():
+        assert (net(x) - net(x, cond)).abs().max() > 1e-3
+
+
+def test_unknown_variants_are_refused():
+    with pytest.raises(ValueError, match="encoder"):
+        net3d(encoder="dense")
+    with pytest.raises(ValueError, match="upsample"):
+        net3d(upsample="pixelshuffle")

@@ -40,6 +40,7 @@ def _nnunet_trainer(dataset_id: int, configuration: str):
     folder = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset_id)
     plans = json.loads((folder / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())
+    plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds (nnunetv2 2.6+)
     trainer = nnUNetTrainer(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
     trainer.initialize()
     return trainer
