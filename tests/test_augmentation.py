@@ -117,7 +117,8 @@ def test_spatial_convention_2d():
 
 def test_source_box_covers_every_sample_point():
     rng = np.random.default_rng(4)
-    settings = AugmentationSettings(rotation_prob=1, scale_prob=1, elastic_prob=0.5, elastic_magnitude=(0.02, 0.08))
+    settings = AugmentationSettings(rotation_prob=1, scale_prob=1, elastic_prob=0.7, elastic_magnitude=(0.05, 0.15),
+                                    elastic_spacing=(0.15, 0.2))
     for dims, patch in ((3, (12, 20, 16)), (2, (24, 18)), (3, (6, 40, 40))):
         geometry = PatchGeometry.resolve(settings, patch)
         for _ in range(20):

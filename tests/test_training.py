@@ -151,6 +151,8 @@ def test_fine_tuning_starts_from_another_model(planned, tmp_path, capsys):
     assert main(["train", str(other), *roots(other_work, "bad"), *QUICK, f"init_from={source}",
                  "model.features_per_stage=[4,8,16,24]"]) == 2
     assert "architecture differs" in capsys.readouterr().err
+    assert main(["train", str(other), *roots(other_work, "bad_norm"), *QUICK, f"init_from={source}", "model.norm=group"]) == 2
+    assert "norm" in capsys.readouterr().err  # same shapes, other layers: refused all the same
 
 
 def test_early_stopping_on_the_ema_dice(planned):
@@ -175,3 +177,17 @@ def test_grouped_splits_keep_a_patient_on_one_side():
     assert splits == make_splits(list(reversed(ids)), 5, seed=1, group_pattern=r"^(patient\d+)_")
     with pytest.raises(ValueError, match="group"):
         make_splits(ids, 11, seed=1, group_pattern=r"^(patient\d+)_")
+
+
+def test_a_model_folder_never_mixes_plans(planned, capsys):
+    """Folds of one model folder share plans.json: training another fold after a re-plan is refused, clearly."""
+    dataset, work = planned
+    results = "mixed"
+    assert main(["train", str(dataset), *roots(work, results), *QUICK, "trainer.max_epochs=1"]) == 0
+    model_dir = fold_dir(work, dataset, results).parent
+    plans = json.loads((model_dir / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["batch_size"] = 3  # as if the dataset had been planned again since
+    (model_dir / "plans.json").write_text(json.dumps(plans))
+    assert main(["train", str(dataset), *roots(work, results), *QUICK, "trainer.max_epochs=1", "fold=1"]) == 2
+    assert "another plans.json" in capsys.readouterr().err
+    assert not (model_dir / "fold_1").exists()

@@ -141,7 +141,7 @@ class UNet(nn.Module):
         self.strides = [list(s) for s in strides]
         blocks = list(blocks_per_stage or RESIDUAL_BLOCKS)[: len(strides)]
         if encoder == "residual" and len(blocks) < len(strides):
-            raise ValueError(f"blocks_per_stage needs {len(strides)} entries, got {list(blocks_per_stage)}")
+            raise ValueError(f"blocks_per_stage needs {len(strides)} entries, got {blocks_per_stage}")
         self.encoder = nn.ModuleList()
         channels = in_channels
         for stage, (feats, kernel, stride) in enumerate(zip(features_per_stage, kernel_sizes, strides)):

@@ -199,7 +199,7 @@ def resample_label(label: np.ndarray, new_shape: list[int], values: Sequence[int
     if list(label.shape) == list(new_shape):
         return np.ascontiguousarray(label, dtype=dtype)
     with torch.no_grad():
-        current = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64, copy=False))
+        current = torch.from_numpy(np.ascontiguousarray(label).astype(np.int32, copy=False))
         for a, mode in enumerate(modes):  # nearest axes: pick source slices, no new values possible
             if mode == "nearest" and current.shape[a] != new_shape[a]:
                 current = current.index_select(a, axis_taps(current.shape[a], int(new_shape[a]), "nearest")[0][:, 0])
@@ -212,7 +212,7 @@ def resample_label(label: np.ndarray, new_shape: list[int], values: Sequence[int
         counts = np.bincount((current - low).ravel())
         present = np.flatnonzero(counts) + low
         base = int(np.argmax(counts)) + low  # the most common value (background, as a rule) is never interpolated
-        out = torch.full(list(new_shape), base, dtype=torch.int64)
+        out = torch.full(list(new_shape), base, dtype=torch.int32)
         best = torch.zeros(list(new_shape))
         total = torch.zeros(list(new_shape))
         boxes = _boxes(current, [int(v) for v in present if v != base])
@@ -249,7 +249,9 @@ def _boxes(label: np.ndarray, values: list[int]) -> list[tuple[int, tuple[slice,
 
     values = sorted(values)
     positive = [v for v in values if v > 0]
-    found = ndimage.find_objects(np.maximum(label, 0), max_label=positive[-1]) if positive else []
+    found = []
+    if positive:  # one pass over the label for every positive value
+        found = ndimage.find_objects(label if label.min() >= 0 else np.maximum(label, 0), max_label=positive[-1])
     out = []
     for v in values:
         box = found[v - 1] if v > 0 else ndimage.find_objects((label == v).astype(np.int8))[0]

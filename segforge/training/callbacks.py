@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from segforge.io.artifacts import atomic_write_text
+from segforge.io.artifacts import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("segforge")
 
@@ -142,8 +141,5 @@ class RunFolderWriter(L.Callback):
             return
         for path, text in self.files.items():
             atomic_write_text(path, text)
-        for target, source in self.copies.items():
-            if not target.exists():
-                tmp = target.with_name(f".tmp-{target.name}")
-                shutil.copyfile(source, tmp)
-                tmp.replace(target)
+        for target, source in self.copies.items():  # same content when it exists (checked before training)
+            atomic_write_bytes(target, Path(source).read_bytes())

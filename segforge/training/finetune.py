@@ -18,7 +18,9 @@ from segforge.io.artifacts import check_header
 log = logging.getLogger("segforge")
 
 FINAL_WEIGHTS = "model_final.pt"
-ARCHITECTURE_KEYS = ("spatial_dims", "in_channels", "features_per_stage", "kernel_sizes", "strides", "conv_per_stage")
+ARCHITECTURE_KEYS = ("spatial_dims", "in_channels", "features_per_stage", "kernel_sizes", "strides", "conv_per_stage",
+                     "norm", "encoder", "blocks_per_stage", "upsample")
+DEFAULTS = {"encoder": "plain", "blocks_per_stage": None, "upsample": "transposed"}  # keys older weights lack
 
 
 def find_weights(source: Path) -> Path:
@@ -44,7 +46,8 @@ def load_initial_weights(network: torch.nn.Module, network_kwargs: dict, source:
         raise SegforgeError(f"{path}: cannot load weights ({exc}). Fix: re-export the source model") from exc
     check_header(payload, "model_weights", str(path))
     theirs = payload["network"]
-    differ = [k for k in ARCHITECTURE_KEYS if _plain(theirs.get(k)) != _plain(network_kwargs.get(k))]
+    differ = [k for k in ARCHITECTURE_KEYS
+              if _plain(theirs.get(k, DEFAULTS.get(k))) != _plain(network_kwargs.get(k, DEFAULTS.get(k)))]
     if differ:
         detail = "; ".join(f"{k}: source {theirs.get(k)} vs here {network_kwargs.get(k)}" for k in differ)
         raise SegforgeError(f"init_from={source}: the architecture differs ({detail}). Fix: train with the source's "
@@ -52,8 +55,9 @@ def load_initial_weights(network: torch.nn.Module, network_kwargs: dict, source:
     state = payload["state_dict"]
     own = network.state_dict()
     skipped = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    if any(not k.startswith("heads.") for k in skipped):
-        bad = [k for k in skipped if not k.startswith("heads.")][:5]
+    unfilled = [k for k in own if k not in state and not k.startswith("heads.")]
+    if any(not k.startswith("heads.") for k in skipped) or unfilled:
+        bad = ([k for k in skipped if not k.startswith("heads.")] + unfilled)[:5]
         raise SegforgeError(f"init_from={source}: weights {bad} do not fit this network. Fix: train with the "
                             "source's plan and model settings")
     network.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)

@@ -18,9 +18,12 @@ from segforge.training.optim import make_optimizer
 class SegmentationModule(L.LightningModule):
     def __init__(self, network: nn.Module, loss: nn.Module, optim_cfg, num_classes: int,
                  regions: list[list[int]] | None = None, ignore_label: int | None = None, ema_decay: float = 0.9,
-                 channels_last: bool = False):
+                 channels_last: bool = False, compile: bool = False):
         super().__init__()
         self.network, self.loss, self.optim_cfg, self.num_classes = network, loss, optim_cfg, num_classes
+        # the compiled callable is kept outside the module tree: checkpoints hold the plain network's keys, so a
+        # run can be resumed with or without compilation
+        self.__dict__["_run"] = torch.compile(network) if compile else network
         self.regions, self.ignore_label, self.ema_decay = regions, ignore_label, ema_decay
         self.channels_last = channels_last
         self.dice_ema: float | None = None
@@ -36,7 +39,7 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         image, label = batch
-        loss = self.loss(self.network(self._inputs(image)), label)
+        loss = self.loss(self._run(self._inputs(image)), label)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0], sync_dist=True)
         return loss
 
@@ -50,7 +53,7 @@ class SegmentationModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         image, label = batch
-        logits = self.network(self._inputs(image))
+        logits = self._run(self._inputs(image))
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
         self.log("val_loss", self.loss(logits, label), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
@@ -72,15 +75,19 @@ class SegmentationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")  # counts of every rank
         tp, fp, fn = counts
-        dice = 2 * tp / torch.clamp(2 * tp + fp + fn, min=1)
+        # a class absent from both prediction and reference has no Dice (nnU-Net's nanmean), not a Dice of 0
+        denominator = 2 * tp + fp + fn
+        dice = torch.where(denominator > 0, 2 * tp / torch.clamp(denominator, min=1), torch.full_like(tp, float("nan")))
         for k, value in enumerate(dice, 1):
-            self.log(f"val_dice_{k}", value.float(), sync_dist=True)
-        mean = float(dice.mean())
+            self.log(f"val_dice_{k}", value.float())  # counts were summed over ranks already: no second reduction
+        if bool(torch.isnan(dice).all()):
+            return
+        mean = float(torch.nanmean(dice))
         if not self.trainer.sanity_checking:
             self.dice_ema = mean if self.dice_ema is None else self.ema_decay * self.dice_ema + (1 - self.ema_decay) * mean
-        self.log("val_dice", dice.mean().float(), prog_bar=True, sync_dist=True)
+        self.log("val_dice", mean, prog_bar=True)
         if self.dice_ema is not None:
-            self.log("val_dice_ema", float(self.dice_ema), prog_bar=True, sync_dist=True)
+            self.log("val_dice_ema", float(self.dice_ema), prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["segforge_dice_ema"] = self.dice_ema

@@ -83,6 +83,14 @@ def label_setup(spec: DatasetSpec) -> tuple[list[list[int]] | None, int | None]:
     return regions, spec.ignore_label
 
 
+def check_model_folder(model_dir: Path, copies: dict[Path, Path]) -> None:
+    """The folds of a model folder share its plans.json and dataset.json: refuse to add one made from others."""
+    for target, source in copies.items():
+        if target.is_file() and json.loads(target.read_text()) != json.loads(Path(source).read_text()):
+            raise SegforgeError(f"{target} differs from {source}: the folds in {model_dir} were trained with another "
+                                f"{target.name}. Fix: move that model folder away, or train into another paths.results_root")
+
+
 def check_precision(trainer_kwargs: dict) -> None:
     precision = str(trainer_kwargs.get("precision"))
     on_gpu = torch.cuda.is_available() and str(trainer_kwargs.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
@@ -129,6 +137,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
         raise SegforgeError(f"{fold_dir} already holds a run. Fix: resume=auto to continue it, or choose another fold "
                             "or paths.results_root (segforge never overwrites a run)")
     resume_from = str(checkpoint) if checkpoint.is_file() and str(cfg.resume) in ("auto", "True", "true") else None
+    copies = {model_dir / "plans.json": workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}
+    check_model_folder(model_dir, copies)
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     kwargs = network_kwargs(cfg, plan_config, spec.num_channels, spec.num_outputs)
@@ -137,14 +147,14 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
         load_initial_weights(network, kwargs, Path(str(cfg.init_from)))
     if cfg.model.get("channels_last"):
         network = network.to(memory_format=torch.channels_last_3d if plan_config["dims"] == 3 else torch.channels_last)
-    trained = torch.compile(network) if cfg.model.get("compile") else network
     patch_size = list(cfg.data.patch_size or plan_config["patch_size"])
     batch_size = int(cfg.data.batch_size or plan_config["batch_size"])
     num_outputs = len(kwargs["strides"]) - 1 if kwargs.get("deep_supervision") else 1
     regions, ignore_label = label_setup(spec)
     loss = make_segmentation_loss(cfg.task.loss, num_outputs, regions, ignore_label)
-    module = SegmentationModule(trained, loss, cfg.optim, spec.num_outputs, regions, ignore_label,
-                                float(cfg.callbacks.dice_ema_decay), bool(cfg.model.get("channels_last")))
+    module = SegmentationModule(network, loss, cfg.optim, spec.num_outputs, regions, ignore_label,
+                                float(cfg.callbacks.dice_ema_decay), bool(cfg.model.get("channels_last")),
+                                bool(cfg.model.get("compile")))
     datamodule = SegmentationDataModule(data_dir, train_ids, val_ids, patch_size, plan_config["dims"], batch_size, cfg.data,
                                         int(cfg.seed), plan_config.get("mirror_axes"))
 
@@ -156,7 +166,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
             files={**new_files, fold_dir / "config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
                    fold_dir / "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create({"overrides": list(overrides)})),
                    fold_dir / "network.yaml": OmegaConf.to_yaml(OmegaConf.create(kwargs))},
-            copies={model_dir / "plans.json": workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}),
+            copies=copies),
         ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps, max_time_s),
         L.pytorch.callbacks.ModelCheckpoint(dirpath=fold_dir / "checkpoints", save_last=True, save_top_k=0,
                                             every_n_epochs=1, save_on_train_epoch_end=True),

@@ -61,11 +61,14 @@ def _centred_coordinates(patch: tuple[int, ...]) -> torch.Tensor:
 
 
 def smooth_displacement(coarse: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
-    """A ``(*patch, dims)`` field from ``(dims, *control_points)`` values: cubic interpolation over the patch."""
+    """A ``(*patch, dims)`` field from ``(dims, *control_points)`` values: cubic interpolation over the patch, clamped
+    per axis to the control points' largest magnitude (the cubic overshoots it, and ``source_box`` is sized by it)."""
     from segforge.preprocessing.resample import resample
 
-    field = resample(coarse.float(), list(patch), ["cubic"] * len(patch))
-    return field.movedim(0, -1)
+    coarse = coarse.float()
+    field = resample(coarse, list(patch), ["cubic"] * len(patch))
+    limit = coarse.reshape(coarse.shape[0], -1).abs().amax(1).reshape(-1, *([1] * len(patch)))
+    return torch.maximum(torch.minimum(field, limit), -limit).movedim(0, -1)
 
 
 def sampling_grid(matrix: torch.Tensor, offset: torch.Tensor, patch: Sequence[int], source_shape: Sequence[int],
