@@ -169,21 +169,30 @@ def run_train(args, cfg, overrides) -> int:
 
 
 def run_predict(args, cfg, overrides) -> int:
-    from segforge.inference.predictor import Predictor, predict_folder
+    from segforge.inference.folder import parse_part, predict_folder
+    from segforge.inference.predictor import Ensemble, Predictor
 
     input_path, output = Path(args.input), Path(args.output)
     if not input_path.exists():
         raise SegforgeError(f"{input_path}: input not found")
     if input_path.is_dir() and output.resolve() == input_path.resolve():
         raise SegforgeError(f"{output}: output folder is the input folder. Fix: choose another -o folder")
+    parse_part(args.part)  # a malformed --part fails before any model is loaded
     folds = list(cfg.predict.folds) if cfg.predict.folds is not None else None
-    predictor = Predictor.from_model_dir(args.model, folds=folds, device=cfg.predict.device, step_size=float(cfg.predict.step_size),
-                                         mirror=bool(cfg.predict.mirror), sw_batch_size=int(cfg.predict.sw_batch_size))
-    written = predict_folder(predictor, input_path, output)
+    predictors = [Predictor.from_model_dir(model, folds=folds, device=cfg.predict.device, step_size=float(cfg.predict.step_size),
+                                           mirror=bool(cfg.predict.mirror), sw_batch_size=int(cfg.predict.sw_batch_size))
+                  for model in args.model]
+    predictor = predictors[0] if len(predictors) == 1 else Ensemble(predictors)
+    results = predict_folder(predictor, input_path, output, resume=args.resume, part=args.part,
+                             save_probabilities=args.save_probabilities)
     write_json(output / "dataset.json", predictor.dataset_json)
     save_config(output, "predict", cfg, overrides)
-    print(f"wrote {len(written)} mask(s) to {output}")
-    return 0
+    counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
+    print(f"{output}: {counts['written']} mask(s) written, {counts['skipped']} already there, {counts['failed']} failed")
+    for r in results:
+        if r.status == "failed":
+            print(f"  failed: {r.case_id}: {r.error}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
 
 
 def run_evaluate(args, cfg, overrides) -> int:

@@ -49,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("-i", "--input", required=True, help="folder of images (CASE_0000.ext, ...) or one image file")
             p.add_argument("-o", "--output", required=True, help="folder for the predicted masks")
-            p.add_argument("--model", required=True, help="trained model folder (holds plans.json and fold_*/)")
+            p.add_argument("--model", required=True, action="append",
+                           help="trained model folder (holds plans.json and fold_*/); repeat to ensemble configurations")
+            p.add_argument("--continue", dest="resume", action="store_true",
+                           help="skip cases whose output already exists (outputs are written atomically)")
+            p.add_argument("--part", default=None, metavar="K/N",
+                           help="predict only part K of N (every N-th case from the K-th): for parallel jobs or a SLURM array")
+            p.add_argument("--save-probabilities", action="store_true",
+                           help="also write CASE.npz (float16 probabilities on the input's grid) and CASE.json")
         if name == "evaluate":
             p.add_argument("pred_dir", help="folder of predicted masks")
             p.add_argument("ref_dir", help="folder of reference masks")

@@ -1,8 +1,10 @@
 """Predict masks with a trained model folder: the training preprocessing, Gaussian-weighted sliding windows
 (MONAI), test-time mirroring, a fold ensemble, and export onto the input's exact grid.
 
-``Predictor.from_model_dir(model_dir).predict(path_or_array)`` is the Python API; ``predict_folder`` drives the
-CLI. Weights load with ``weights_only=True``: a model folder is data, never code.
+``Predictor.from_model_dir(model_dir).predict(path_or_array)`` is the Python API (``probabilities`` for the soft
+output); ``Ensemble`` averages several model folders; ``inference.folder.predict_folder`` drives the CLI. A CUDA
+out-of-memory error on one case moves that case to the CPU. Weights load with ``weights_only=True``: a model folder
+is data, never code.
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ from monai.inferers import sliding_window_inference
 
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import check_header, read_json
-from segforge.io.dataset import group_channel_files
-from segforge.io.image import Geometry, read_case, write_image
-from segforge.preprocessing.crop import paste
+from segforge.io.image import Geometry, read_case
 from segforge.preprocessing.pipeline import preprocess_image, restore_probabilities
 from segforge.training.run import FINAL_WEIGHTS
 
@@ -77,18 +77,27 @@ class Predictor:
             configuration = payload["configuration"]
         return cls(plans, dataset_json, configuration, networks, torch_device, step_size, mirror, sw_batch_size)
 
+    @property
+    def class_names(self) -> list[str]:
+        """The output channels' names: classes with background first, or regions."""
+        labels = self.dataset_json.get("labels", {})
+        if self.regions_class_order:
+            return [k for k, v in labels.items() if k not in ("background", "ignore") and v != 0]
+        return [k for k, v in sorted(labels.items(), key=lambda kv: kv[1]) if isinstance(v, int) and k != "ignore"]
+
     @torch.no_grad()
-    def _probabilities(self, data: np.ndarray) -> torch.Tensor:
-        """Class probabilities ``(classes, z, y, x)`` of a preprocessed ``(c, z, y, x)`` case (on CPU)."""
+    def _sliding_window(self, data: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Averaged probabilities ``(channels, z, y, x)`` of a preprocessed ``(c, z, y, x)`` case, on the CPU."""
         dims = self.plan_config["dims"]
         patch = list(self.plan_config["patch_size"])
-        x = torch.from_numpy(data).to(self.device)
+        x = torch.from_numpy(data).to(device)
         # 2D models see the slices as a batch of 2D images
         batch = x[None] if dims == 3 else x.permute(1, 0, 2, 3)
         axes = [a for a in self.plan_config.get("mirror_axes", list(range(dims)))] if self.mirror else []
         flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
         total = None
         for network in self.networks:
+            network.to(device)
             for flip in flips:
                 dims_to_flip = [a + 2 for a in flip]
                 inputs = torch.flip(batch, dims_to_flip) if flip else batch
@@ -102,45 +111,89 @@ class Predictor:
         total = total[0] if dims == 3 else total.permute(1, 0, 2, 3)
         return total.cpu()
 
-    def predict(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
-        """A mask on the input's grid: from channel files (a path or a list), or a ``(c, z, y, x)`` array + geometry."""
+    def _probabilities(self, data: np.ndarray) -> torch.Tensor:
+        try:
+            return self._sliding_window(data, self.device)
+        except torch.cuda.OutOfMemoryError:
+            # one case too large for the GPU: this case on the CPU, the next ones on the GPU again
+            log.warning("GPU out of memory; predicting this case on the CPU")
+            torch.cuda.empty_cache()
+            try:
+                return self._sliding_window(data, torch.device("cpu"))
+            finally:
+                for network in self.networks:
+                    network.to(self.device)
+
+    def probabilities(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None) -> tuple[torch.Tensor, Geometry]:
+        """Class (or region) probabilities ``(channels, z, y, x)`` on the input's grid, and its geometry.
+
+        ``image``: channel files (a path or a list), or a ``(c, z, y, x)`` array with its geometry. Outside the crop box
+        the probabilities say background (a region model: no region).
+        """
         if not isinstance(image, np.ndarray):
             files = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
             image, geometry = read_case(files)
         if geometry is None:
             raise ValueError("an array input needs its geometry")
         expected = len(self.plans["channel_names"])
-        if image.shape[0] != expected:
-            raise SegforgeError(f"the model expects {expected} channel(s), the input has {image.shape[0]}")
+        if image.ndim != 4 or image.shape[0] != expected:
+            raise SegforgeError(f"the model expects {expected} channel(s) of 3D (or single-slice 2D) images, the input has "
+                                f"shape {tuple(image.shape)}")
         data, props = preprocess_image(image, geometry, self.plans, self.configuration)
-        probabilities = restore_probabilities(self._probabilities(data), props)
+        cropped = restore_probabilities(self._probabilities(data), props)
+        full = torch.zeros((cropped.shape[0], *props["shape_before_crop"]), dtype=torch.float32)
+        if not self.regions_class_order:
+            full[0] = 1.0  # outside the crop box: background
+        box = tuple(slice(a, b) for a, b in props["crop_bbox"])
+        full[(slice(None), *box)] = cropped
+        return full, geometry
+
+    def labels(self, probabilities: torch.Tensor) -> np.ndarray:
+        """The label map of ``probabilities``: argmax over classes, or regions painted in ``regions_class_order``."""
         if self.regions_class_order:
-            labels = np.zeros(probabilities.shape[1:], np.uint8 if max(self.regions_class_order) < 256 else np.uint16)
+            out = np.zeros(probabilities.shape[1:], np.uint8 if max(self.regions_class_order) < 256 else np.uint16)
             for region, value in enumerate(self.regions_class_order):
-                labels[(probabilities[region] > 0.5).numpy()] = value
-        else:
-            labels = probabilities.argmax(0).numpy().astype(np.uint8 if probabilities.shape[0] < 256 else np.uint16)
-        return paste(labels, props["crop_bbox"], tuple(props["shape_before_crop"]), fill=0), geometry
+                out[(probabilities[region] > 0.5).numpy()] = value
+            return out
+        return probabilities.argmax(0).numpy().astype(np.uint8 if probabilities.shape[0] < 256 else np.uint16)
+
+    def predict(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
+        """A mask on the input's grid: from channel files (a path or a list), or a ``(c, z, y, x)`` array + geometry."""
+        probabilities, geometry = self.probabilities(image, geometry)
+        return self.labels(probabilities), geometry
 
 
-def predict_folder(predictor: Predictor, input_path: Path, output_dir: Path) -> list[Path]:
-    """Predict every case in ``input_path`` (a folder of CASE_XXXX files, or one image) into ``output_dir``."""
-    ending = predictor.dataset_json.get("file_ending", ".nii.gz")
-    if input_path.is_file():
-        cases = {input_path.name[: -len(ending)].rsplit("_", 1)[0] if input_path.name.endswith(ending) else input_path.stem: [input_path]}
-    else:
-        groups, problems = group_channel_files(input_path, ending)
-        if problems:
-            raise SegforgeError("\n".join(str(p) for p in problems))
-        cases = {case: [files[c] for c in sorted(files)] for case, files in groups.items()}
-    if not cases:
-        raise SegforgeError(f"{input_path}: no images ending in {ending} found. Fix: name them CASE_0000{ending}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, (case_id, files) in enumerate(sorted(cases.items()), 1):
-        mask, geometry = predictor.predict(files)
-        target = output_dir / f"{case_id}{ending}"
-        write_image(target, mask, geometry)
-        written.append(target)
-        log.info("  [%d/%d] %s -> %s", i, len(cases), case_id, target)
-    return written
+class Ensemble:
+    """Several predictors (e.g. the 2d and 3d_fullres models of one dataset) averaged on the input's grid."""
+
+    def __init__(self, predictors: list[Predictor]):
+        if not predictors:
+            raise ValueError("an ensemble needs at least one predictor")
+        first = predictors[0]
+        for other in predictors[1:]:
+            if other.class_names != first.class_names or bool(other.regions_class_order) != bool(first.regions_class_order):
+                raise SegforgeError(f"models predict different classes ({first.class_names} vs {other.class_names}); "
+                                    "an ensemble needs models of one dataset")
+        self.predictors = predictors
+        self.dataset_json, self.plans = first.dataset_json, first.plans
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.predictors[0].class_names
+
+    def probabilities(self, image, geometry: Geometry | None = None) -> tuple[torch.Tensor, Geometry]:
+        if not isinstance(image, np.ndarray):
+            files = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
+            image, geometry = read_case(files)
+        total = None
+        for predictor in self.predictors:
+            probabilities, geometry = predictor.probabilities(image, geometry)
+            total = probabilities if total is None else total.add_(probabilities)
+        return total / len(self.predictors), geometry
+
+    def labels(self, probabilities: torch.Tensor) -> np.ndarray:
+        return self.predictors[0].labels(probabilities)
+
+    def predict(self, image, geometry: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
+        probabilities, geometry = self.probabilities(image, geometry)
+        return self.labels(probabilities), geometry

@@ -1,0 +1,177 @@
+"""Prediction with deterministic stand-in networks: geometry to the voxel, test-time mirroring and fold ensembles
+average exactly, configuration ensembles, and the folder runner (bad cases, --continue, --part, probabilities)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROTATED
+from segforge.errors import SegforgeError
+from segforge.inference.folder import parse_part, predict_folder, take_part
+from segforge.inference.predictor import Ensemble, Predictor
+from segforge.io.image import Geometry, read_image, write_image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Threshold(nn.Module):
+    """Two-class logits: class 1 where the (single-channel) input exceeds ``level``."""
+
+    def __init__(self, level: float = 0.5, gain: float = 20.0):
+        super().__init__()
+        self.level, self.gain = level, gain
+
+    def forward(self, x, cond=None):
+        return torch.cat([torch.zeros_like(x[:, :1]), self.gain * (x[:, :1] - self.level)], 1)
+
+
+class Ramp(nn.Module):
+    """Logits that depend on the position in the window along the last axis: not mirror-equivariant."""
+
+    def forward(self, x, cond=None):
+        ramp = torch.linspace(-1, 1, x.shape[-1]).reshape(*([1] * (x.ndim - 1)), -1)
+        return torch.cat([torch.zeros_like(x[:, :1]), x[:, :1] + ramp], 1)
+
+
+class Constant(nn.Module):
+    def __init__(self, logits: list[float]):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits))
+
+    def forward(self, x, cond=None):
+        return self.logits.reshape(1, -1, *([1] * (x.ndim - 2))).expand(x.shape[0], -1, *x.shape[2:]).clone()
+
+
+def plans(patch, target_spacing, mirror_axes=(0, 1, 2), dims=3) -> dict:
+    return {"channel_names": {"0": "MRI"}, "normalization": [{"scheme": "none"}],
+            "configurations": {"3d_fullres": {"dims": dims, "patch_size": list(patch), "target_spacing": list(target_spacing),
+                                              "mirror_axes": list(mirror_axes)}}}
+
+
+DATASET = {"labels": {"background": 0, "thing": 1}, "file_ending": ".nii.gz", "channel_names": {"0": "MRI"}}
+
+
+def predictor(networks, patch=(8, 16, 16), target=(5.0, 0.8, 0.8), mirror=True, dataset=DATASET, **kw) -> Predictor:
+    return Predictor(plans(patch, target, **kw), dataset, "3d_fullres", networks, torch.device("cpu"), 0.5, mirror, 2)
+
+
+def volume(shape=(12, 30, 28)) -> np.ndarray:
+    """A blocky structure inside a zero border (the crop box is [2:10, 3:27, 4:24])."""
+    image = np.zeros(shape, np.float32)
+    image[2:10, 3:27, 4:24] = 0.1
+    image[3:8, 6:20, 7:15] = 1.0
+    image[5:7, 20:25, 15:22] = 0.9
+    return image
+
+
+GEOMETRY = Geometry(spacing=(5.0, 0.8, 0.8), origin=(10.0, -20.0, 3.5), direction=ROTATED, ndim=3)
+
+
+def test_mask_aligns_voxel_for_voxel_with_the_known_answer(tmp_path):
+    image = volume()
+    write_image(tmp_path / "case_0000.nii.gz", image, GEOMETRY)
+    # no resampling: crop, windows, paste must put every voxel back where it was
+    mask, geometry = predictor([Threshold()]).predict(tmp_path / "case_0000.nii.gz")
+    np.testing.assert_array_equal(mask, (image > 0.5).astype(np.uint8))
+    assert geometry.same_grid(GEOMETRY, tol=1e-6) == []  # NIfTI keeps float32 spacing and direction
+    # resampled to another grid (anisotropic: the slice axis by nearest) and back: the same mask but at boundaries
+    mask, _ = predictor([Threshold()], target=(2.5, 1.1, 1.1)).predict(tmp_path / "case_0000.nii.gz")
+    assert mask.shape == image.shape
+    agree = (mask == (image > 0.5)).mean()
+    assert agree > 0.97, agree
+    assert not mask[:2].any() and not mask[:, :3].any()  # outside the crop box: background
+
+
+def test_mirroring_averages_the_flipped_predictions_exactly():
+    image = np.random.default_rng(0).uniform(0.2, 1.0, (1, 8, 16, 16)).astype(np.float32)
+    single = predictor([Ramp()], mirror=False)._sliding_window(image, torch.device("cpu"))
+    mirrored = predictor([Ramp()], mirror=True)._sliding_window(image, torch.device("cpu"))
+    # by hand: the average over all 8 flips of flip(softmax(f(flip(x))))
+    x = torch.from_numpy(image)[None]
+    expected = 0
+    for r in range(4):
+        for axes in itertools.combinations((2, 3, 4), r):
+            flipped = torch.flip(x, axes) if axes else x
+            probs = torch.softmax(Ramp()(flipped), 1)
+            expected = expected + (torch.flip(probs, axes) if axes else probs)
+    torch.testing.assert_close(mirrored, (expected / 8)[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(single, mirrored, atol=1e-3)  # the ramp makes the flips differ: the test can fail
+
+
+def test_fold_ensemble_and_configuration_ensemble_average_probabilities(tmp_path):
+    image = volume()[None]
+    a, b = Constant([0.0, 2.0]), Constant([1.0, -1.0])
+    folds = predictor([a, b], mirror=False)
+    probabilities, _ = folds.probabilities(image, GEOMETRY)
+    expected = (torch.softmax(torch.tensor([0.0, 2.0]), 0) + torch.softmax(torch.tensor([1.0, -1.0]), 0)) / 2
+    inside = probabilities[:, 4, 10, 10]
+    torch.testing.assert_close(inside, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(probabilities[:, 0, 0, 0], torch.tensor([1.0, 0.0]))  # outside the crop box: background
+    both = Ensemble([predictor([a], mirror=False), predictor([b], mirror=False, target=(2.5, 1.0, 1.0))])
+    mixed, _ = both.probabilities(image, GEOMETRY)
+    torch.testing.assert_close(mixed[:, 4, 10, 10], expected, atol=1e-5, rtol=1e-5)
+    other = dict(DATASET, labels={"background": 0, "thing": 1, "other": 2})
+    with pytest.raises(SegforgeError, match="different classes"):
+        Ensemble([predictor([a]), predictor([Constant([0.0, 1.0, 2.0])], dataset=other)])
+
+
+def write_cases(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        write_image(folder / f"{name}_0000.nii.gz", volume(), GEOMETRY)
+
+
+def test_a_bad_case_is_reported_and_the_others_complete(tmp_path):
+    images = tmp_path / "in"
+    write_cases(images, ["a", "c"])
+    good = (images / "a_0000.nii.gz").read_bytes()
+    (images / "b_0000.nii.gz").write_bytes(good[: len(good) // 3])  # truncated download
+    write_image(images / "d_0000.nii.gz", volume(), GEOMETRY)
+    write_image(images / "d_0001.nii.gz", volume(), GEOMETRY)  # a second channel the model does not take
+    results = predict_folder(predictor([Threshold()], mirror=False), images, tmp_path / "out")
+    status = {r.case_id: r.status for r in results}
+    assert status == {"a": "written", "b": "failed", "c": "written", "d": "failed"}
+    errors = {r.case_id: r.error for r in results if r.error}
+    assert "b_0000.nii.gz" in errors["b"] and "channel" in errors["d"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a.nii.gz", "c.nii.gz"]
+    report = json.loads((tmp_path / "out" / "predict_report.json").read_text())
+    assert [c["status"] for c in report["cases"]] == ["written", "failed", "written", "failed"]
+
+
+def test_continue_skips_finished_cases_and_parts_split_the_folder(tmp_path):
+    images, out = tmp_path / "in", tmp_path / "out"
+    write_cases(images, ["a", "b", "c", "d", "e"])
+    model = predictor([Threshold()], mirror=False)
+    parts = [predict_folder(model, images, out, part=f"{k}/3") for k in (1, 2, 3)]
+    done = [r.case_id for part in parts for r in part]
+    assert sorted(done) == ["a", "b", "c", "d", "e"] and len(set(done)) == 5
+    stamp = (out / "a.nii.gz").stat().st_mtime_ns
+    again = predict_folder(model, images, out, resume=True)
+    assert {r.status for r in again} == {"skipped"} and (out / "a.nii.gz").stat().st_mtime_ns == stamp
+    (out / "c.nii.gz").unlink()
+    again = predict_folder(model, images, out, resume=True)
+    assert [r.case_id for r in again if r.status == "written"] == ["c"]
+    assert take_part(["c", "a", "b"], (2, 2)) == ["b"] and parse_part(None) is None
+    for bad in ("0/3", "4/3", "x"):
+        with pytest.raises(SegforgeError, match="--part"):
+            parse_part(bad)
+
+
+def test_probabilities_are_saved_on_the_input_grid(tmp_path):
+    images, out = tmp_path / "in", tmp_path / "out"
+    write_cases(images, ["a"])
+    predict_folder(predictor([Threshold(gain=2.0)], mirror=False), images, out, save_probabilities=True)
+    probabilities = np.load(out / "a.npz")["probabilities"].astype(np.float32)
+    meta = json.loads((out / "a.json").read_text())
+    mask, geometry = read_image(out / "a.nii.gz")
+    assert probabilities.shape == (2, *mask.shape) and meta["channels"] == ["background", "thing"]
+    np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=2e-3)
+    np.testing.assert_array_equal(probabilities.argmax(0), mask)
+    assert Geometry.from_json(meta["geometry"]).same_grid(geometry) == []
