@@ -206,7 +206,8 @@ def run_evaluate(args, cfg, overrides) -> int:
             labels = read_json(candidate)["labels"]
     if labels is None:
         raise SegforgeError(f"no labels: none of {[str(c) for c in candidates]} exists. Fix: --dataset-json PATH")
-    summary = evaluate_folders(pred_dir, ref_dir, labels, pred_dir / "summary.json")
+    summary = evaluate_folders(pred_dir, ref_dir, labels, pred_dir / "summary.json", float(cfg.nsd_tolerance_mm),
+                               bool(cfg.surface_metrics))
     print(format_summary(summary))
     print(f"summary: {pred_dir / 'summary.json'}")
     return 0
