@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -170,6 +171,7 @@ def run_train(args, cfg, overrides) -> int:
 
 def run_predict(args, cfg, overrides) -> int:
     from segforge.inference.folder import parse_part, predict_folder
+    from segforge.inference.postprocessing import apply_postprocessing, load_rules
     from segforge.inference.predictor import Ensemble, Predictor
 
     input_path, output = Path(args.input), Path(args.output)
@@ -183,8 +185,14 @@ def run_predict(args, cfg, overrides) -> int:
                                            mirror=bool(cfg.predict.mirror), sw_batch_size=int(cfg.predict.sw_batch_size))
                   for model in args.model]
     predictor = predictors[0] if len(predictors) == 1 else Ensemble(predictors)
+    postprocess = None
+    rules = load_rules(Path(args.model[0])) if len(args.model) == 1 and cfg.predict.postprocessing else None
+    if rules:
+        log.info("postprocessing from %s: %s", Path(args.model[0]) / "postprocessing.json",
+                 {k: rules[k] for k in ("foreground_largest_component", "classes_largest_component")})
+        postprocess = functools.partial(apply_postprocessing, rules=rules)
     results = predict_folder(predictor, input_path, output, resume=args.resume, part=args.part,
-                             save_probabilities=args.save_probabilities)
+                             with_probabilities=args.save_probabilities, postprocess=postprocess)
     write_json(output / "dataset.json", predictor.dataset_json)
     save_config(output, "predict", cfg, overrides)
     counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
@@ -210,6 +218,18 @@ def run_evaluate(args, cfg, overrides) -> int:
                                bool(cfg.surface_metrics))
     print(format_summary(summary))
     print(f"summary: {pred_dir / 'summary.json'}")
+    return 0
+
+
+def run_select(args, cfg, overrides) -> int:
+    from segforge.evaluation.selection import select
+
+    result = select(Path(args.task_dir), postprocessing=bool(cfg.postprocessing))
+    for name, dice in sorted(result["cross_validation_dice"].items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<32} cross-validation Dice {dice:.4f}{'   <- best' if name == result['best'] else ''}")
+    if "postprocessing" in result:
+        print(f"postprocessing: {result['postprocessing']}")
+    print(f"selection: {Path(args.task_dir) / 'selection.json'}\npredict with: {result['predict_command']}")
     return 0
 
 

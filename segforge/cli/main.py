@@ -27,7 +27,8 @@ COMMANDS = {
     "preprocess": "Crop, normalise and resample the training cases as plans.json says.",
     "train": "Train one fold of one configuration (Lightning; DDP-ready).",
     "predict": "Predict masks for a folder of images with a trained model folder.",
-    "evaluate": "Dice per case and class between a prediction and a reference folder.",
+    "evaluate": "Dice, IoU, HD95 and NSD per case and class between a prediction and a reference folder.",
+    "select": "Compare configurations (and their ensembles) on cross-validation, pick the best, find its postprocessing.",
     "demo": "Generate a synthetic dataset and run check, plan, preprocess, train, predict and evaluate on it.",
 }
 
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("pred_dir", help="folder of predicted masks")
             p.add_argument("ref_dir", help="folder of reference masks")
             p.add_argument("--dataset-json", help="dataset.json giving the labels (default: beside ref_dir or pred_dir)")
+        if name == "select":
+            p.add_argument("task_dir", help="<results>/<dataset>/results/<task>: the folder holding one model folder per configuration")
         if name == "plan":
             p.add_argument("--verify", action="store_true",
                            help="on a CUDA machine: run each planned training step and report predicted vs measured peak memory")

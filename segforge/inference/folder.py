@@ -66,7 +66,7 @@ def find_cases(input_path: Path, ending: str) -> tuple[dict[str, list[Path]], li
     return cases, notes
 
 
-def _save_probabilities(target: Path, probabilities, names: list[str], geometry) -> None:
+def save_probabilities(target: Path, probabilities, names: list[str], geometry) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, probabilities=probabilities.numpy().astype(np.float16))
     atomic_write_bytes(target.with_suffix(".npz"), buffer.getvalue())
@@ -75,7 +75,7 @@ def _save_probabilities(target: Path, probabilities, names: list[str], geometry)
 
 
 def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: bool = False, part: str | None = None,
-                   save_probabilities: bool = False, postprocess=None) -> list[CaseResult]:
+                   with_probabilities: bool = False, postprocess=None) -> list[CaseResult]:
     """Predict the cases of ``input_path`` (this process's part) into ``output_dir``; one result per case.
 
     A case that fails (unreadable file, wrong channels, out of memory...) is logged with its reason and skipped;
@@ -99,7 +99,7 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
     for i, case_id in enumerate(chosen, 1):
         target = output_dir / f"{case_id}{ending}"
         start = time.perf_counter()
-        if resume and target.is_file() and (not save_probabilities or target.with_suffix(".npz").is_file()):
+        if resume and target.is_file() and (not with_probabilities or (output_dir / f"{case_id}.npz").is_file()):
             results.append(CaseResult(case_id, "skipped", target))
         else:
             files = cases[case_id]
@@ -111,8 +111,8 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
                 mask = predictor.labels(probabilities)
                 if postprocess is not None:
                     mask = postprocess(mask)
-                if save_probabilities:
-                    _save_probabilities(output_dir / case_id, probabilities, predictor.class_names, geometry)
+                if with_probabilities:
+                    save_probabilities(output_dir / case_id, probabilities, predictor.class_names, geometry)
                 write_image(target, mask, geometry)
                 results.append(CaseResult(case_id, "written", target, seconds=time.perf_counter() - start))
             except Exception as exc:  # one bad case must not stop the others; the reason is reported

@@ -210,7 +210,8 @@ def _final_validation(network, plans, spec, configuration, val_ids, fold_dir: Pa
     device = torch.device("cuda" if torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") else "cpu")
     summary = validate_fold(network, plans, read_json(spec.root / "dataset.json"), configuration, spec, val_ids,
                             fold_dir / "validation", device, mirror=bool(cfg.final_validation.mirror),
-                            step_size=float(cfg.final_validation.step_size))
+                            step_size=float(cfg.final_validation.step_size),
+                            save_probabilities=bool(cfg.final_validation.get("save_probabilities", False)))
     log.info("validation of fold %s (%d cases, sliding window): mean foreground Dice %.4f", cfg.fold,
              summary["num_cases"], summary["foreground_mean_dice"])
     return summary

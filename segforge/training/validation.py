@@ -1,5 +1,6 @@
 """The end-of-training validation of a fold: sliding-window prediction of each validation case on its original
-grid (as ``segforge predict`` does), written under ``fold_<k>/validation/``, and a ``summary.json`` of Dice."""
+grid (as ``segforge predict`` does), written under ``fold_<k>/validation/`` (optionally with probabilities, for
+``segforge select``'s ensembles), and a ``summary.json`` of its metrics."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ log = logging.getLogger("segforge")
 
 def validate_fold(network: torch.nn.Module, plans: dict, dataset_json: dict, configuration: str, spec: DatasetSpec,
                   val_ids: list[str], out_dir: Path, device: torch.device, mirror: bool = True,
-                  step_size: float = 0.5, sw_batch_size: int = 2) -> dict:
+                  step_size: float = 0.5, sw_batch_size: int = 2, save_probabilities: bool = False) -> dict:
+    from segforge.inference.folder import save_probabilities as save_npz
     from segforge.inference.predictor import Predictor
 
     predictor = Predictor(plans, dataset_json, configuration, [network], device, step_size, mirror, sw_batch_size)
@@ -25,8 +27,10 @@ def validate_fold(network: torch.nn.Module, plans: dict, dataset_json: dict, con
     cases = [c for c in spec.cases if c.case_id in set(val_ids)]
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, case in enumerate(cases, 1):
-        mask, geometry = predictor.predict(case.image_files)
-        write_image(out_dir / f"{case.case_id}{ending}", mask, geometry)
+        probabilities, geometry = predictor.probabilities(case.image_files)
+        if save_probabilities:  # for ensembles of configurations in `segforge select`
+            save_npz(out_dir / case.case_id, probabilities, predictor.class_names, geometry)
+        write_image(out_dir / f"{case.case_id}{ending}", predictor.labels(probabilities), geometry)
         log.info("validation %d/%d: %s", i, len(cases), case.case_id)
     references = {c.case_id: c.label_file for c in cases}
     return evaluate_folders(out_dir, references, spec.labels, out_dir / "summary.json")

@@ -1,0 +1,114 @@
+"""Model selection on cross-validation (``segforge select TASK_DIR``): the cross-validation Dice of every
+configuration (its folds' ``validation/`` predictions pooled), of every pair of configurations ensembled (when the
+validation saved probabilities), the best of them, and the postprocessing for it; ``selection.json`` says how to
+predict with the winner.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from segforge.errors import SegforgeError
+from segforge.evaluation.metrics import label_classes, metrics_per_class, nan_mean
+from segforge.inference.postprocessing import save_rules, search_postprocessing
+from segforge.io.artifacts import read_json, write_json
+from segforge.io.image import read_image
+
+log = logging.getLogger("segforge")
+
+
+def cross_validation(model_dir: Path) -> dict:
+    """Pooled validation of a model folder's folds: mean Dice per class, and (prediction, reference) per case."""
+    folds = sorted(p for p in Path(model_dir).glob("fold_*") if (p / "validation" / "summary.json").is_file())
+    cases, references, predictions = [], {}, {}
+    for fold in folds:
+        summary = read_json(fold / "validation" / "summary.json", "summary")
+        for row in summary["cases"]:
+            cases.append(row)
+            references[row["case"]] = Path(row["reference"])
+            predictions[row["case"]] = Path(row["prediction"])
+    if not cases:
+        raise SegforgeError(f"{model_dir}: no fold has validation/summary.json. Fix: train the folds with "
+                            "final_validation.enabled=true (the default)")
+    names = list(cases[0]["dice"])
+    mean = {name: nan_mean([c["dice"][name] for c in cases]) for name in names}
+    return {"folds": [f.name for f in folds], "num_cases": len(cases), "mean_dice": mean,
+            "foreground_mean_dice": nan_mean(list(mean.values())), "references": references, "predictions": predictions}
+
+
+def _probability_files(model_dir: Path) -> dict[str, Path]:
+    return {p.stem: p for fold in Path(model_dir).glob("fold_*") for p in (fold / "validation").glob("*.npz")}
+
+
+def _ensemble_score(models: list[Path], references: dict[str, Path], labels: dict, regions_order) -> dict | None:
+    """Mean Dice of the averaged validation probabilities of ``models`` (None if any case lacks them)."""
+    files = [_probability_files(m) for m in models]
+    common = sorted(set(references).intersection(*[set(f) for f in files]))
+    if len(common) < len(references):
+        return None
+    classes = label_classes(labels)
+    ignore = labels.get("ignore") if isinstance(labels.get("ignore"), int) else None
+    per_class = {name: [] for name in classes}
+    for case in common:
+        probabilities = sum(np.load(f[case])["probabilities"].astype(np.float32) for f in files) / len(files)
+        if regions_order:
+            prediction = np.zeros(probabilities.shape[1:], np.uint16)
+            for region, value in enumerate(regions_order):
+                prediction[probabilities[region] > 0.5] = value
+        else:
+            prediction = probabilities.argmax(0)
+        reference = read_image(references[case])[0]
+        values = metrics_per_class(prediction, reference, list(classes.values()), ignore, surface=False)
+        for name, v in classes.items():
+            per_class[name].append(values[v]["dice"])
+    mean = {name: nan_mean(d) for name, d in per_class.items()}
+    return {"num_cases": len(common), "mean_dice": mean, "foreground_mean_dice": nan_mean(list(mean.values()))}
+
+
+def select(task_dir: Path, postprocessing: bool = True) -> dict:
+    """Compare the configurations under ``task_dir`` (and their pairwise ensembles), pick the best, search its
+    postprocessing; writes ``selection.json`` in ``task_dir``."""
+    task_dir = Path(task_dir)
+    models = sorted(p for p in task_dir.iterdir() if (p / "plans.json").is_file() and list(p.glob("fold_*")))
+    if not models:
+        raise SegforgeError(f"{task_dir}: no model folder (plans.json and fold_*) inside. Fix: pass "
+                            "<results>/<dataset>/results/<task>, the folder that holds one folder per configuration")
+    candidates, details = {}, {}
+    for model in models:
+        try:
+            cv = cross_validation(model)
+        except SegforgeError as exc:
+            log.warning("%s", exc)
+            continue
+        candidates[model.name] = cv["foreground_mean_dice"]
+        details[model.name] = cv
+    if not candidates:
+        raise SegforgeError(f"{task_dir}: no configuration has cross-validation predictions")
+    dataset_json = read_json(models[0] / "dataset.json")
+    labels = dataset_json["labels"]
+    regions_order = dataset_json.get("regions_class_order") if any(isinstance(v, list) for v in labels.values()) else None
+    ensembles = {}
+    for a, b in itertools.combinations(sorted(candidates), 2):
+        score = _ensemble_score([task_dir / a, task_dir / b], details[a]["references"], labels, regions_order)
+        if score is not None:
+            ensembles[f"{a}+{b}"] = score
+            candidates[f"{a}+{b}"] = score["foreground_mean_dice"]
+    best = max(candidates, key=lambda k: candidates[k])
+    members = best.split("+")
+    result = {"task_dir": str(task_dir), "cross_validation_dice": candidates,
+              "configurations": {k: {"folds": v["folds"], "num_cases": v["num_cases"], "mean_dice": v["mean_dice"]}
+                                 for k, v in details.items()},
+              "ensembles": ensembles, "best": best}
+    if postprocessing and len(members) == 1:
+        cv = details[best]
+        pairs = [(cv["predictions"][c], cv["references"][c]) for c in sorted(cv["references"])]
+        rules = search_postprocessing(pairs, labels)
+        save_rules(task_dir / best, rules)
+        result["postprocessing"] = {k: rules[k] for k in ("foreground_largest_component", "classes_largest_component")}
+    result["predict_command"] = "segforge predict -i IMAGES -o OUT " + " ".join(f"--model {task_dir / m}" for m in members)
+    write_json(task_dir / "selection.json", result)
+    return result
