@@ -93,15 +93,15 @@ def test_mirroring_averages_the_flipped_predictions_exactly():
     image = np.random.default_rng(0).uniform(0.2, 1.0, (1, 8, 16, 16)).astype(np.float32)
     single = predictor([Ramp()], mirror=False)._sliding_window(image, torch.device("cpu"))
     mirrored = predictor([Ramp()], mirror=True)._sliding_window(image, torch.device("cpu"))
-    # by hand: the average over all 8 flips of flip(softmax(f(flip(x))))
+    # by hand (one window): softmax of the average over all 8 flips of flip(f(flip(x))), as nnU-Net mirrors
     x = torch.from_numpy(image)[None]
     expected = 0
     for r in range(4):
         for axes in itertools.combinations((2, 3, 4), r):
             flipped = torch.flip(x, axes) if axes else x
-            probs = torch.softmax(Ramp()(flipped), 1)
-            expected = expected + (torch.flip(probs, axes) if axes else probs)
-    torch.testing.assert_close(mirrored, (expected / 8)[0], atol=1e-5, rtol=1e-5)
+            logits = Ramp()(flipped)
+            expected = expected + (torch.flip(logits, axes) if axes else logits)
+    torch.testing.assert_close(mirrored, torch.softmax(expected / 8, 1)[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(single, mirrored, atol=1e-3)  # the ramp makes the flips differ: the test can fail
 
 
@@ -167,7 +167,7 @@ def test_continue_skips_finished_cases_and_parts_split_the_folder(tmp_path):
 def test_probabilities_are_saved_on_the_input_grid(tmp_path):
     images, out = tmp_path / "in", tmp_path / "out"
     write_cases(images, ["a"])
-    predict_folder(predictor([Threshold(gain=2.0)], mirror=False), images, out, save_probabilities=True)
+    predict_folder(predictor([Threshold(gain=2.0)], mirror=False), images, out, with_probabilities=True)
     probabilities = np.load(out / "a.npz")["probabilities"].astype(np.float32)
     meta = json.loads((out / "a.json").read_text())
     mask, geometry = read_image(out / "a.nii.gz")

@@ -73,7 +73,7 @@ def test_separate_axis_rule():
     modes = resampling_modes([5.0, 0.8, 0.8], [5.0, 1.0, 1.0])
     assert modes["image"] == ["nearest", "cubic", "cubic"] and modes["label"] == ["nearest", "linear", "linear"]
     with pytest.raises(ValueError, match="resampling.image"):
-        resampling_modes([1, 1, 1], [1, 1, 1], {"image": "spline"})
+        resampling_modes([1, 1, 1], [1, 1, 1], {"image": "quintic"})
 
 
 def test_label_resampling_inside_boxes_equals_full_volume_argmax():

@@ -182,7 +182,8 @@ def run_predict(args, cfg, overrides) -> int:
     parse_part(args.part)  # a malformed --part fails before any model is loaded
     folds = list(cfg.predict.folds) if cfg.predict.folds is not None else None
     predictors = [Predictor.from_model_dir(model, folds=folds, device=cfg.predict.device, step_size=float(cfg.predict.step_size),
-                                           mirror=bool(cfg.predict.mirror), sw_batch_size=int(cfg.predict.sw_batch_size))
+                                           mirror=bool(cfg.predict.mirror), sw_batch_size=int(cfg.predict.sw_batch_size),
+                                           accumulate=str(cfg.predict.accumulate))
                   for model in args.model]
     predictor = predictors[0] if len(predictors) == 1 else Ensemble(predictors)
     postprocess = None

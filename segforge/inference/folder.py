@@ -69,8 +69,8 @@ def find_cases(input_path: Path, ending: str) -> tuple[dict[str, list[Path]], li
 def save_probabilities(target: Path, probabilities, names: list[str], geometry) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, probabilities=probabilities.numpy().astype(np.float16))
-    atomic_write_bytes(target.with_suffix(".npz"), buffer.getvalue())
-    write_json(target.with_suffix(".json"), {"channels": names, "geometry": geometry.to_json(),
+    atomic_write_bytes(target.with_name(target.name + ".npz"), buffer.getvalue())
+    write_json(target.with_name(target.name + ".json"), {"channels": names, "geometry": geometry.to_json(),
                                               "shape": list(probabilities.shape[1:])})
 
 

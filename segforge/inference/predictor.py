@@ -1,6 +1,7 @@
-"""Predict masks with a trained model folder: the training preprocessing, Gaussian-weighted sliding windows
-(MONAI), test-time mirroring, a fold ensemble, and export onto the input's exact grid.
+"""Predict masks with a trained model folder: the training preprocessing, Gaussian-weighted sliding windows,
+test-time mirroring, a fold ensemble, and export onto the input's exact grid.
 
+The windows are segforge's (``sliding_window``: nnU-Net's placement and Gaussian, mirroring per window).
 ``Predictor.from_model_dir(model_dir).predict(path_or_array)`` is the Python API (``probabilities`` for the soft
 output); ``Ensemble`` averages several model folders; ``inference.folder.predict_folder`` drives the CLI. A CUDA
 out-of-memory error on one case moves that case to the CPU. Weights load with ``weights_only=True``: a model folder
@@ -16,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from monai.inferers import sliding_window_inference
 
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import check_header, read_json
 from segforge.io.image import Geometry, read_case
+from segforge.inference.sliding_window import sliding_window
 from segforge.preprocessing.pipeline import preprocess_image, restore_probabilities
 from segforge.training.run import FINAL_WEIGHTS
 
@@ -37,19 +38,29 @@ def select_device(device: str) -> torch.device:
 
 class Predictor:
     def __init__(self, plans: dict, dataset_json: dict, configuration: str, networks: list[torch.nn.Module],
-                 device: torch.device, step_size: float = 0.5, mirror: bool = True, sw_batch_size: int = 2):
+                 device: torch.device, step_size: float = 0.5, mirror: bool = True, sw_batch_size: int = 2,
+                 accumulate: str = "auto"):
         self.plans, self.dataset_json, self.configuration = plans, dataset_json, configuration
         self.plan_config = plans["configurations"][configuration]
         self.networks = [n.to(device).eval() for n in networks]
         self.device, self.step_size, self.mirror, self.sw_batch_size = device, step_size, mirror, sw_batch_size
+        if accumulate == "auto":  # nnU-Net models as nnU-Net predicts them; segforge's own in float32
+            accumulate = "float16" if plans.get("aggregate") == "logits" else "float32"
+        self.accumulate = {"float16": torch.float16, "float32": torch.float32}[accumulate]
         # region-based models: one sigmoid per region, painted in regions_class_order
         self.regions_class_order = dataset_json.get("regions_class_order") \
             if any(isinstance(v, list) for v in dataset_json.get("labels", {}).values()) else None
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, folds=None, device: str = "auto", step_size: float = 0.5,
-                       mirror: bool = True, sw_batch_size: int = 2) -> "Predictor":
+                       mirror: bool = True, sw_batch_size: int = 2, accumulate: str = "auto") -> "Predictor":
         model_dir = Path(model_dir)
+        from segforge.inference.nnunet_model import is_nnunet_model, load_nnunet_model
+
+        if is_nnunet_model(model_dir):  # a trained nnU-Net v2 results folder, mapped onto segforge's pieces
+            plans, dataset_json, configuration, networks = load_nnunet_model(model_dir, folds)
+            return cls(plans, dataset_json, configuration, networks, select_device(device), step_size, mirror, sw_batch_size,
+                       accumulate)
         plans = read_json(model_dir / "plans.json", "plans")
         dataset_json = read_json(model_dir / "dataset.json")
         fold_dirs = sorted(p for p in model_dir.glob("fold_*") if (p / FINAL_WEIGHTS).is_file())
@@ -75,7 +86,16 @@ class Predictor:
             network.load_state_dict(payload["state_dict"])
             networks.append(network)
             configuration = payload["configuration"]
-        return cls(plans, dataset_json, configuration, networks, torch_device, step_size, mirror, sw_batch_size)
+        return cls(plans, dataset_json, configuration, networks, torch_device, step_size, mirror, sw_batch_size, accumulate)
+
+    @property
+    def average_logits(self) -> bool:
+        """Average (and resample) logits rather than probabilities: how nnU-Net models were validated."""
+        return self.plans.get("aggregate") == "logits"
+
+    def _activation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over classes, or a sigmoid per region, along axis 1."""
+        return torch.sigmoid(logits) if self.regions_class_order else torch.softmax(logits, dim=1)
 
     @property
     def class_names(self) -> list[str]:
@@ -87,29 +107,19 @@ class Predictor:
 
     @torch.no_grad()
     def _sliding_window(self, data: np.ndarray, device: torch.device) -> torch.Tensor:
-        """Averaged probabilities ``(channels, z, y, x)`` of a preprocessed ``(c, z, y, x)`` case, on the CPU."""
-        dims = self.plan_config["dims"]
+        """Averaged probabilities (or logits, see ``average_logits``) ``(channels, z, y, x)`` of a preprocessed
+        ``(c, z, y, x)`` case, on the CPU: every network (fold), mirrored per window, Gaussian-weighted windows."""
         patch = list(self.plan_config["patch_size"])
-        x = torch.from_numpy(data).to(device)
-        # 2D models see the slices as a batch of 2D images
-        batch = x[None] if dims == 3 else x.permute(1, 0, 2, 3)
+        dims = self.plan_config["dims"]
+        x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
         axes = [a for a in self.plan_config.get("mirror_axes", list(range(dims)))] if self.mirror else []
-        flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+        activation = None if self.average_logits else self._activation
         total = None
         for network in self.networks:
             network.to(device)
-            for flip in flips:
-                dims_to_flip = [a + 2 for a in flip]
-                inputs = torch.flip(batch, dims_to_flip) if flip else batch
-                logits = sliding_window_inference(inputs, roi_size=patch, sw_batch_size=self.sw_batch_size,
-                                                  predictor=network, overlap=1 - self.step_size, mode="gaussian",
-                                                  padding_mode="constant", cval=0.0)
-                probs = torch.sigmoid(logits.float()) if self.regions_class_order else torch.softmax(logits.float(), dim=1)
-                probs = torch.flip(probs, dims_to_flip) if flip else probs
-                total = probs if total is None else total + probs
-        total /= len(self.networks) * len(flips)
-        total = total[0] if dims == 3 else total.permute(1, 0, 2, 3)
-        return total.cpu()
+            out = sliding_window(x, network, patch, self.step_size, axes, self.sw_batch_size, self.accumulate, activation)
+            total = out if total is None else total.add_(out)
+        return (total / len(self.networks)).cpu()
 
     def _probabilities(self, data: np.ndarray) -> torch.Tensor:
         try:
@@ -139,8 +149,19 @@ class Predictor:
         if image.ndim != 4 or image.shape[0] != expected:
             raise SegforgeError(f"the model expects {expected} channel(s) of 3D (or single-slice 2D) images, the input has "
                                 f"shape {tuple(image.shape)}")
+        order = list(self.plans.get("transpose_forward") or range(3))
+        if order != [0, 1, 2]:  # nnU-Net models work on axes reordered by their plan; undone below
+            image = image.transpose(0, *[a + 1 for a in order])
+            geometry_t = Geometry(tuple(geometry.spacing[a] for a in order), geometry.origin, geometry.direction, geometry.ndim)
+            full, _ = self._probabilities_on_grid(image, geometry_t)
+            return full.permute(0, *[int(np.argsort(order)[a]) + 1 for a in range(3)]).contiguous(), geometry
+        return self._probabilities_on_grid(image, geometry)
+
+    def _probabilities_on_grid(self, image: np.ndarray, geometry: Geometry) -> tuple[torch.Tensor, Geometry]:
         data, props = preprocess_image(image, geometry, self.plans, self.configuration)
         cropped = restore_probabilities(self._probabilities(data), props)
+        if self.average_logits:
+            cropped = self._activation(cropped[None])[0]
         full = torch.zeros((cropped.shape[0], *props["shape_before_crop"]), dtype=torch.float32)
         if not self.regions_class_order:
             full[0] = 1.0  # outside the crop box: background
@@ -176,6 +197,15 @@ class Ensemble:
                                     "an ensemble needs models of one dataset")
         self.predictors = predictors
         self.dataset_json, self.plans = first.dataset_json, first.plans
+
+    @property
+    def average_logits(self) -> bool:
+        """Average (and resample) logits rather than probabilities: how nnU-Net models were validated."""
+        return self.plans.get("aggregate") == "logits"
+
+    def _activation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over classes, or a sigmoid per region, along axis 1."""
+        return torch.sigmoid(logits) if self.regions_class_order else torch.softmax(logits, dim=1)
 
     @property
     def class_names(self) -> list[str]:

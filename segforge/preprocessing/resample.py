@@ -8,7 +8,9 @@ Written here rather than taken from MONAI (``Spacingd``) or nnU-Net (skimage ``r
   from the partition of unity (1 - the other scores), so a many-class CT costs what its structures cover.
 
 Modes per axis: ``cubic`` (Keys' cubic convolution, a = -0.75, the kernel of torch's bicubic), ``linear``,
-``nearest``. Labels: every class's indicator is interpolated linearly and each voxel takes the class of highest
+``nearest``, and ``spline`` (scipy's cubic B-spline with prefilter and edge mode, output clipped to the input's range:
+what nnU-Net's ``resize(order=3)`` computes, so imported nnU-Net models see the intensities they were trained on;
+slower, for those models). Labels: every class's indicator is interpolated linearly and each voxel takes the class of highest
 score (ties go to the higher value, so a thin structure beats background), which keeps thin structures that
 nearest-neighbour resampling breaks. Anisotropic data: an axis more than ``separate_axis_threshold`` times coarser
 than the others (in the input or the target spacing) is resampled on its own with ``across_slices`` (``nearest``,
@@ -26,7 +28,7 @@ import torch
 # the plan's "resampling" entry when a plans.json predates it; `plan.resampling` in configs/plan/default.yaml
 DEFAULT_RESAMPLING = {"image": "cubic", "label": "linear", "probabilities": "linear",
                       "separate_axis_threshold": 3.0, "across_slices": "nearest"}
-MODES = ("cubic", "linear", "nearest")
+MODES = ("cubic", "linear", "nearest", "spline")
 
 
 def shape_at_spacing(shape: list[int], spacing: list[float], target: list[float | None]) -> list[int]:
@@ -50,6 +52,8 @@ def resampling_modes(spacing: Sequence[float], target: Sequence[float | None], s
     for key in ("image", "probabilities", "across_slices"):
         if settings[key] not in MODES:
             raise ValueError(f"resampling.{key}={settings[key]!r}; use one of {', '.join(MODES)}")
+    if "spline" in (settings["probabilities"], settings["across_slices"]):
+        raise ValueError("resampling: spline is for images only; probabilities and across_slices take cubic, linear or nearest")
     if settings["label"] not in ("linear", "nearest"):
         raise ValueError(f"resampling.label={settings['label']!r}; use linear (one-hot) or nearest")
     axis = separate_axis(spacing, target, float(settings["separate_axis_threshold"]))
@@ -168,11 +172,29 @@ def resample(x: torch.Tensor, new_shape: Sequence[int], modes: Sequence[str]) ->
 # ---- images, labels, probabilities -----------------------------------------------------------------------------
 
 
+def _spline(image: np.ndarray, new_shape: list[int], modes: Sequence[str]) -> np.ndarray:
+    """The ``spline`` axes of ``(c, *spatial)`` resampled as nnU-Net/skimage do (zoom 1 leaves an axis as it is)."""
+    from scipy import ndimage
+
+    zoom = [new_shape[a] / image.shape[1 + a] if m == "spline" else 1.0 for a, m in enumerate(modes)]
+    out = []
+    for channel in image:
+        low, high = float(channel.min()), float(channel.max())
+        zoomed = ndimage.zoom(np.asarray(channel, np.float32), zoom, order=3, mode="nearest", grid_mode=True)
+        out.append(np.clip(zoomed, low, high))
+    return np.stack(out)
+
+
 def resample_image(image: np.ndarray, new_shape: list[int], modes: Sequence[str] | None = None) -> np.ndarray:
     """``(c, z, y, x)`` image (any strides) to ``new_shape`` (spatial); cubic on every axis unless ``modes`` say."""
     modes = list(modes or ["cubic"] * len(new_shape))
     if list(image.shape[1:]) == list(new_shape):
         return np.ascontiguousarray(image, dtype=np.float32)
+    if "spline" in modes:  # those axes first (in-plane, as nnU-Net), the others by the torch path below
+        image = _spline(image, new_shape, modes)
+        modes = ["nearest" if m == "spline" else m for m in modes]  # sizes already match: nothing more happens there
+        if list(image.shape[1:]) == list(new_shape):
+            return image
     with torch.no_grad():
         tensor = torch.from_numpy(image if image.dtype == np.float32 else image.astype(np.float32))
         return resample(tensor, new_shape, modes).numpy()
