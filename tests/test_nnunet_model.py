@@ -37,6 +37,7 @@ def fake_folder(root: Path, checkpoint: dict | object) -> Path:
     return folder
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = fake_folder(tmp_path, {"network_weights": Boom()})
