@@ -55,6 +55,8 @@ PRESETS = {
     "tiny": Preset("tiny", 903, 6, (16, 32, 32), (2.5, 0.8, 0.8)),
     # small CT-like volumes: nnU-Net's own plan for them is a network a CPU can step in seconds (training benchmark)
     "train30": Preset("train30", 905, 30, (32, 80, 80), (2.5, 0.8, 0.8)),
+    # one CT-shaped volume of 512x512x100 (prediction benchmark)
+    "ct100": Preset("ct100", 906, 1, (100, 512, 512), (2.5, 0.7, 0.7), shape_jitter=0.0, spacing_jitter=0.0),
     # one real-size CT (512x512x300): peak memory of preprocessing one case
     "ct512": Preset("ct512", 904, 1, (300, 512, 512), (1.0, 0.7, 0.7), shape_jitter=0.0, spacing_jitter=0.0),
 }

@@ -10,8 +10,8 @@ is data, never code.
 
 from __future__ import annotations
 
-import itertools
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +158,12 @@ class Predictor:
         return self._probabilities_on_grid(image, geometry)
 
     def _probabilities_on_grid(self, image: np.ndarray, geometry: Geometry) -> tuple[torch.Tensor, Geometry]:
+        start = time.perf_counter()
         data, props = preprocess_image(image, geometry, self.plans, self.configuration)
-        cropped = restore_probabilities(self._probabilities(data), props)
+        preprocessed = time.perf_counter()
+        network_output = self._probabilities(data)
+        predicted = time.perf_counter()
+        cropped = restore_probabilities(network_output, props)
         if self.average_logits:
             cropped = self._activation(cropped[None])[0]
         full = torch.zeros((cropped.shape[0], *props["shape_before_crop"]), dtype=torch.float32)
@@ -167,6 +171,9 @@ class Predictor:
             full[0] = 1.0  # outside the crop box: background
         box = tuple(slice(a, b) for a, b in props["crop_bbox"])
         full[(slice(None), *box)] = cropped
+        # seconds of the last case by stage (preprocess, network, restore to the input grid)
+        self.last_timings = {"preprocess": preprocessed - start, "network": predicted - preprocessed,
+                             "restore": time.perf_counter() - predicted}
         return full, geometry
 
     def labels(self, probabilities: torch.Tensor) -> np.ndarray:

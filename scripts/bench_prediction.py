@@ -1,0 +1,100 @@
+"""Prediction benchmark: one nnU-Net model predicted by nnU-Net and by segforge (`--model` takes nnU-Net folders) on
+the same 512x512x100 CT-shaped volume, with the same weights, step size, mirroring and precision; time per stage
+(preprocess, network, export), end to end, and peak RAM, each tool in its own fresh process.
+
+    python scripts/bench_prediction.py [--mirror] [--threads 2] [--repeat 1] [--force]
+
+The model: nnU-Net's own 3d_fullres plan for the ``train30`` dataset with a narrow network (8..64 features, so the
+CPU run fits a session), trained for a few iterations by nnU-Net. Targets: segforge's non-network time at most 0.5x
+nnU-Net's, end to end at most 0.8x, peak RAM no higher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ -> the `bench` package
+
+from bench.child import run_stage  # noqa: E402
+from bench.datasets import ensure_dataset, get_preset  # noqa: E402
+from bench.nnunet import NnunetTool  # noqa: E402
+from bench.paths import default_bench_root, default_results_path  # noqa: E402
+from bench.prediction import train_narrow_model  # noqa: E402
+from bench.report import format_table, summarize  # noqa: E402
+from bench.results import ResultsFile, host_facts, make_record  # noqa: E402
+
+BENCHMARK = "prediction"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mirror", action="store_true", help="test-time mirroring (8x the network time) for both tools")
+    p.add_argument("--step-size", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--results", type=Path, default=None)
+    p.add_argument("--bench-root", type=Path, default=None)
+    args = p.parse_args(argv)
+    bench_root = (args.bench_root or default_bench_root()).resolve()
+    results = ResultsFile(args.results or default_results_path())
+    train_preset, case_preset = get_preset("train30"), get_preset("ct100")
+    train_root = ensure_dataset(train_preset, bench_root)
+    image = ensure_dataset(case_preset, bench_root, workers=1) / "imagesTr" / "case_0000_0000.nii.gz"
+    work = bench_root / "work"
+    nnunet = NnunetTool(train_root, train_preset.dataset_id, work, 2)
+    if not nnunet.available()[0]:
+        raise SystemExit("nnunetv2 is not installed: `source scripts/setup_env.sh bench`")
+    if not (nnunet.run_dir(0) / "preprocessed" / train_root.name / "nnUNetPlans_3d_fullres").is_dir():
+        nnunet.fingerprint(0)
+        nnunet.plan(0)
+        nnunet.preprocess(["3d_fullres"], 0)
+    model = train_narrow_model(nnunet.env(0), train_preset.dataset_id, train_root.name, work, [8, 16, 32, 64], 10)
+    facts = host_facts()
+    print(f"model: {model}\nimage: {image} (512x512x100)\ncpus {facts['cpus_usable']}, load {facts['load_avg_1_5_15']}")
+    params = {"mirror": args.mirror, "step_size": args.step_size, "threads": args.threads, "repeat": args.repeat}
+    metrics = {}
+    for tool, env in (("nnunet", nnunet.env(0)), ("segforge", {})):
+        if not args.force and results.has(BENCHMARK, tool, case_preset.name, "predict", params):
+            print(f"{tool}: recorded already (use --force to measure again)")
+            metrics[tool] = results.latest(BENCHMARK, tool, case_preset.name, "predict", params)["metrics"]
+            continue
+        out = work / "prediction" / tool
+        samples = [run_stage(f"bench.prediction:stage_{tool}_predict",
+                             {"model_dir": str(model), "image": str(image), "output": str(out / "case_0000.nii.gz"),
+                              "mirror": args.mirror, "step_size": args.step_size, "threads": args.threads},
+                             out, name="predict", env={**env, "OMP_NUM_THREADS": str(args.threads)}, timeout=7200)
+                   for _ in range(args.repeat)]
+        metrics[tool] = summarize(samples)
+        results.append(make_record(BENCHMARK, tool, case_preset.name, "predict", metrics[tool], params))
+        m = metrics[tool]
+        print(f"{tool}: preprocess {m['preprocess_s']:.2f} s, network {m['network_s']:.2f} s, export {m['export_s']:.2f} s, "
+              f"total {m['seconds']:.2f} s, peak RSS {m['peak_rss_mb']:.0f} MB")
+    nn, sf = metrics["nnunet"], metrics["segforge"]
+
+    def ratio(a, b):
+        return f"{b / a:.3f}" if a else "-"
+
+    other = lambda m: m["preprocess_s"] + m["export_s"]  # noqa: E731
+    rows = [[stage, f"{nn[key]:.2f}", f"{sf[key]:.2f}", ratio(nn[key], sf[key]), target]
+            for stage, key, target in (("preprocess", "preprocess_s", ""), ("network", "network_s", ""),
+                                       ("export", "export_s", ""))]
+    rows.append(["non-network", f"{other(nn):.2f}", f"{other(sf):.2f}", ratio(other(nn), other(sf)), "<= 0.5"])
+    rows.append(["end to end", f"{nn['seconds']:.2f}", f"{sf['seconds']:.2f}", ratio(nn["seconds"], sf["seconds"]), "<= 0.8"])
+    rows.append(["peak RSS (MB)", f"{nn['peak_rss_mb']:.0f}", f"{sf['peak_rss_mb']:.0f}",
+                 ratio(nn["peak_rss_mb"], sf["peak_rss_mb"]), "<= 1.0"])
+    print(f"\n{BENCHMARK} benchmark, {'with' if args.mirror else 'without'} mirroring, step {args.step_size}, {args.threads} threads")
+    print(format_table(rows, ["stage", "nnU-Net s", "segforge s", "segforge/nnU-Net", "target"]))
+    import numpy as np
+    from segforge.io.image import read_image
+
+    a = read_image(work / "prediction" / "nnunet" / "case_0000.nii.gz")[0]
+    b = read_image(work / "prediction" / "segforge" / "case_0000.nii.gz")[0]
+    print(f"voxels with the same label: {(a == b).mean() * 100:.3f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
