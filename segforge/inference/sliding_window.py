@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from functools import lru_cache
 
 import numpy as np
@@ -57,11 +58,12 @@ def _mirrored(network, x: torch.Tensor, mirror_axes: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def sliding_window(image: torch.Tensor, network, patch: list[int], step_size: float = 0.5, mirror_axes=(),
-                   batch_size: int = 2, accumulate=torch.float32, activation=None) -> torch.Tensor:
+                   batch_size: int = 2, accumulate=torch.float32, activation=None, progress: bool = True) -> torch.Tensor:
     """Outputs ``(channels, *spatial)`` of ``network`` over the ``(c, *spatial)`` ``image`` (on the image's device).
 
     ``patch`` has one entry per spatial axis (3D networks) or one fewer (2D networks, applied per slice of the first
     axis). ``activation`` (e.g. a softmax over axis 1) is applied to each window's averaged output before weighting.
+    On a terminal a progress bar counts the windows of the case.
     """
     dims = len(patch)
     spatial = list(image.shape[1:])
@@ -80,6 +82,11 @@ def sliding_window(image: torch.Tensor, network, patch: list[int], step_size: fl
     weights = gaussian_weights(patch, device=image.device, dtype=torch.float32) * (10.0 if accumulate == torch.float16 else 1.0)
     weights = weights.to(accumulate)
     total = counts = None
+    bar = None
+    if progress and sys.stderr.isatty() and len(windows) > batch_size:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(windows), desc="windows", unit="window", leave=False)
     for first in range(0, len(windows), batch_size):
         chunk = windows[first:first + batch_size]
         crops = [padded[w] for w in chunk]
@@ -95,6 +102,10 @@ def sliding_window(image: torch.Tensor, network, patch: list[int], step_size: fl
             o = o * weights.float()  # the product in float32, the sum in the buffer's precision
             total[target] += o[:, None] if lead else o
             counts[w[1:]] += weights
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     total /= counts
     keep = [slice(None)] * (1 + lead) + [slice(pads[2 * (dims - 1 - a)], pads[2 * (dims - 1 - a)] + spatial[lead + a])
                                            for a in range(dims)]
