@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--bench-root", type=Path, default=None)
+    p.add_argument("--memory", type=int, nargs="*", default=None, metavar="CLASSES",
+                   help="only the memory stage: peak RSS of streamed vs full-probability labels for these class counts")
     args = p.parse_args(argv)
     bench_root = (args.bench_root or default_bench_root()).resolve()
     results = ResultsFile(args.results or default_results_path())
@@ -44,6 +46,8 @@ def main(argv=None) -> int:
     train_root = ensure_dataset(train_preset, bench_root)
     image = ensure_dataset(case_preset, bench_root, workers=1) / "imagesTr" / "case_0000_0000.nii.gz"
     work = bench_root / "work"
+    if args.memory is not None:
+        return memory_stage(args, results, image, work, case_preset.name)
     nnunet = NnunetTool(train_root, train_preset.dataset_id, work, 2)
     if not nnunet.available()[0]:
         raise SystemExit("nnunetv2 is not installed: `source scripts/setup_env.sh bench`")
@@ -93,6 +97,27 @@ def main(argv=None) -> int:
     a = read_image(work / "prediction" / "nnunet" / "case_0000.nii.gz")[0]
     b = read_image(work / "prediction" / "segforge" / "case_0000.nii.gz")[0]
     print(f"voxels with the same label: {(a == b).mean() * 100:.3f} %")
+    return 0
+
+
+def memory_stage(args, results, image: Path, work: Path, dataset: str) -> int:
+    """Peak RSS of one 512x512x100 prediction by class count, labels streamed vs from full probabilities."""
+    rows = []
+    for classes in args.memory or [4, 16, 64]:
+        peaks = {}
+        for streamed in (True, False):
+            stage = f"memory_{classes}_{'streamed' if streamed else 'full'}"
+            result = run_stage("bench.prediction:stage_segforge_memory",
+                               {"image": str(image), "classes": classes, "streamed": streamed, "threads": args.threads},
+                               work / "prediction" / "memory", name=stage, env={"OMP_NUM_THREADS": str(args.threads)},
+                               timeout=7200)
+            results.append(make_record(BENCHMARK, "segforge", dataset, stage, summarize([result]), {"classes": classes}))
+            peaks[streamed] = (result.peak_rss_mb, result.seconds, result.metrics["input_mb"])
+        (s_mb, s_s, input_mb), (f_mb, f_s, _) = peaks[True], peaks[False]
+        rows.append([str(classes), f"{input_mb:.0f}", f"{s_mb:.0f}", f"{f_mb:.0f}", f"{s_s:.1f}", f"{f_s:.1f}",
+                     f"{2048 + 3 * input_mb:.0f}"])
+    print(format_table(rows, ["classes", "input MB", "streamed peak MB", "full peak MB", "streamed s", "full s",
+                              "2 GB + 3x input"]))
     return 0
 
 

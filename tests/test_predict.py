@@ -175,3 +175,67 @@ def test_probabilities_are_saved_on_the_input_grid(tmp_path):
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=2e-3)
     np.testing.assert_array_equal(probabilities.argmax(0), mask)
     assert Geometry.from_json(meta["geometry"]).same_grid(geometry) == []
+
+
+class Noisy(nn.Module):
+    """Many-class logits from fixed random 1x1x1 mixing of the input and a ramp: windows disagree, classes are many."""
+
+    def __init__(self, classes: int = 6, dims: int = 3):
+        super().__init__()
+        torch.manual_seed(3)  # before the layer: weights and biases the same in every instance
+        self.mix = (nn.Conv3d if dims == 3 else nn.Conv2d)(1, classes, 3, padding=1)
+        nn.init.normal_(self.mix.weight)
+
+    def forward(self, x, cond=None):
+        ramp = torch.linspace(-1, 1, x.shape[-1]).reshape(*([1] * (x.ndim - 1)), -1)
+        return self.mix(x[:, :1] + ramp)
+
+
+def _naive_windows(image, network, patch, step):
+    """Every window into one full buffer, float64: the reference for the slab-streaming sliding window."""
+    from segforge.inference.sliding_window import gaussian_weights, window_starts
+
+    pads = []
+    for s, p in reversed(list(zip(image.shape[1:], patch))):
+        extra = max(p - s, 0)
+        pads += [extra // 2, extra - extra // 2]
+    padded = torch.nn.functional.pad(image, pads)
+    starts = [window_starts(n, p, step) for n, p in zip(padded.shape[1:], patch)]
+    weights = gaussian_weights(patch).double()
+    total, counts = None, torch.zeros(padded.shape[1:], dtype=torch.float64)
+    for origin in itertools.product(*starts):
+        box = tuple(slice(o, o + p) for o, p in zip(origin, patch))
+        out = torch.softmax(network(padded[(slice(None), *box)][None]), 1)[0].double()
+        total = torch.zeros((out.shape[0], *padded.shape[1:]), dtype=torch.float64) if total is None else total
+        total[(slice(None), *box)] += out * weights
+        counts[box] += weights
+    keep = [slice(None)] + [slice(pads[2 * (2 - a)], pads[2 * (2 - a)] + image.shape[1 + a]) for a in range(3)]
+    return (total / counts)[tuple(keep)]
+
+
+def test_slab_streaming_windows_equal_one_full_buffer():
+    from segforge.inference.sliding_window import sliding_window_slabs
+
+    image = torch.from_numpy(np.random.default_rng(1).uniform(0, 1, (1, 23, 19, 9)).astype(np.float32))
+    patch = [8, 12, 12]  # several window depths, and padding in x
+    slabs = list(sliding_window_slabs(image, Noisy(), patch, 0.5, (), 3, torch.float32, lambda o: torch.softmax(o, 1)))
+    firsts = [first for first, _ in slabs]
+    assert firsts == sorted(firsts) and len(slabs) > 2  # in order, in pieces
+    streamed = torch.cat([slab for _, slab in slabs], 1)
+    torch.testing.assert_close(streamed.double(), _naive_windows(image, Noisy(), patch, 0.5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target,patch,dims", [((5.0, 0.8, 0.8), (8, 16, 16), 3), ((2.5, 1.1, 1.1), (8, 16, 16), 3),
+                                               ((4.0, 0.6, 0.6), (6, 12, 12), 3), ((None, 1.2, 0.7), (16, 16), 2)])
+def test_streamed_labels_equal_labels_of_the_full_probabilities(target, patch, dims):
+    """predict() never holds classes x volume; it must give the labels of the full probabilities."""
+    image = volume((17, 40, 36))[None] + np.random.default_rng(2).uniform(0, 0.2, (1, 17, 40, 36)).astype(np.float32)
+    dataset = dict(DATASET, labels={"background": 0, **{f"c{i}": i for i in range(1, 6)}})
+    model = predictor([Noisy(6, dims), Noisy(6, dims)], patch=patch, target=target, dataset=dataset,
+                      mirror_axes=tuple(range(dims)), dims=dims)
+    streamed, _ = model.predict(image, GEOMETRY)
+    full, _ = model.probabilities(image, GEOMETRY)
+    reference = model.labels(full)
+    assert streamed.shape == reference.shape
+    assert (streamed == reference).mean() > 0.9999, (streamed != reference).sum()
+    assert len(np.unique(reference)) > 2

@@ -95,3 +95,29 @@ def train_narrow_model(env: dict, dataset_id: int, dataset_name: str, work: Path
     if done.returncode != 0:
         raise RuntimeError(f"nnU-Net training failed:\n{done.stderr[-3000:]}")
     return model
+
+
+def stage_segforge_memory(timer, image: str, classes: int, streamed: bool, threads: int) -> dict:
+    """Peak memory of predicting ``image`` with a stand-in ``classes``-class network (one 3x3x3 convolution: the test
+    is about memory, not compute), labels streamed (``predict``) or from full probabilities (``probabilities``)."""
+    import torch
+    from torch import nn
+
+    from segforge.inference.predictor import Predictor
+    from segforge.io.image import read_case
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    network = nn.Conv3d(1, classes, 3, padding=1)
+    plans = {"channel_names": {"0": "CT"}, "normalization": [{"scheme": "zscore", "use_nonzero_mask": False}],
+             "configurations": {"3d_fullres": {"dims": 3, "patch_size": [64, 160, 160],
+                                               "target_spacing": [2.5, 0.8, 0.8], "mirror_axes": [0, 1, 2]}}}
+    dataset = {"labels": {"background": 0, **{f"class{i}": i for i in range(1, classes)}}, "file_ending": ".nii.gz"}
+    predictor = Predictor(plans, dataset, "3d_fullres", [network], torch.device("cpu"), 0.5, False, 2)
+    volume, geometry = read_case([image])
+    with timer:
+        if streamed:
+            mask, _ = predictor.predict(volume, geometry)
+        else:
+            mask = predictor.labels(predictor.probabilities(volume, geometry)[0])
+    return {"classes": classes, "streamed": streamed, "input_mb": volume.nbytes / 2**20, "labels_found": int(mask.max())}

@@ -107,8 +107,11 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
                 if len(files) != expected:
                     raise SegforgeError(f"{files[0].parent / case_id}_XXXX{ending}: {len(files)} channel file(s), the model "
                                         f"takes {expected}. Fix: provide {case_id}_0000{ending} .. {case_id}_{expected - 1:04d}{ending}")
-                probabilities, geometry = predictor.probabilities(files)
-                mask = predictor.labels(probabilities)
+                if with_probabilities:
+                    probabilities, geometry = predictor.probabilities(files)
+                    mask = predictor.labels(probabilities)
+                else:  # streamed: never classes x volume in memory
+                    mask, geometry = predictor.predict(files)
                 if postprocess is not None:
                     mask = postprocess(mask)
                 if with_probabilities:

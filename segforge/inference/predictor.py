@@ -44,9 +44,10 @@ class Predictor:
         self.plan_config = plans["configurations"][configuration]
         self.networks = [n.to(device).eval() for n in networks]
         self.device, self.step_size, self.mirror, self.sw_batch_size = device, step_size, mirror, sw_batch_size
-        if accumulate == "auto":  # nnU-Net models as nnU-Net predicts them; segforge's own in float32
-            accumulate = "float16" if plans.get("aggregate") == "logits" else "float32"
-        self.accumulate = {"float16": torch.float16, "float32": torch.float32}[accumulate]
+        if accumulate == "auto" and plans.get("aggregate") == "logits":  # nnU-Net models as nnU-Net predicts them
+            accumulate = "float16"
+        # auto: float32, or float16 once the buffer would be large (sliding_window.AUTO_HALF_BYTES)
+        self.accumulate = {"float16": torch.float16, "float32": torch.float32, "auto": "auto"}[accumulate]
         # region-based models: one sigmoid per region, painted in regions_class_order
         self.regions_class_order = dataset_json.get("regions_class_order") \
             if any(isinstance(v, list) for v in dataset_json.get("labels", {}).values()) else None
@@ -186,9 +187,76 @@ class Predictor:
         return probabilities.argmax(0).numpy().astype(np.uint8 if probabilities.shape[0] < 256 else np.uint16)
 
     def predict(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
-        """A mask on the input's grid: from channel files (a path or a list), or a ``(c, z, y, x)`` array + geometry."""
-        probabilities, geometry = self.probabilities(image, geometry)
-        return self.labels(probabilities), geometry
+        """A mask on the input's grid: from channel files (a path or a list), or a ``(c, z, y, x)`` array + geometry.
+
+        Streamed: windows, the way back to the input grid and the labels go slab by slab along the first axis, so the
+        memory for classes x volume is never taken (``probabilities`` does take it, to return it)."""
+        if not isinstance(image, np.ndarray):
+            files = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
+            image, geometry = read_case(files)
+        if geometry is None:
+            raise ValueError("an array input needs its geometry")
+        if list(self.plans.get("transpose_forward") or range(3)) != [0, 1, 2]:
+            probabilities, geometry = self.probabilities(image, geometry)
+            return self.labels(probabilities), geometry
+        expected = len(self.plans["channel_names"])
+        if image.ndim != 4 or image.shape[0] != expected:
+            raise SegforgeError(f"the model expects {expected} channel(s) of 3D (or single-slice 2D) images, the input has "
+                                f"shape {tuple(image.shape)}")
+        start = time.perf_counter()
+        data, props = preprocess_image(image, geometry, self.plans, self.configuration)
+        preprocessed = time.perf_counter()
+        labels = self._streamed_labels(data, props)
+        out = np.zeros(props["shape_before_crop"], labels.dtype)
+        out[tuple(slice(a, b) for a, b in props["crop_bbox"])] = labels
+        self.last_timings = {"preprocess": preprocessed - start, "network+restore": time.perf_counter() - preprocessed}
+        return out, geometry
+
+    @torch.no_grad()
+    def _streamed_labels(self, data: np.ndarray, props: dict) -> np.ndarray:
+        """Labels on the cropped input grid from slabs of the windows' output: each slab is taken back in-plane as it
+        comes, and an output slice is finished as soon as the slabs it interpolates from have arrived."""
+        from segforge.inference.sliding_window import sliding_window_slabs
+        from segforge.preprocessing.resample import axis_taps, resample
+
+        modes = (props.get("resampling") or {}).get("probabilities") or ["linear"] * 3
+        target = list(props["shape_after_crop"])
+        depth_in = data.shape[1]
+        if depth_in == target[0]:
+            rows, weights = np.arange(target[0])[:, None], np.ones((target[0], 1), np.float32)
+        else:
+            index, w = axis_taps(depth_in, target[0], modes[0])
+            rows, weights = index.numpy(), w.numpy()
+        dims = self.plan_config["dims"]
+        axes = [a for a in self.plan_config.get("mirror_axes", list(range(dims)))] if self.mirror else []
+        activation = None if self.average_logits else self._activation
+        x = torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
+        streams = [sliding_window_slabs(x, network.to(self.device), list(self.plan_config["patch_size"]), self.step_size,
+                                        axes, self.sw_batch_size, self.accumulate, activation)
+                   for network in self.networks]
+        labels = None
+        cache: dict[int, torch.Tensor] = {}
+        done = 0
+        for parts in zip(*streams):  # a few slices at a time, every fold's windows in step
+            first = parts[0][0]
+            slab = parts[0][1] if len(parts) == 1 else sum(p[1] for p in parts) / len(parts)
+            slab = resample(slab.cpu(), [slab.shape[1], *target[1:]], ["nearest", *modes[1:]])  # in-plane only
+            for k in range(slab.shape[1]):
+                cache[first + k] = slab[:, k]
+            del slab
+            while done < target[0] and int(rows[done].max()) in cache:
+                values = sum(float(wt) * cache[int(r)] for r, wt in zip(rows[done], weights[done]) if wt != 0.0)
+                if self.average_logits:
+                    values = self._activation(values[None])[0]
+                row = self.labels(values[:, None])[0]
+                if labels is None:
+                    labels = np.zeros(target, row.dtype)
+                labels[done] = row
+                done += 1
+                keep_from = int(rows[done].min()) if done < target[0] else depth_in
+                for z in [z for z in cache if z < keep_from]:
+                    del cache[z]
+        return labels
 
 
 class Ensemble:

@@ -21,6 +21,10 @@ import torch
 import torch.nn.functional as F
 
 
+SLAB = 4  # slices per yielded piece: what the consumer holds at a time, whatever the number of classes
+AUTO_HALF_BYTES = 512 * 2**20  # accumulate="auto": float16 once a float32 buffer would pass this
+
+
 def window_starts(size: int, patch: int, step_size: float) -> list[int]:
     """Window origins along one axis: evenly spread from 0 to ``size - patch``, at most ``step_size * patch`` apart."""
     if size <= patch:
@@ -56,10 +60,23 @@ def _mirrored(network, x: torch.Tensor, mirror_axes: list[int]) -> torch.Tensor:
     return out / (len(combos) + 1)
 
 
+def _ring(start: int, length: int, size: int) -> list[tuple[slice, slice]]:
+    """(buffer slice, slice of the window) pieces of the slices ``[start, start + length)`` in a ring of ``size``."""
+    pieces, done = [], 0
+    while done < length:
+        position = (start + done) % size
+        n = min(length - done, size - position)
+        pieces.append((slice(position, position + n), slice(done, done + n)))
+        done += n
+    return pieces
+
+
 @torch.no_grad()
-def sliding_window(image: torch.Tensor, network, patch: list[int], step_size: float = 0.5, mirror_axes=(),
-                   batch_size: int = 2, accumulate=torch.float32, activation=None, progress: bool = True) -> torch.Tensor:
-    """Outputs ``(channels, *spatial)`` of ``network`` over the ``(c, *spatial)`` ``image`` (on the image's device).
+def sliding_window_slabs(image: torch.Tensor, network, patch: list[int], step_size: float = 0.5, mirror_axes=(),
+                         batch_size: int = 2, accumulate=torch.float32, activation=None, progress: bool = True):
+    """Outputs of ``network`` over the ``(c, *spatial)`` ``image``, yielded as finished slabs along the first spatial
+    axis: ``(first_slice, (channels, slices, *rest))``, in order. Windows are processed by their position on that
+    axis, and the accumulation buffer only spans one window's depth, so memory does not grow with the volume.
 
     ``patch`` has one entry per spatial axis (3D networks) or one fewer (2D networks, applied per slice of the first
     axis). ``activation`` (e.g. a softmax over axis 1) is applied to each window's averaged output before weighting.
@@ -76,37 +93,82 @@ def sliding_window(image: torch.Tensor, network, patch: list[int], step_size: fl
         pads += [extra // 2, extra - extra // 2]
     padded = F.pad(image, pads) if any(pads) else image
     starts = [window_starts(n, p, step_size) for n, p in zip(padded_shape[lead:], patch)]
-    windows = [tuple([slice(None)] + ([slice(z, z + 1)] if lead else []) + [slice(s, s + p) for s, p in zip(origin, patch)])
-               for z in range(padded_shape[0] if lead else 1) for origin in itertools.product(*starts)]
+    in_plane = list(itertools.product(*starts[1 - lead:])) if dims + lead > 1 else [()]
+    # groups of windows that share their extent along the first axis: (start, depth, window origins)
+    if lead:  # 2D network: blocks of consecutive slices, enough windows for a batch
+        block = max(1, batch_size // max(1, len(in_plane)))
+        groups = [(z, min(block, padded_shape[0] - z)) for z in range(0, padded_shape[0], block)]
+    else:
+        groups = [(z, patch[0]) for z in starts[0]]
+    depth = max(d for _, d in groups)
     # in float16 the weights are scaled to 10 at the centre, as nnU-Net does, for the precision of the sums
     weights = gaussian_weights(patch, device=image.device, dtype=torch.float32) * (10.0 if accumulate == torch.float16 else 1.0)
-    weights = weights.to(accumulate)
+    weights = weights if accumulate == "auto" else weights.to(accumulate)
+    first_axis_pad = 0 if lead else pads[2 * (dims - 1)]
+    rest = [slice(pads[2 * (dims - 1 - a)], pads[2 * (dims - 1 - a)] + spatial[lead + a]) for a in range(1 - lead, dims)]
     total = counts = None
+    emitted = 0  # slices of the padded volume below `emitted` were yielded
+    total_windows = sum(d if lead else 1 for _, d in groups) * len(in_plane)
     bar = None
-    if progress and sys.stderr.isatty() and len(windows) > batch_size:
+    if progress and sys.stderr.isatty() and total_windows > batch_size:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(windows), desc="windows", unit="window", leave=False)
-    for first in range(0, len(windows), batch_size):
-        chunk = windows[first:first + batch_size]
-        crops = [padded[w] for w in chunk]
-        x = torch.stack([c[:, 0] if lead else c for c in crops])
-        out = _mirrored(network, x, list(mirror_axes))
-        if activation is not None:
-            out = activation(out)
-        if total is None:
-            total = torch.zeros((out.shape[1], *padded_shape), dtype=accumulate, device=image.device)
-            counts = torch.zeros(padded_shape, dtype=accumulate, device=image.device)
-        for w, o in zip(chunk, out):
-            target = (slice(None), *w[1:])
-            o = o * weights.float()  # the product in float32, the sum in the buffer's precision
-            total[target] += o[:, None] if lead else o
-            counts[w[1:]] += weights
-        if bar is not None:
-            bar.update(len(chunk))
+        bar = tqdm(total=total_windows, desc="windows", unit="window", leave=False)
+
+    def finished(upto: int):
+        """The slices [emitted, upto) of the padded volume, divided by their weights and cut to the image, a few at a
+        time; their place in the ring buffer is cleared for the windows to come."""
+        lo, hi = max(emitted, first_axis_pad), min(upto, first_axis_pad + spatial[0])
+        for z in range(lo, hi, SLAB):
+            pieces = [total[:, ring] / counts[ring] for ring, _ in _ring(z, min(SLAB, hi - z), depth)]
+            out = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+            yield z - first_axis_pad, out[(slice(None), slice(None), *rest)].float()
+        for ring, _ in _ring(emitted, max(0, upto - emitted), depth):
+            total[:, ring] = 0
+            counts[ring] = 0
+
+    for index, (z0, extent) in enumerate(groups):
+        windows = [(z, origin) for z in range(z0, z0 + extent) for origin in in_plane] if lead else \
+            [(z0, origin) for origin in itertools.product(*starts[1:])]
+        for first in range(0, len(windows), batch_size):
+            chunk = windows[first:first + batch_size]
+            if lead:
+                crops = [padded[(slice(None), z, *[slice(o, o + p) for o, p in zip(origin, patch)])] for z, origin in chunk]
+            else:
+                crops = [padded[(slice(None), slice(z, z + patch[0]), *[slice(o, o + p) for o, p in zip(origin, patch[1:])])]
+                         for z, origin in chunk]
+            out = _mirrored(network, torch.stack(crops), list(mirror_axes))
+            if activation is not None:
+                out = activation(out)
+            if total is None:  # a ring buffer one window deep along the first axis (slice z lives at z % depth)
+                if accumulate == "auto":  # float16 where the buffer would be large: probabilities sum safely in it
+                    size = out.shape[1] * depth * math.prod(padded_shape[1:]) * 4
+                    accumulate = torch.float16 if size > AUTO_HALF_BYTES else torch.float32
+                    weights = weights.to(accumulate)
+                total = torch.zeros((out.shape[1], depth, *padded_shape[1:]), dtype=accumulate, device=image.device)
+                counts = torch.zeros((depth, *padded_shape[1:]), dtype=accumulate, device=image.device)
+            for (z, origin), o in zip(chunk, out):
+                o = o * weights.float()  # the product in float32, the sum in the buffer's precision
+                if lead:
+                    o, w = o[:, None], weights[None]
+                    length, inner = 1, [slice(s, s + p) for s, p in zip(origin, patch)]
+                else:
+                    w, length, inner = weights, patch[0], [slice(s, s + p) for s, p in zip(origin, patch[1:])]
+                for ring, part in _ring(z, length, depth):
+                    total[(slice(None), ring, *inner)] += o[:, part]
+                    counts[(ring, *inner)] += w[part]
+            if bar is not None:
+                bar.update(len(chunk))
+        upto = groups[index + 1][0] if index + 1 < len(groups) else padded_shape[0]
+        yield from finished(upto)
+        emitted = max(emitted, upto)
     if bar is not None:
         bar.close()
-    total /= counts
-    keep = [slice(None)] * (1 + lead) + [slice(pads[2 * (dims - 1 - a)], pads[2 * (dims - 1 - a)] + spatial[lead + a])
-                                           for a in range(dims)]
-    return total[tuple(keep)].float()
+
+
+def sliding_window(image: torch.Tensor, network, patch: list[int], step_size: float = 0.5, mirror_axes=(),
+                   batch_size: int = 2, accumulate=torch.float32, activation=None, progress: bool = True) -> torch.Tensor:
+    """The whole ``(channels, *spatial)`` output of ``sliding_window_slabs`` in one tensor."""
+    slabs = [slab for _, slab in sliding_window_slabs(image, network, patch, step_size, mirror_axes, batch_size,
+                                                       accumulate, activation, progress)]
+    return torch.cat(slabs, 1)
