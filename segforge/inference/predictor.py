@@ -206,14 +206,23 @@ class Predictor:
         start = time.perf_counter()
         data, props = preprocess_image(image, geometry, self.plans, self.configuration)
         preprocessed = time.perf_counter()
-        labels = self._streamed_labels(data, props)
+        try:
+            labels = self._streamed_labels(data, props, self.device)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("GPU out of memory; predicting this case on the CPU")
+            torch.cuda.empty_cache()
+            try:
+                labels = self._streamed_labels(data, props, torch.device("cpu"))
+            finally:
+                for network in self.networks:
+                    network.to(self.device)  # the next case on the GPU again
         out = np.zeros(props["shape_before_crop"], labels.dtype)
         out[tuple(slice(a, b) for a, b in props["crop_bbox"])] = labels
         self.last_timings = {"preprocess": preprocessed - start, "network+restore": time.perf_counter() - preprocessed}
         return out, geometry
 
     @torch.no_grad()
-    def _streamed_labels(self, data: np.ndarray, props: dict) -> np.ndarray:
+    def _streamed_labels(self, data: np.ndarray, props: dict, device: torch.device) -> np.ndarray:
         """Labels on the cropped input grid from slabs of the windows' output: each slab is taken back in-plane as it
         comes, and an output slice is finished as soon as the slabs it interpolates from have arrived."""
         from segforge.inference.sliding_window import sliding_window_slabs
@@ -230,8 +239,8 @@ class Predictor:
         dims = self.plan_config["dims"]
         axes = [a for a in self.plan_config.get("mirror_axes", list(range(dims)))] if self.mirror else []
         activation = None if self.average_logits else self._activation
-        x = torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
-        streams = [sliding_window_slabs(x, network.to(self.device), list(self.plan_config["patch_size"]), self.step_size,
+        x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
+        streams = [sliding_window_slabs(x, network.to(device), list(self.plan_config["patch_size"]), self.step_size,
                                         axes, self.sw_batch_size, self.accumulate, activation)
                    for network in self.networks]
         labels = None
