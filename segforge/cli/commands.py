@@ -234,6 +234,24 @@ def run_select(args, cfg, overrides) -> int:
     return 0
 
 
+def run_export_model(args, cfg, overrides) -> int:
+    from segforge.io.model_archive import export_model
+
+    manifest = export_model(Path(args.model_dir), Path(args.archive), args.folds)
+    size = Path(args.archive).stat().st_size
+    print(f"{args.archive}: {len(manifest['files'])} files of {manifest['model']} ({', '.join(manifest['folds'])}), "
+          f"{size / 2**20:.1f} MB")
+    return 0
+
+
+def run_import_model(args, cfg, overrides) -> int:
+    from segforge.io.model_archive import import_model
+
+    folder = import_model(Path(args.archive), Path(args.destination))
+    print(f"model folder: {folder}\npredict with: segforge predict -i IMAGES -o OUT --model {folder}")
+    return 0
+
+
 def run_demo(args, cfg, overrides) -> int:
     from segforge.demo.runner import run_demo as demo
 

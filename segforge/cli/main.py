@@ -29,8 +29,13 @@ COMMANDS = {
     "predict": "Predict masks for a folder of images with a trained model folder.",
     "evaluate": "Dice, IoU, HD95 and NSD per case and class between a prediction and a reference folder.",
     "select": "Compare configurations (and their ensembles) on cross-validation, pick the best, find its postprocessing.",
+    "export-model": "Pack a model folder (plans, weights of chosen folds, postprocessing, checksums) into one zip.",
+    "import-model": "Check a model zip against its checksums and unpack it as a model folder.",
     "demo": "Generate a synthetic dataset and run check, plan, preprocess, train, predict and evaluate on it.",
 }
+
+
+CONFIG_OF = {"export-model": "model_archive", "import-model": "model_archive"}  # commands that share a config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("pred_dir", help="folder of predicted masks")
             p.add_argument("ref_dir", help="folder of reference masks")
             p.add_argument("--dataset-json", help="dataset.json giving the labels (default: beside ref_dir or pred_dir)")
+        if name == "export-model":
+            p.add_argument("model_dir", help="trained model folder (holds plans.json and fold_*/)")
+            p.add_argument("archive", help="the zip to write (never overwritten)")
+            p.add_argument("--folds", nargs="+", help="only these folds (default: every trained fold)")
+        if name == "import-model":
+            p.add_argument("archive", help="a zip written by segforge export-model")
+            p.add_argument("destination", help="the model folder to create (must not exist)")
         if name == "select":
             p.add_argument("task_dir", help="<results>/<dataset>/results/<task>: the folder holding one model folder per configuration")
         if name == "plan":
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         overrides = split_overrides(args)
-        cfg = compose_config(args.command, overrides)
+        cfg = compose_config(CONFIG_OF.get(args.command, args.command), overrides)
         if args.cfg:
             from omegaconf import OmegaConf
 
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from segforge.cli import commands
 
-        return int(getattr(commands, f"run_{args.command}")(args, cfg, overrides) or 0)
+        return int(getattr(commands, f"run_{args.command.replace('-', '_')}")(args, cfg, overrides) or 0)
     except SegforgeError as exc:
         print(f"segforge {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
