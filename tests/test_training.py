@@ -64,6 +64,30 @@ def test_resume_continues_exactly_where_it_stopped(planned):
     assert len(list((resumed / "logs").glob("version_*"))) == 2  # the first part's logs were kept
 
 
+def test_a_crashed_run_resumes_from_its_last_finished_epoch(planned, monkeypatch):
+    """A run killed in its third epoch left last.ckpt of the second (written every epoch, not only at the end), and
+    resume=auto goes on from there."""
+    from segforge.training.callbacks import EpochProgress
+
+    dataset, work = planned
+    finish = EpochProgress.on_train_epoch_end
+
+    def crash_in_third_epoch(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            raise RuntimeError("node lost")
+        finish(self, trainer, pl_module)
+
+    monkeypatch.setattr(EpochProgress, "on_train_epoch_end", crash_in_third_epoch)
+    run = ["train", str(dataset), *QUICK, *roots(work, "crashed"), "trainer.max_epochs=4"]
+    with pytest.raises(RuntimeError, match="node lost"):
+        main(run)
+    fold = fold_dir(work, dataset, "crashed")
+    assert torch.load(fold / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    monkeypatch.undo()
+    assert main(run) == 0
+    assert json.loads((fold / "training_summary.json").read_text())["global_step"] == 24
+
+
 def test_max_time_ends_the_run_cleanly_with_a_checkpoint(planned):
     dataset, work = planned
     assert main(["train", str(dataset), *roots(work, "timed"), *QUICK, "trainer.max_epochs=100000",

@@ -125,6 +125,15 @@ class _CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def configure_logging() -> None:
     """segforge's messages to stderr, once; third-party noise that says nothing to a user is filtered."""
     import warnings
@@ -136,6 +145,10 @@ def configure_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    # Lightning logs this at every checkpoint save; segforge saves full training state on purpose (resume needs it)
+    connector_log = logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector")
+    if not any(isinstance(f, _DropMessage) for f in connector_log.filters):
+        connector_log.addFilter(_DropMessage("`weights_only` was not set"))
     for pattern in (".*LeafSpec.*", ".*all_gather is deprecated.*", ".*number of training batches.*logging interval.*"):
         warnings.filterwarnings("ignore", message=pattern)
 

@@ -83,6 +83,13 @@ def label_setup(spec: DatasetSpec) -> tuple[list[list[int]] | None, int | None]:
     return regions, spec.ignore_label
 
 
+def latest_checkpoint(fold_dir: Path) -> str | None:
+    """The newest of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_*.ckpt`` Lightning writes when SLURM asks a job to
+    requeue (signal before preemption): a requeued job continues from whichever came last."""
+    candidates = [p for p in [fold_dir / "checkpoints" / "last.ckpt", *fold_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return str(max(candidates, key=lambda p: p.stat().st_mtime_ns)) if candidates else None
+
+
 def check_model_folder(model_dir: Path, copies: dict[Path, Path]) -> None:
     """The folds of a model folder share its plans.json and dataset.json: refuse to add one made from others."""
     for target, source in copies.items():
@@ -133,10 +140,10 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     model_dir = workspace.model_dir(task, configuration)
     fold_dir = workspace.fold_dir(task, configuration, cfg.fold)
     checkpoint = fold_dir / "checkpoints" / "last.ckpt"
-    if checkpoint.is_file() and str(cfg.resume) in ("False", "false"):
+    if latest_checkpoint(fold_dir) and str(cfg.resume) in ("False", "false"):
         raise SegforgeError(f"{fold_dir} already holds a run. Fix: resume=auto to continue it, or choose another fold "
                             "or paths.results_root (segforge never overwrites a run)")
-    resume_from = str(checkpoint) if checkpoint.is_file() and str(cfg.resume) in ("auto", "True", "true") else None
+    resume_from = latest_checkpoint(fold_dir) if str(cfg.resume) in ("auto", "True", "true") else None
     copies = {model_dir / "plans.json": workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}
     check_model_folder(model_dir, copies)
 
@@ -168,8 +175,10 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
                    fold_dir / "network.yaml": OmegaConf.to_yaml(OmegaConf.create(kwargs))},
             copies=copies),
         ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps, max_time_s),
-        L.pytorch.callbacks.ModelCheckpoint(dirpath=fold_dir / "checkpoints", save_last=True, save_top_k=0,
-                                            every_n_epochs=1, save_on_train_epoch_end=True),
+        # last.ckpt after every epoch, so a killed run resumes from its latest epoch (Lightning's save_last only
+        # writes when a top-k checkpoint was written, i.e. never with save_top_k=0)
+        L.pytorch.callbacks.ModelCheckpoint(dirpath=fold_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                                            enable_version_counter=False, every_n_epochs=1, save_on_train_epoch_end=True),
         EpochProgress(fold_dir / "progress.png" if cfg.callbacks.progress_plot else None),
     ]
     if cfg.callbacks.best_checkpoint and val_ids:
