@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from segforge import __version__
@@ -126,3 +127,22 @@ def test_plan_rules_take_overrides_of_every_kind():
     assert dict(cfg.plan.normalization) == {0: "zscore"} and cfg.plan.gpu == "a100-80gb"
     assert cfg.plan.memory.precision == "bf16-mixed" and list(cfg.plan.configurations) == ["3d_fullres"]
     assert list(cfg.plan.target_spacing) == [2.0, 1.0, 1.0]
+
+
+def test_architecture_choices_are_plain_overrides():
+    """model.encoder / upsample / blocks_per_stage are config values (no '+'), and reach the network built from a plan."""
+    from hydra.utils import instantiate
+
+    from segforge.nn.unet import ResidualBlock
+    from segforge.training.run import network_kwargs
+
+    plan_config = {"dims": 2, "network": {"features_per_stage": [4, 8, 16], "kernel_sizes": [[3, 3]] * 3,
+                                          "strides": [[1, 1], [2, 2], [2, 2]], "conv_per_stage": 2, "norm": "instance",
+                                          "deep_supervision": True}}
+    cfg = compose_config("train", ["model.encoder=residual", "model.blocks_per_stage=[1,2,2]", "model.upsample=interpolate"])
+    network = instantiate(network_kwargs(cfg, plan_config, in_channels=1, out_channels=3), _convert_="all")
+    assert sum(isinstance(m, ResidualBlock) for m in network.modules()) == 5
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in network.modules())
+    plain = instantiate(network_kwargs(compose_config("train", []), plan_config, 1, 3), _convert_="all")
+    assert not any(isinstance(m, ResidualBlock) for m in plain.modules())
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in plain.modules())
