@@ -179,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     except SegforgeError as exc:
         print(f"segforge {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a write the stage did not foresee failing: full disk, quota, read-only, permissions
+        from segforge.io.storage import storage_error
+
+        error = storage_error(exc, exc.filename or "a file")
+        if error is None:
+            raise
+        print(f"segforge {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print(f"segforge {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ import numpy as np
 
 from segforge import __version__
 from segforge.errors import ArtifactError
+from segforge.io.storage import storage_error
 
 # One schema version per artifact kind; bump when a reader could no longer understand the old layout.
 SCHEMA_VERSIONS = {
@@ -62,10 +63,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        error = storage_error(exc, path)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -127,7 +131,10 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        error = storage_error(exc, path)
+        if error is None:
+            raise
+        raise error from exc

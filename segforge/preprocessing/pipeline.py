@@ -27,6 +27,7 @@ import torch
 from segforge.io.artifacts import read_json, save_npy_atomic, write_json
 from segforge.io.dataset import Case
 from segforge.io.image import Geometry, read_case, read_image
+from segforge.io.storage import check_writable
 from segforge.parallel import progress_map
 from segforge.preprocessing.crop import crop, nonzero_bbox, paste
 from segforge.preprocessing.normalize import apply_normalization, invert_normalization, normalization_parameters
@@ -188,6 +189,11 @@ def run_preprocessing(cases: list[Case], plans: dict, configuration: str, out_di
     foreground = [v for v in label_values if v != 0 and v != ignore_label]
     todo = [c for c in cases if not case_done(out_dir, c.case_id, digest, per_class)]
     log.info("preprocess %s: %d case(s) to do, %d already done", configuration, len(todo), len(cases) - len(todo))
+    if todo:  # float32 image channels + int16 label + locations, at the median shape: fail now, not at case 150
+        voxels = float(np.prod(plans["configurations"][configuration]["median_shape"]))
+        per_case = voxels * (4 * len(plans["channel_names"]) + 2) + 12 * per_class * max(len(foreground), 1) + 4096
+        check_writable(out_dir, int(per_case * len(todo)), what=f"preprocessing {len(todo)} case(s)",
+                       setting="paths.preprocessed_root=DIR (or $SEGFORGE_PREPROCESSED)")
     args = [(c, plans, configuration, out_dir, foreground, per_class, digest) for c in todo]
     for _ in progress_map(preprocess_case, args, num_workers, f"preprocess {configuration}"):
         pass

@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from segforge.io.artifacts import atomic_write_bytes, atomic_write_text
+from segforge.io.storage import storage_error
 
 log = logging.getLogger("segforge")
 
@@ -30,6 +31,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
             os.replace(tmp, path)
+        except Exception as exc:
+            error = storage_error(exc, path)
+            if error is None:
+                raise
+            raise error from exc
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import read_json, stamp, write_json
 from segforge.io.dataset import DatasetSpec
+from segforge.io.storage import check_writable
 from segforge.preprocessing.pipeline import plan_hash
 from segforge.training.callbacks import AtomicCheckpointIO, BestCheckpoint, EpochProgress, RunFolderWriter
 from segforge.training.data import SegmentationDataModule
@@ -146,10 +147,17 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     resume_from = latest_checkpoint(fold_dir) if str(cfg.resume) in ("auto", "True", "true") else None
     copies = {model_dir / "plans.json": workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}
     check_model_folder(model_dir, copies)
+    # temporary files of a run killed while writing (a checkpoint, the plot); no rank writes before all have started
+    for stale in fold_dir.rglob(".tmp-*"):
+        stale.unlink(missing_ok=True)
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     kwargs = network_kwargs(cfg, plan_config, spec.num_channels, spec.num_outputs)
     network = instantiate(kwargs, _convert_="all")
+    # last.ckpt, best.ckpt (weights + optimizer moments each), model_final.pt, a requeue checkpoint: room for them now
+    parameter_bytes = 4 * sum(p.numel() for p in network.parameters())
+    check_writable(fold_dir, 10 * parameter_bytes, what="this run's checkpoints",
+                   setting="paths.results_root=DIR (or $SEGFORGE_RESULTS)")
     if cfg.get("init_from") and not resume_from:  # a resumed run continues its own weights
         load_initial_weights(network, kwargs, Path(str(cfg.init_from)))
     if cfg.model.get("channels_last"):

@@ -1,0 +1,81 @@
+"""Storage checks: before long work, is the output folder writable with room for what will be written; after a
+failed write, a clear error instead of a traceback.
+
+Every long stage writes atomically (a ``.tmp-*`` name, then a rename), so a full disk or a file-size limit can only
+cost the file being written, never a finished one. This module makes the failure legible and, where it can be
+foreseen, makes it happen before hours of work rather than after.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from segforge.errors import SegforgeError
+
+# write failures that are about the storage, not the data: full disk, quota, file-size limit, read-only, permissions
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class StorageError(SegforgeError):
+    """A folder cannot be written, or has no room for what a stage is about to write."""
+
+    exit_code = 3
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"  # pragma: no cover
+
+
+def check_writable(folder: Path, needed_bytes: int = 0, *, what: str, setting: str) -> None:
+    """Create ``folder`` if needed, prove a file can be written there, and that ``needed_bytes`` (an estimate of what
+    ``what`` will write) fit in its free space with a 10% margin. ``setting`` names the option that moves it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+        try:
+            os.write(fd, b"segforge")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise StorageError(f"{folder}: cannot write there ({exc.strerror}), so {what} would fail. Fix: make it "
+                           f"writable, or choose another folder with {setting}") from exc
+    free = shutil.disk_usage(folder).free
+    if needed_bytes and free < 1.1 * needed_bytes:
+        raise StorageError(f"{folder}: {human(free)} free, but {what} needs about {human(needed_bytes)}. Fix: free "
+                           f"space there, or choose another folder with {setting}")
+
+
+def storage_error(exc: BaseException, path: Path | str) -> StorageError | None:
+    """``exc`` (raised while writing ``path``) as a StorageError when it is a storage failure, else None.
+
+    torch's zip writer reports a failed write as ``RuntimeError: ... file write failed`` and numpy's a short write as
+    ``OSError: N requested and M written``, both without an errno."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = Path(exc.filename) if getattr(exc, "filename", None) else Path(path)
+        return StorageError(f"{where}: cannot write there ({exc.strerror}). Fix: make the folder writable for this "
+                            "user, or point the paths.* setting (or $SEGFORGE_*) that leads there elsewhere")
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        reason = exc.strerror or str(exc)
+    elif (isinstance(exc, RuntimeError) and ("write failed" in str(exc) or "unexpected pos" in str(exc))) or (
+            isinstance(exc, OSError) and exc.errno is None and "written" in str(exc)):  # numpy: "N requested and M written"
+        reason = "the write failed: the disk is full or a file-size limit was reached"
+    else:
+        return None
+    folder = Path(path).parent
+    try:
+        free = f"{human(shutil.disk_usage(folder).free)} free there"
+    except OSError:
+        free = "its free space unknown"
+    return StorageError(f"{path}: {reason} ({free}). Nothing finished was overwritten: the file is written under a "
+                        "temporary name and renamed when complete. Fix: free space (or raise the quota / file-size "
+                        "limit), then run the same command again: it resumes")
