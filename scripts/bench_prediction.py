@@ -3,6 +3,8 @@ the same 512x512x100 CT-shaped volume, with the same weights, step size, mirrori
 (preprocess, network, export), end to end, and peak RAM, each tool in its own fresh process.
 
     python scripts/bench_prediction.py [--mirror] [--threads 2] [--repeat 1] [--force]
+    python scripts/bench_prediction.py --memory 4 32          # streamed vs full labels, 512x512x100
+    python scripts/bench_prediction.py --extreme --classes 4 32   # 512x512x1000 CT, 4000x4000 RGB slide
 
 The model: nnU-Net's own 3d_fullres plan for the ``train30`` dataset with a narrow network (8..64 features, so the
 CPU run fits a session), trained for a few iterations by nnU-Net. Targets: segforge's non-network time at most 0.5x
@@ -39,7 +41,14 @@ def main(argv=None) -> int:
     p.add_argument("--bench-root", type=Path, default=None)
     p.add_argument("--memory", type=int, nargs="*", default=None, metavar="CLASSES",
                    help="only the memory stage: peak RSS of streamed vs full-probability labels for these class counts")
+    p.add_argument("--extreme", nargs="*", default=None, metavar="CASE",
+                   help="only the extreme volumes: peak RSS of `segforge predict`'s streamed path on ct1000 (512x512x1000) "
+                        "and slide4000 (4000x4000 RGB), for the class counts given by --classes")
+    p.add_argument("--classes", type=int, nargs="+", default=[4, 32])
     args = p.parse_args(argv)
+    if args.extreme is not None:
+        return extreme_stage(args, ResultsFile(args.results or default_results_path()),
+                             (args.bench_root or default_bench_root()).resolve())
     bench_root = (args.bench_root or default_bench_root()).resolve()
     results = ResultsFile(args.results or default_results_path())
     train_preset, case_preset = get_preset("train30"), get_preset("ct100")
@@ -91,7 +100,6 @@ def main(argv=None) -> int:
                  ratio(nn["peak_rss_mb"], sf["peak_rss_mb"]), "<= 1.0"])
     print(f"\n{BENCHMARK} benchmark, {'with' if args.mirror else 'without'} mirroring, step {args.step_size}, {args.threads} threads")
     print(format_table(rows, ["stage", "nnU-Net s", "segforge s", "segforge/nnU-Net", "target"]))
-    import numpy as np
     from segforge.io.image import read_image
 
     a = read_image(work / "prediction" / "nnunet" / "case_0000.nii.gz")[0]
@@ -118,6 +126,28 @@ def memory_stage(args, results, image: Path, work: Path, dataset: str) -> int:
                      f"{2048 + 3 * input_mb:.0f}"])
     print(format_table(rows, ["classes", "input MB", "streamed peak MB", "full peak MB", "streamed s", "full s",
                               "2 GB + 3x input"]))
+    return 0
+
+
+def extreme_stage(args, results, bench_root: Path) -> int:
+    """Peak RSS predicting the extreme cases, against the budget of 2 GB + 3x the input as float32."""
+    from bench.prediction import EXTREME_CASES, make_extreme_case
+
+    rows = []
+    for name in args.extreme or list(EXTREME_CASES):
+        folder = make_extreme_case(name, bench_root / "data" / "extreme")
+        for classes in args.classes:
+            stage = f"extreme_{name}_{classes}"
+            result = run_stage("bench.prediction:stage_segforge_extreme",
+                               {"folder": str(folder), "name": name, "classes": classes, "threads": args.threads},
+                               bench_root / "work" / "prediction" / "extreme", name=stage,
+                               env={"OMP_NUM_THREADS": str(args.threads)}, timeout=7200)
+            results.append(make_record(BENCHMARK, "segforge", name, stage, summarize([result]), {"classes": classes}))
+            budget = 2048 + 3 * result.metrics["input_mb"]
+            rows.append([name, str(classes), f"{result.metrics['input_mb']:.0f}", f"{result.peak_rss_mb:.0f}",
+                         f"{budget:.0f}", f"{result.peak_rss_mb / budget:.2f}", f"{result.seconds:.0f}"])
+    print(format_table(rows, ["case", "classes", "input MB (float32)", "peak RSS MB", "budget MB (2 GB + 3x input)",
+                              "peak/budget", "seconds"]))
     return 0
 
 

@@ -12,7 +12,6 @@ import yaml
 
 from segforge import __version__
 from segforge.cli.main import COMMANDS, compose_config, main, split_overrides
-from segforge.errors import SegforgeError
 
 
 def test_version(capsys):

@@ -5,7 +5,6 @@ the limit fails with EFBIG, as a full disk fails with ENOSPC); permissions as a 
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -95,6 +94,34 @@ def test_a_checkpoint_past_a_file_size_limit_leaves_no_corrupt_checkpoint(planne
     assert (fold / "model_final.pt").is_file()
 
 
+@pytest.fixture(scope="module")
+def trained(planned, tmp_path_factory):
+    dataset, work = planned
+    results = tmp_path_factory.mktemp("trained")
+    assert main(["preprocess", str(dataset), f"paths.work_root={work}"]) == 0
+    assert main(["train", str(dataset), f"paths.work_root={work}", f"paths.results_root={results}", *QUICK]) == 0
+    return dataset, results / dataset.name / "results" / "segment" / "3d_fullres"
+
+
+def test_masks_past_a_file_size_limit_stop_the_run_and_none_is_corrupt(trained, tmp_path):
+    """SimpleITK writes a cut-short NIfTI without an error (and reads it back zero-filled): each mask is checked
+    before it takes its name, and a storage failure stops the run instead of failing every case alike."""
+    dataset, model = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, source in enumerate(sorted((dataset / "imagesTr").glob("*.nii.gz"))[:3]):
+        shutil.copy(source, images / f"scan{i}_0000.nii.gz")
+    out = tmp_path / "masks"
+    command = ["predict", "-i", str(images), "-o", str(out), "--model", str(model), "predict.mirror=false"]
+    done = limited(command, 600)  # a mask of this size takes ~1-2 KB compressed
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "could not be written completely" in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.count("could not be written completely") == 1  # stopped at the first, not once per case
+    assert not list(out.glob("*.nii.gz")) and not list(out.glob(".tmp-*"))
+    assert main([*command, "--continue"]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"scan{i}.nii.gz" for i in range(3)]
+
+
 def test_folders_a_user_cannot_write_are_refused_before_work_starts():
     base = Path(tempfile.mkdtemp(prefix="segforge-readonly-", dir="/tmp"))  # pytest's tmp is root-only (0700)
     try:
@@ -111,6 +138,8 @@ def test_folders_a_user_cannot_write_are_refused_before_work_starts():
             "preprocess": ["preprocess", str(dataset), f"paths.work_root={work}",
                            f"paths.preprocessed_root={base / 'elsewhere'}"],
             "train": ["train", str(dataset), f"paths.work_root={work}", *QUICK],
+            "predict": ["predict", "-i", str(dataset / "imagesTs"), "-o", str(base / "masks"), "--model",
+                        str(work / dataset.name)],  # refused before the model is even looked at
         }
         for name, args in cases.items():
             done = subprocess.run([*as_nobody, *args], capture_output=True, text=True, env=env, cwd="/tmp", timeout=300)

@@ -155,6 +155,7 @@ def test_killed_prediction_continues_to_identical_masks(setting):
                        lambda: len(list(out.glob("case*.nii.gz"))) >= after, float(rng.uniform(0, 0.1)))
     assert landed, "the kill came after prediction had finished: nothing was tested"
     assert_complete(out)
+    (out / ".tmp-4242-case015.nii.gz").write_bytes(b"\x1f\x8b half")  # as if killed while writing
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("case*.nii.gz")}
     run([*predict, "-o", str(out), "--continue"], base / "predict_again.log")
     assert not list(out.glob(".tmp-*"))

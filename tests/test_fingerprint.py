@@ -14,7 +14,6 @@ import yaml
 from conftest import write_dataset
 from segforge.cli.main import main
 from segforge.io.dataset import load_dataset
-from segforge.io.image import Geometry, write_image
 from segforge.planning.fingerprint import class_summary, compute_fingerprint, intensity_stats
 
 

@@ -239,3 +239,18 @@ def test_streamed_labels_equal_labels_of_the_full_probabilities(target, patch, d
     assert streamed.shape == reference.shape
     assert (streamed == reference).mean() > 0.9999, (streamed != reference).sum()
     assert len(np.unique(reference)) > 2
+
+
+def test_a_single_2d_image_streams_along_its_rows_to_the_same_labels():
+    """A slide (one 2D image, a 2D model) is streamed along its rows, not held as classes x image; same labels."""
+    rng = np.random.default_rng(4)
+    image = np.zeros((1, 1, 90, 70), np.float32)
+    image[0, 0, 5:85, 4:66] = 0.1 + rng.uniform(0, 0.3, (80, 62)).astype(np.float32)
+    geometry = Geometry(spacing=(999.0, 1.0, 0.6), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0), ndim=2)
+    dataset = dict(DATASET, labels={"background": 0, **{f"c{i}": i for i in range(1, 6)}})
+    model = predictor([Noisy(6, 2)], patch=(16, 16), target=(None, 1.2, 0.7), dataset=dataset, mirror_axes=(0, 1), dims=2)
+    streamed, _ = model.predict(image, geometry)
+    reference = model.labels(model.probabilities(image, geometry)[0])
+    assert streamed.shape == reference.shape == (1, 90, 70)
+    assert (streamed == reference).mean() > 0.9999, (streamed != reference).sum()
+    assert len(np.unique(reference)) > 2

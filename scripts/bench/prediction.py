@@ -121,3 +121,75 @@ def stage_segforge_memory(timer, image: str, classes: int, streamed: bool, threa
         else:
             mask = predictor.labels(predictor.probabilities(volume, geometry)[0])
     return {"classes": classes, "streamed": streamed, "input_mb": volume.nbytes / 2**20, "labels_found": int(mask.max())}
+
+
+EXTREME_CASES = {
+    # name: (shape in numpy order, spacing, channels, file ending); spacing = the stand-in plan's target: no resampling,
+    # so the network runs on the full grid (the hardest case for memory)
+    "ct1000": ((1000, 512, 512), (1.0, 0.78, 0.78), 1, ".nii"),
+    "slide4000": ((1, 4000, 4000), (999.0, 0.5, 0.5), 3, ".tif"),  # 2D: one slice, segforge's fake slice spacing
+}
+
+
+def make_extreme_case(name: str, folder: Path) -> Path:
+    """A synthetic case of ``EXTREME_CASES[name]`` (smooth structures in noise), written once; returns its folder."""
+    import numpy as np
+
+    from segforge.io.image import Geometry, write_image
+
+    shape, spacing, channels, ending = EXTREME_CASES[name]
+    folder = Path(folder) / name
+    if (folder / "done").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for c in range(channels):
+        if shape[0] > 1:  # CT-like int16: a body ellipse with organs, slice by slice (never float64 x volume)
+            image = np.empty(shape, np.int16)
+            yy, xx = np.mgrid[:shape[1], :shape[2]]
+            for z in range(shape[0]):
+                body = ((yy - 256) / 200) ** 2 + ((xx - 256) / 240) ** 2 < 1
+                organ = ((yy - 220 - 30 * np.sin(z / 90)) / 60) ** 2 + ((xx - 300) / 80) ** 2 < 1
+                image[z] = np.where(body, 40, -1000) + 60 * organ + rng.normal(0, 20, shape[1:]).astype(np.int16)
+        else:  # an RGB slide, uint8 per channel
+            yy, xx = np.mgrid[:shape[1]:8, :shape[2]:8]
+            coarse = (128 + 60 * np.sin(yy / (40 + 10 * c)) * np.cos(xx / 55)).astype(np.float32)
+            image = np.kron(coarse, np.ones((8, 8), np.float32))[None, :shape[1], :shape[2]]
+            image = np.clip(image + rng.normal(0, 8, shape), 0, 255).astype(np.uint8)
+        dims = 3 if shape[0] > 1 else 2
+        geometry = Geometry(spacing=spacing, origin=(0.0,) * dims, direction=tuple(np.eye(dims).ravel()), ndim=dims)
+        write_image(folder / f"case_{c:04d}{ending}", image, geometry)
+        del image
+    (folder / "done").write_text("")
+    return folder
+
+
+def stage_segforge_extreme(timer, folder: str, name: str, classes: int, threads: int) -> dict:
+    """Peak memory of `segforge predict`'s path (files in, streamed labels out) on an extreme case, with a stand-in
+    ``classes``-class network of one convolution (the measure is memory, not compute)."""
+    import torch
+    from torch import nn
+
+    from segforge.inference.predictor import Predictor
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    shape, spacing, channels, ending = EXTREME_CASES[name]
+    dims = 3 if shape[0] > 1 else 2
+    network = (nn.Conv3d if dims == 3 else nn.Conv2d)(channels, classes, 3, padding=1)
+    configuration = "3d_fullres" if dims == 3 else "2d"
+    patch = [64, 160, 160] if dims == 3 else [512, 512]
+    plans = {"channel_names": {str(c): ("CT" if dims == 3 else f"rgb{c}") for c in range(channels)},
+             "normalization": [{"scheme": "zscore", "use_nonzero_mask": False}] * channels,
+             "configurations": {configuration: {"dims": dims, "patch_size": patch, "target_spacing": list(spacing) if dims == 3 else [None, *spacing[1:]],
+                                                "mirror_axes": list(range(dims))}}}
+    dataset = {"labels": {"background": 0, **{f"class{i}": i for i in range(1, classes)}}, "file_ending": ending}
+    predictor = Predictor(plans, dataset, configuration, [network], torch.device("cpu"), 0.5, False, 2)
+    files = sorted(Path(folder).glob(f"case_*{ending}"))
+    with timer:
+        mask, _ = predictor.predict(files)
+    voxels = 1
+    for n in shape:
+        voxels *= n
+    return {"classes": classes, "input_mb": channels * voxels * 4 / 2**20, "mask_shape": list(mask.shape),
+            "labels_found": int(mask.max())}

@@ -148,7 +148,6 @@ def stage_segforge_loop(timer, folder: str, architecture: dict, patch_size: list
                         in_channels: int, num_classes: int, steps: int) -> dict:
     import itertools
 
-    import torch
     from omegaconf import OmegaConf
 
     import segforge

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -180,6 +179,9 @@ def run_predict(args, cfg, overrides) -> int:
     if input_path.is_dir() and output.resolve() == input_path.resolve():
         raise SegforgeError(f"{output}: output folder is the input folder. Fix: choose another -o folder")
     parse_part(args.part)  # a malformed --part fails before any model is loaded
+    from segforge.io.storage import check_writable
+
+    check_writable(output, what="prediction", setting="-o OUT", create=False)  # an unwritable -o fails before any model is loaded
     folds = list(cfg.predict.folds) if cfg.predict.folds is not None else None
     predictors = [Predictor.from_model_dir(model, folds=folds, device=cfg.predict.device, step_size=float(cfg.predict.step_size),
                                            mirror=bool(cfg.predict.mirror), sw_batch_size=int(cfg.predict.sw_batch_size),

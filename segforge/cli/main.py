@@ -113,6 +113,16 @@ def split_overrides(args: argparse.Namespace) -> list[str]:
     return flags + user
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: a file name that is not UTF-8 (held by Python as surrogates) shown as \\udcXX."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _PrintableFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 class _CurrentStderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (callers and test runners may swap it)."""
 
@@ -141,7 +151,7 @@ def configure_logging() -> None:
     logger = logging.getLogger("segforge")
     if not logger.handlers:
         handler = _CurrentStderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_PrintableFormatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(getattr(commands, f"run_{args.command.replace('-', '_')}")(args, cfg, overrides) or 0)
     except SegforgeError as exc:
-        print(f"segforge {args.command}: error: {exc}", file=sys.stderr)
+        print(printable(f"segforge {args.command}: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # a write the stage did not foresee failing: full disk, quota, read-only, permissions
         from segforge.io.storage import storage_error
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         error = storage_error(exc, exc.filename or "a file")
         if error is None:
             raise
-        print(f"segforge {args.command}: error: {error}", file=sys.stderr)
+        print(printable(f"segforge {args.command}: error: {error}"), file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print(f"segforge {args.command}: interrupted", file=sys.stderr)

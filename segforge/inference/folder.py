@@ -14,15 +14,17 @@ import logging
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from segforge.errors import SegforgeError
+from segforge.inference.predictor import check_input
 from segforge.io.artifacts import atomic_write_bytes, write_json
 from segforge.io.dataset import group_channel_files
-from segforge.io.image import file_ending, write_image
+from segforge.io.image import file_ending, read_case, write_image
+from segforge.io.storage import StorageError, check_writable, storage_error
 
 log = logging.getLogger("segforge")
 
@@ -34,6 +36,7 @@ class CaseResult:
     output: Path | None = None
     error: str | None = None
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
 def parse_part(part: str | None) -> tuple[int, int] | None:
@@ -53,17 +56,38 @@ def take_part(case_ids: list[str], part: tuple[int, int] | None) -> list[str]:
     return ordered if part is None else ordered[part[0] - 1::part[1]]
 
 
-def find_cases(input_path: Path, ending: str) -> tuple[dict[str, list[Path]], list[str]]:
-    """``{case: channel files}`` of a folder (``CASE_XXXX<ending>``) or of one image, and what was passed over."""
+def find_cases(input_path: Path, ending: str) -> tuple[dict[str, dict[int, Path]], list[str]]:
+    """``{case: {channel: file}}`` of a folder (``CASE_XXXX<ending>``) or of one image, and what was passed over."""
     if input_path.is_file():
         name = input_path.name
         stem = name[: -len(ending)] if name.endswith(ending) else name[: -len(file_ending(name))] if file_ending(name) else input_path.stem
-        return {re.sub(r"_\d{4}$", "", stem): [input_path]}, []
+        return {re.sub(r"_\d{4}$", "", stem): {0: input_path}}, []
     groups, problems = group_channel_files(input_path, ending)
-    cases = {case: [files[c] for c in sorted(files)] for case, files in groups.items()}
-    gaps = {case: sorted(files) for case, files in groups.items() if sorted(files) != list(range(len(files)))}
-    notes = [str(p) for p in problems] + [f"{case}: channels {found} are not 0..{len(found) - 1}" for case, found in gaps.items()]
-    return cases, notes
+    return groups, [str(p) for p in problems]
+
+
+def channel_files(case_id: str, files: dict[int, Path], channel_names: dict, folder: Path, ending: str) -> list[Path]:
+    """The case's files in the model's channel order; a missing or an extra channel is refused, naming the file."""
+    names = {int(k): v for k, v in channel_names.items()}
+    expected = len(names)
+    takes = f"the model takes {expected} channel(s), one file each: " + ", ".join(
+        f"{case_id}_{c:04d}{ending} ({names[c]})" for c in sorted(names))
+    problems = [f"{folder / f'{case_id}_{c:04d}{ending}'}: is missing: channel {c} ({names[c]}) of case {case_id}; "
+                f"{takes}. Fix: add the file (or move the case's other files out of the input folder)"
+                for c in sorted(names) if c not in files]
+    problems += [f"{files[c]}: channel {c} is not a channel of the model; {takes}. Fix: remove the file from the "
+                 "input folder (or predict with a model trained on this channel)"
+                 for c in sorted(files) if c not in names]
+    if problems:
+        raise SegforgeError("; ".join(problems))
+    return [files[c] for c in sorted(names)]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # a dangling link: reported with its case
+        return 0
 
 
 def save_probabilities(target: Path, probabilities, names: list[str], geometry) -> None:
@@ -78,8 +102,9 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
                    with_probabilities: bool = False, postprocess=None) -> list[CaseResult]:
     """Predict the cases of ``input_path`` (this process's part) into ``output_dir``; one result per case.
 
-    A case that fails (unreadable file, wrong channels, out of memory...) is logged with its reason and skipped;
-    the others go on. ``postprocess``: a function applied to each label map before it is written.
+    A case that fails (unreadable file, wrong channels, NaN, out of memory...) is logged with its reason and
+    skipped, leaving none of its outputs; the others go on. ``postprocess``: a function applied to each label map
+    before it is written.
     """
     ending = predictor.dataset_json.get("file_ending", ".nii.gz")
     cases, notes = find_cases(Path(input_path), ending)
@@ -88,8 +113,14 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
     if not cases:
         raise SegforgeError(f"{input_path}: no images ending in {ending} found. Fix: name them CASE_0000{ending}")
     chosen = take_part(list(cases), parse_part(part))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    expected = len(predictor.plans["channel_names"])
+    folder = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
+    # a mask takes at most about what its image takes on disk: say now if the folder cannot hold them
+    estimate = sum(_size(next(iter(cases[c].values()))) for c in chosen if cases[c])
+    check_writable(output_dir, estimate, what=f"the masks of {len(chosen)} case(s)", setting="-o OUT")
+    for case_id in chosen:  # temporary files of this process's cases, left by a run that was killed while writing
+        for stale in [*output_dir.glob(f".tmp-*-{case_id}{ending}"), *output_dir.glob(f".tmp-{case_id}.npz-*"),
+                      *output_dir.glob(f".tmp-{case_id}.json-*")]:
+            stale.unlink(missing_ok=True)
     results: list[CaseResult] = []
     bar = None
     if sys.stderr.isatty():
@@ -102,24 +133,38 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
         if resume and target.is_file() and (not with_probabilities or (output_dir / f"{case_id}.npz").is_file()):
             results.append(CaseResult(case_id, "skipped", target))
         else:
-            files = cases[case_id]
+            written: list[Path] = []
             try:
-                if len(files) != expected:
-                    raise SegforgeError(f"{files[0].parent / case_id}_XXXX{ending}: {len(files)} channel file(s), the model "
-                                        f"takes {expected}. Fix: provide {case_id}_0000{ending} .. {case_id}_{expected - 1:04d}{ending}")
+                files = channel_files(case_id, cases[case_id], predictor.plans["channel_names"], folder, ending)
+                # read and checked here (not by the predictor) so that the warnings reach the report
+                image, geometry = read_case(files)
+                image, warnings = check_input(predictor, image, geometry, files, copy=False)
+                for warning in warnings:
+                    log.warning("case %s: %s", case_id, warning)
                 if with_probabilities:
-                    probabilities, geometry = predictor.probabilities(files)
+                    probabilities, geometry = predictor.probabilities(image, geometry)
                     mask = predictor.labels(probabilities)
                 else:  # streamed: never classes x volume in memory
-                    mask, geometry = predictor.predict(files)
+                    mask, geometry = predictor.predict(image, geometry, overwrite_input=True)
+                del image
                 if postprocess is not None:
                     mask = postprocess(mask)
                 if with_probabilities:
+                    written += [output_dir / f"{case_id}.npz", output_dir / f"{case_id}.json"]
                     save_probabilities(output_dir / case_id, probabilities, predictor.class_names, geometry)
+                written.append(target)
                 write_image(target, mask, geometry)
-                results.append(CaseResult(case_id, "written", target, seconds=time.perf_counter() - start))
+                results.append(CaseResult(case_id, "written", target, seconds=time.perf_counter() - start,
+                                          warnings=warnings))
             except Exception as exc:  # one bad case must not stop the others; the reason is reported
                 log.debug("case %s failed", case_id, exc_info=True)
+                for path in written:  # no half set of outputs (each file is atomic, the set is not)
+                    path.unlink(missing_ok=True)
+                storage = exc if isinstance(exc, StorageError) else storage_error(exc, written[-1] if written else target)
+                if storage is exc:  # a full disk or a lost folder fails every case alike: stop, say why
+                    raise
+                if storage is not None:
+                    raise storage from exc
                 reason = str(exc) if isinstance(exc, SegforgeError) else f"{type(exc).__name__}: {exc}"
                 results.append(CaseResult(case_id, "failed", error=reason, seconds=time.perf_counter() - start))
                 log.error("case %s failed: %s", case_id, reason)
@@ -131,6 +176,6 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
         bar.close()
     write_json(output_dir / (f"predict_report_part{part.replace('/', 'of')}.json" if parse_part(part) else "predict_report.json"),
                {"cases": [{"case": r.case_id, "status": r.status, "output": str(r.output) if r.output else None,
-                           "error": r.error, "seconds": round(r.seconds, 3)} for r in results],
+                           "error": r.error, "warnings": r.warnings, "seconds": round(r.seconds, 3)} for r in results],
                 "passed_over": notes})
     return results

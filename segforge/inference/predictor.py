@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import check_header, read_json
-from segforge.io.image import Geometry, read_case
+from segforge.io.image import Geometry, read_case, replace_nonfinite
 from segforge.inference.sliding_window import sliding_window
 from segforge.preprocessing.pipeline import preprocess_image, restore_probabilities
 from segforge.training.run import FINAL_WEIGHTS
@@ -34,6 +34,28 @@ def select_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise SegforgeError("device=cuda but no CUDA device is available. Fix: device=cpu or device=auto")
     return torch.device(device)
+
+
+def check_input(model, image: np.ndarray, geometry: Geometry, names: list | None = None,
+                copy: bool = True) -> tuple[np.ndarray, list[str]]:
+    """Refuse a case that ``model`` (a Predictor or an Ensemble) cannot predict meaningfully, naming the file to fix:
+    the wrong number of channels, no voxels, a 2D image for a 3D model, many NaN/inf voxels. A few NaN/inf voxels are
+    replaced (``replace_nonfinite``: the rule and why); returns the image to predict and warnings to report.
+    ``names``: the channel files (for messages); ``copy=False`` lets the replacement work inside ``image``."""
+    expected = len(model.plans["channel_names"])
+    if image.ndim != 4 or image.shape[0] != expected:
+        raise SegforgeError(f"the model expects {expected} channel(s) of 3D (or single-slice 2D) images, the input has "
+                            f"shape {tuple(image.shape)}")
+    names = list(names) if names else [f"channel {c}" for c in range(expected)]
+    if 0 in image.shape:
+        raise SegforgeError(f"{names[0]}: has a zero-size axis (shape {tuple(image.shape[1:])}): it holds no voxels. "
+                            "Fix: re-export the image from the original data")
+    for member in getattr(model, "predictors", [model]):
+        if geometry.ndim == 2 and member.plan_config["dims"] == 3:  # its fake 999 spacing would be resampled 300x
+            raise SegforgeError(f"{names[0]}: is a 2D image, but the model ({member.configuration}) is 3D: it was "
+                                "trained on volumes and cannot segment a single slice. Fix: give the whole 3D volume, "
+                                "or predict with a 2d model")
+    return replace_nonfinite(image, names, copy=copy)
 
 
 class Predictor:
@@ -135,21 +157,26 @@ class Predictor:
                 for network in self.networks:
                     network.to(self.device)
 
+    def _checked(self, image, geometry: Geometry | None) -> tuple[np.ndarray, Geometry]:
+        """The case read from its channel files (or the array given), checked by ``check_input``."""
+        files = None
+        if not isinstance(image, np.ndarray):
+            files = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
+            image, geometry = read_case(files)
+        if geometry is None:
+            raise ValueError("an array input needs its geometry")
+        image, warnings = check_input(self, image, geometry, files, copy=files is None)  # never alter a caller's array
+        for warning in warnings:
+            log.warning(warning)
+        return image, geometry
+
     def probabilities(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None) -> tuple[torch.Tensor, Geometry]:
         """Class (or region) probabilities ``(channels, z, y, x)`` on the input's grid, and its geometry.
 
         ``image``: channel files (a path or a list), or a ``(c, z, y, x)`` array with its geometry. Outside the crop box
         the probabilities say background (a region model: no region).
         """
-        if not isinstance(image, np.ndarray):
-            files = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
-            image, geometry = read_case(files)
-        if geometry is None:
-            raise ValueError("an array input needs its geometry")
-        expected = len(self.plans["channel_names"])
-        if image.ndim != 4 or image.shape[0] != expected:
-            raise SegforgeError(f"the model expects {expected} channel(s) of 3D (or single-slice 2D) images, the input has "
-                                f"shape {tuple(image.shape)}")
+        image, geometry = self._checked(image, geometry)
         order = list(self.plans.get("transpose_forward") or range(3))
         if order != [0, 1, 2]:  # nnU-Net models work on axes reordered by their plan; undone below
             image = image.transpose(0, *[a + 1 for a in order])
@@ -186,25 +213,21 @@ class Predictor:
             return out
         return probabilities.argmax(0).numpy().astype(np.uint8 if probabilities.shape[0] < 256 else np.uint16)
 
-    def predict(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
+    def predict(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None,
+                overwrite_input: bool = False) -> tuple[np.ndarray, Geometry]:
         """A mask on the input's grid: from channel files (a path or a list), or a ``(c, z, y, x)`` array + geometry.
 
         Streamed: windows, the way back to the input grid and the labels go slab by slab along the first axis, so the
-        memory for classes x volume is never taken (``probabilities`` does take it, to return it)."""
-        if not isinstance(image, np.ndarray):
-            files = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
-            image, geometry = read_case(files)
-        if geometry is None:
-            raise ValueError("an array input needs its geometry")
+        memory for classes x volume is never taken (``probabilities`` does take it, to return it). Preprocessing
+        works inside the image when it was read here or ``overwrite_input`` allows it (one copy of a 1 GB CT less)."""
+        owned = overwrite_input or not isinstance(image, np.ndarray)
+        image, geometry = self._checked(image, geometry)
         if list(self.plans.get("transpose_forward") or range(3)) != [0, 1, 2]:
             probabilities, geometry = self.probabilities(image, geometry)
             return self.labels(probabilities), geometry
-        expected = len(self.plans["channel_names"])
-        if image.ndim != 4 or image.shape[0] != expected:
-            raise SegforgeError(f"the model expects {expected} channel(s) of 3D (or single-slice 2D) images, the input has "
-                                f"shape {tuple(image.shape)}")
         start = time.perf_counter()
-        data, props = preprocess_image(image, geometry, self.plans, self.configuration)
+        data, props = preprocess_image(image, geometry, self.plans, self.configuration, copy=not owned)
+        del image
         preprocessed = time.perf_counter()
         try:
             labels = self._streamed_labels(data, props, self.device)
@@ -230,6 +253,10 @@ class Predictor:
 
         modes = (props.get("resampling") or {}).get("probabilities") or ["linear"] * 3
         target = list(props["shape_after_crop"])
+        # one 2D image (a slide) for a 2D model: stream along its rows instead, so classes x image is never held
+        single_image = self.plan_config["dims"] == 2 and data.shape[1] == 1 and target[0] == 1
+        if single_image:
+            data, target, modes = data[:, 0], target[1:], list(modes[1:])
         depth_in = data.shape[1]
         if depth_in == target[0]:
             rows, weights = np.arange(target[0])[:, None], np.ones((target[0], 1), np.float32)
@@ -265,7 +292,7 @@ class Predictor:
                 keep_from = int(rows[done].min()) if done < target[0] else depth_in
                 for z in [z for z in cache if z < keep_from]:
                     del cache[z]
-        return labels
+        return labels[None] if single_image else labels
 
 
 class Ensemble:
@@ -308,6 +335,6 @@ class Ensemble:
     def labels(self, probabilities: torch.Tensor) -> np.ndarray:
         return self.predictors[0].labels(probabilities)
 
-    def predict(self, image, geometry: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
+    def predict(self, image, geometry: Geometry | None = None, overwrite_input: bool = False) -> tuple[np.ndarray, Geometry]:
         probabilities, geometry = self.probabilities(image, geometry)
         return self.labels(probabilities), geometry

@@ -16,15 +16,16 @@ either backend gives the same array and geometry (pinned by a test).
 
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from segforge.errors import SegforgeError
+from segforge.io.file_checks import (RECOPY_FIX, ImageReadError, NONFINITE_MAX_FRACTION, check_file,  # noqa: F401
+                                     check_nifti, checked_gzip_size, is_utf8, itk_name, replace_nonfinite,
+                                     restore_nonfinite, starts_with)
 
 ITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NATURAL_2D_ENDINGS = (".png", ".tif", ".tiff", ".bmp")
@@ -32,10 +33,6 @@ SUPPORTED_ENDINGS = ITK_ENDINGS + NATURAL_2D_ENDINGS
 FAKE_Z_SPACING = 999.0
 # relative (and absolute) tolerance when comparing the grids of files that must share one (channels, labels)
 GEOMETRY_TOL = 1e-3
-
-
-class ImageReadError(SegforgeError):
-    """A file could not be read as an image."""
 
 
 @dataclass(frozen=True)
@@ -88,21 +85,25 @@ def read_image(path: str | os.PathLike, backend: str = "auto") -> tuple[np.ndarr
     """Read one single-channel image as a ``(z, y, x)`` array with its geometry.
 
     ``backend`` is ``auto`` (SimpleITK for medical formats, scikit-image for PNG/TIFF), ``sitk`` or ``nibabel``.
-    Raises ``ImageReadError`` naming the file when it is missing, unreadable, truncated or not 2D/3D.
+    Raises ``ImageReadError`` naming the file when it is missing, empty, unreadable, truncated, corrupt, not an image
+    of its kind, without voxels or not 2D/3D. NaN and inf are returned as they are in the file (SimpleITK alone
+    would turn them into 0 in a NIfTI file); what to do with them is the caller's decision (``replace_nonfinite``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
+    check_file(path)
     ending = file_ending(path)
     if backend == "auto":
         backend = "skimage" if ending in NATURAL_2D_ENDINGS else "sitk"
+    if backend not in ("sitk", "nibabel", "skimage"):
+        raise ValueError(f"unknown image backend {backend!r}")
     try:
         if backend == "sitk":
-            return _read_sitk(path)
-        if backend == "nibabel":
-            return _read_nibabel(path)
-        if backend == "skimage":
-            return _read_natural_2d(path)
+            array, geometry = _read_sitk(path)
+        elif backend == "nibabel":
+            check_nifti(path)
+            array, geometry = _read_nibabel(path)
+        else:
+            array, geometry = _read_natural_2d(path)
     except ImageReadError:
         raise
     except Exception as exc:  # every reader has its own exception types; name the file, keep the reason
@@ -111,17 +112,25 @@ def read_image(path: str | os.PathLike, backend: str = "auto") -> tuple[np.ndarr
             f"{path}: cannot read image ({reason}). Fix: the file may be truncated or not an image; "
             "re-export it from the original data"
         ) from exc
-    raise ValueError(f"unknown image backend {backend!r}")
+    if array.size == 0:  # e.g. an .mha with DimSize 0 (a NIfTI one is caught from its header)
+        raise ImageReadError(f"{path}: has a zero-size axis (shape (z, y, x) {' x '.join(map(str, array.shape))}): "
+                             "it holds no voxels. Fix: re-export the image from the original data")
+    return array, geometry
 
 
 def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
-    incomplete = incomplete_nifti(path)  # SimpleITK would zero-fill the missing part without an error
-    if incomplete:
-        raise ImageReadError(f"{path}: {incomplete}. Fix: re-export the file from the original data")
-
-    image = sitk.ReadImage(str(path))
+    # SimpleITK would zero-fill a cut NIfTI, read a header with a zero-size axis as size 1, and turn NaN into 0,
+    # all without an error: the header and the stream are checked first, the non-finite voxels restored after
+    nifti = check_nifti(path)
+    try:
+        with itk_name(path) as name:
+            image = sitk.ReadImage(name)
+    except RuntimeError:
+        if nifti is not None and nifti.compressed:  # a damaged stream whose size field still matched: say so
+            checked_gzip_size(path, nifti.end)
+        raise
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageReadError(
             f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or vector image). "
@@ -129,11 +138,14 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
         )
     ndim = image.GetDimension()
     if ndim not in (2, 3):
+        size = " x ".join(str(s) for s in image.GetSize())
         raise ImageReadError(
-            f"{path}: is {ndim}D; segforge reads 2D and 3D images. Fix: split a 4D image into one 3D file per "
-            "channel (scripts/convert_msd.py does this for Decathlon data)"
+            f"{path}: is {ndim}D ({size}); segforge reads 2D and 3D images, one file per channel. Fix: split it into "
+            "one 3D file per volume (CASE_0000, CASE_0001, ...; scripts/convert_msd.py does this for Decathlon data)"
         )
     array = sitk.GetArrayFromImage(image)
+    if nifti is not None and nifti.dtype.kind == "f" and array.dtype.kind == "f":
+        restore_nonfinite(path, nifti, array)
     spacing_xyz = image.GetSpacing()
     if ndim == 2:
         array = array[None]
@@ -150,45 +162,6 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
 
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
-
-
-def incomplete_nifti(path: Path) -> str | None:
-    """Why a .nii/.nii.gz file is cut short, or None. SimpleITK zero-fills missing NIfTI data without an error.
-
-    A complete single-member gzip file ends with its uncompressed size (mod 2^32): when that matches what the
-    header promises, the file is complete and nothing is decompressed twice. Otherwise (truncated, corrupt, or an
-    unusual multi-member file) the stream is decompressed to find out.
-    """
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
-        return None
-    try:
-        import nibabel as nib
-
-        proxy = nib.load(str(path)).dataobj  # the array proxy knows the file's data offset; img.header does not
-        expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
-    except Exception:
-        expected = None  # no readable header: the stream check below, or read_image, says what is wrong
-    if not name.endswith(".gz"):
-        size = path.stat().st_size
-    else:
-        if expected is not None:
-            with open(path, "rb") as stream:
-                stream.seek(-4, os.SEEK_END)
-                if int.from_bytes(stream.read(4), "little") == expected % 2**32:
-                    return None
-        size = 0
-        try:
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    size += len(chunk)
-        except (EOFError, OSError, zlib.error) as exc:
-            return f"is truncated or corrupt: its gzip stream cannot be decompressed ({exc})"
-    if expected is not None and size < expected:
-        return f"is truncated: it holds {size} bytes of the {expected} its header promises"
-    return None
-
-
 def _read_nibabel(path: Path) -> tuple[np.ndarray, Geometry]:
     import nibabel as nib
 
@@ -214,10 +187,32 @@ def _read_nibabel(path: Path) -> tuple[np.ndarray, Geometry]:
     return array, geometry
 
 
+# the signatures a file of each 2D format starts with
+_SIGNATURES = {".png": ("PNG", (b"\x89PNG\r\n\x1a\n",)), ".bmp": ("BMP", (b"BM",)),
+               ".tif": ("TIFF", (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")),
+               ".tiff": ("TIFF", (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))}
+
+
 def _read_natural_2d(path: Path) -> tuple[np.ndarray, Geometry]:
     import skimage.io
 
-    array = np.asarray(skimage.io.imread(str(path)))
+    ending = file_ending(path)
+    kind, signatures = _SIGNATURES.get(ending, (ending.lstrip(".").upper(), ()))
+    with open(path, "rb") as stream:
+        head = stream.read(16)
+        stream.seek(max(0, path.stat().st_size - 64))
+        tail = stream.read()
+    if signatures and not head.startswith(signatures):
+        raise ImageReadError(f"{path}: is not a {kind} image: it starts with {starts_with(head)}, not the {kind} "
+                             f"signature. Fix: check that this is the right file; save the image as {kind}")
+    if kind == "PNG" and b"IEND" not in tail:  # every complete PNG ends with its IEND chunk
+        raise ImageReadError(f"{path}: truncated PNG (the file ends early, before the PNG end marker IEND; an "
+                             f"interrupted copy or download?). Fix: {RECOPY_FIX}")
+    try:
+        array = np.asarray(skimage.io.imread(str(path)))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ImageReadError(f"{path}: truncated or corrupt {kind} data ({reason}). Fix: {RECOPY_FIX}") from None
     if array.ndim == 3 and array.shape[-1] in (3, 4) and Path(path).suffix.lower() == ".png":
         raise ImageReadError(
             f"{path}: is an RGB(A) PNG. Fix: save one grey-level file per channel (CASE_0000.png, CASE_0001.png, ...)"
@@ -225,6 +220,10 @@ def _read_natural_2d(path: Path) -> tuple[np.ndarray, Geometry]:
     if array.ndim != 2:
         raise ImageReadError(f"{path}: has shape {array.shape}; 2D PNG/TIFF images must be single-channel 2D")
     return array[None], Geometry(spacing=(FAKE_Z_SPACING, 1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0), ndim=2)
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
 def read_case(paths: list[Path]) -> tuple[np.ndarray, Geometry]:
@@ -235,10 +234,14 @@ def read_case(paths: list[Path]) -> tuple[np.ndarray, Geometry]:
         if geometry is None:
             geometry = geo
         elif array.shape != arrays[0].shape or geo.same_grid(geometry):
-            what = f"shape {array.shape} vs {arrays[0].shape}" if array.shape != arrays[0].shape else \
-                ", ".join(geo.same_grid(geometry)) + " differ"
-            raise ImageReadError(f"{path}: grid differs from {paths[0].name} ({what}). "
-                                 "Fix: resample all channels of a case onto one grid")
+            if array.shape != arrays[0].shape:
+                what = f"size (z, y, x) {' x '.join(map(str, array.shape))} vs {' x '.join(map(str, arrays[0].shape))}"
+            else:
+                what = "; ".join(f"{name} {_fmt(getattr(geo, name))} vs {_fmt(getattr(geometry, name))}"
+                                 for name in geo.same_grid(geometry))
+            raise ImageReadError(f"{path}: its grid differs from {Path(paths[0]).name}, another channel of the case "
+                                 f"({what}). Fix: resample all channels of a case onto one grid (same size, spacing, "
+                                 "origin and direction), e.g. register them to channel 0")
         arrays.append(array.astype(np.float32, copy=False))
     # one channel: a view, not a copy (a 512x512x300 CT is 300 MB as float32)
     return (arrays[0][None] if len(arrays) == 1 else np.stack(arrays)), geometry
@@ -257,16 +260,38 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) 
     if array.ndim != 3:
         raise ValueError(f"write_image expects a (z, y, x) array, got shape {array.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    # the temporary name keeps the ending (it picks the writer); SimpleITK needs a UTF-8 name (see itk_name)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name if is_utf8(path.name) else 'image' + ending}")
+    if ending not in NATURAL_2D_ENDINGS and not is_utf8(str(tmp)):
+        raise SegforgeError(f"{path.parent}: folder name is not valid UTF-8; SimpleITK cannot write there. "
+                            "Fix: choose an output folder whose name is UTF-8")
     try:
         if ending in NATURAL_2D_ENDINGS:
             _write_natural_2d(tmp, array, geometry)
         else:
             _write_sitk(tmp, array, geometry)
+        _verify_written(tmp, path, array)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _verify_written(tmp: Path, path: Path, array: np.ndarray) -> None:
+    """SimpleITK reports no error when a write fails part-way (full disk, file-size limit): it leaves a truncated
+    file that even reads back, zero-filled. So the file is checked before it takes its final name: a NIfTI by its
+    header and gzip trailer (no decompression when complete), any other format by reading it back."""
+    from segforge.io.storage import StorageError
+
+    try:
+        if check_nifti(tmp) is None:
+            written, _ = read_image(tmp)
+            if written.shape != array.shape or not np.array_equal(written, array):
+                raise ImageReadError(f"{tmp}: reads back different from what was written")
+    except ImageReadError as exc:
+        raise StorageError(f"{path}: could not be written completely (the file came out cut short): the disk is full "
+                           "or a file-size limit was reached. Nothing finished was overwritten. Fix: free space, then run the same command "
+                           "again (with --continue, finished cases are kept)") from exc
 
 
 def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry) -> None:

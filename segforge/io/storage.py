@@ -34,12 +34,17 @@ def human(size: float) -> str:
     return f"{size} B"  # pragma: no cover
 
 
-def check_writable(folder: Path, needed_bytes: int = 0, *, what: str, setting: str) -> None:
+def check_writable(folder: Path, needed_bytes: int = 0, *, what: str, setting: str, create: bool = True) -> None:
     """Create ``folder`` if needed, prove a file can be written there, and that ``needed_bytes`` (an estimate of what
-    ``what`` will write) fit in its free space with a 10% margin. ``setting`` names the option that moves it."""
+    ``what`` will write) fit in its free space with a 10% margin. ``setting`` names the option that moves it.
+    ``create=False`` leaves a missing folder uncreated and probes the nearest existing folder above it instead."""
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            while not folder.exists() and folder.parent != folder:
+                folder = folder.parent
         fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
         try:
             os.write(fd, b"segforge")
