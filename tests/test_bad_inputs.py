@@ -487,3 +487,30 @@ def test_png_with_a_unicode_name_is_predicted(model_2d, reference_2d, tmp_path, 
     code, printed, report = predict(model_2d, images, out, capfd)
     assert code == 0 and "Traceback" not in printed, printed
     assert_mask(out / "Zelle ü 細胞.png", reference_2d, GEOMETRY_2D)
+
+
+@pytest.mark.parametrize("tamper", ["other_callable", "nested_target"])
+def test_a_model_folder_from_elsewhere_cannot_run_code(model_3d, tmp_path, capfd, tamper):
+    """The network a weights file names is built from an allow-list: neither another callable (here one that would
+    write a file anywhere) nor a nested ``_target_`` in its arguments is ever called."""
+    import shutil
+
+    import torch
+
+    model = tmp_path / "model"
+    shutil.copytree(model_3d, model)
+    weights = model / "fold_0" / "model_final.pt"
+    payload = torch.load(weights, weights_only=True)
+    marker = tmp_path / "pwned"
+    if tamper == "other_callable":
+        payload["network"] = {"_target_": "segforge.io.artifacts.atomic_write_bytes", "path": str(marker), "data": b"x"}
+    else:
+        payload["network"]["norm"] = {"_target_": "pathlib.Path.touch", "self": str(marker)}
+    torch.save(payload, weights)
+    images = tmp_path / "in"
+    write_good_3d(images)
+    code = main(["predict", "-i", str(images), "-o", str(tmp_path / "out"), "--model", str(model), *FAST])
+    printed = capfd.readouterr().err
+    assert code != 0 and "Traceback" not in printed
+    assert ("is not one of segforge's networks" if tamper == "other_callable" else "are not plain values") in printed
+    assert not marker.exists() and not (tmp_path / "out" / "good.nii.gz").exists()

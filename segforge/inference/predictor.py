@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import check_header, read_json
@@ -56,6 +55,32 @@ def check_input(model, image: np.ndarray, geometry: Geometry, names: list | None
                                 "trained on volumes and cannot segment a single slice. Fix: give the whole 3D volume, "
                                 "or predict with a 2d model")
     return replace_nonfinite(image, names, copy=copy)
+
+
+def build_network(spec: dict, source) -> torch.nn.Module:
+    """The network a weights file describes, built from an allow-list, never through a class path taken from the
+    file: a model folder from elsewhere is data, and ``_target_`` (at any depth) would otherwise name any callable."""
+    from segforge.nn.unet import UNet
+
+    networks = {"segforge.nn.unet.UNet": UNet}
+    kwargs = dict(spec)
+    target = kwargs.pop("_target_", None)
+    if target not in networks:
+        raise SegforgeError(f"{source}: network class {target!r} is not one of segforge's networks "
+                            f"({', '.join(networks)}); the file is refused. Fix: use a model trained by segforge")
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return "_target_" not in value and all(plain(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (bool, int, float, str))
+
+    bad = [key for key, value in kwargs.items() if not plain(value)]
+    if bad:
+        raise SegforgeError(f"{source}: network arguments {bad} are not plain values; the file is refused. "
+                            "Fix: use a model trained by segforge")
+    return networks[target](**kwargs)
 
 
 class Predictor:
@@ -102,10 +127,7 @@ class Predictor:
             except Exception as exc:
                 raise SegforgeError(f"{source}: cannot load weights ({exc}). Fix: re-run training or re-copy the model") from exc
             check_header(payload, "model_weights", str(source))
-            kwargs = dict(payload["network"])
-            if not str(kwargs.get("_target_", "")).startswith("segforge."):
-                raise SegforgeError(f"{source}: network class {kwargs.get('_target_')!r} is not a segforge network")
-            network = instantiate(kwargs, _convert_="all")
+            network = build_network(payload["network"], source)
             network.load_state_dict(payload["state_dict"])
             networks.append(network)
             configuration = payload["configuration"]
