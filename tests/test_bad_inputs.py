@@ -514,3 +514,19 @@ def test_a_model_folder_from_elsewhere_cannot_run_code(model_3d, tmp_path, capfd
     assert code != 0 and "Traceback" not in printed
     assert ("is not one of segforge's networks" if tamper == "other_callable" else "are not plain values") in printed
     assert not marker.exists() and not (tmp_path / "out" / "good.nii.gz").exists()
+
+
+def test_a_failed_rewrite_keeps_the_finished_mask_from_before(model_3d, tmp_path, capfd, monkeypatch):
+    import segforge.inference.folder as folder
+
+    images, out = tmp_path / "in", tmp_path / "out"
+    write_good_3d(images)
+    assert main(["predict", "-i", str(images), "-o", str(out), "--model", str(model_3d), *FAST]) == 0
+    before = (out / "good.nii.gz").read_bytes()
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(folder, "write_image", disk_full)
+    assert main(["predict", "-i", str(images), "-o", str(out), "--model", str(model_3d), *FAST]) == 3
+    assert (out / "good.nii.gz").read_bytes() == before  # the complete mask of the first run is still there

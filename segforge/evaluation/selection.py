@@ -54,7 +54,7 @@ def _ensemble_score(models: list[Path], references: dict[str, Path], labels: dic
     ignore = labels.get("ignore") if isinstance(labels.get("ignore"), int) else None
     per_class = {name: [] for name in classes}
     for case in common:
-        probabilities = sum(np.load(f[case])["probabilities"].astype(np.float32) for f in files) / len(files)
+        probabilities = sum(np.load(f[case], allow_pickle=False)["probabilities"].astype(np.float32) for f in files) / len(files)
         if regions_order:
             prediction = np.zeros(probabilities.shape[1:], np.uint16)
             for region, value in enumerate(regions_order):

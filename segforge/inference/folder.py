@@ -23,7 +23,7 @@ from segforge.errors import SegforgeError
 from segforge.inference.predictor import check_input
 from segforge.io.artifacts import atomic_write_bytes, write_json
 from segforge.io.dataset import group_channel_files
-from segforge.io.image import file_ending, read_case, write_image
+from segforge.io.image import SUPPORTED_ENDINGS, file_ending, read_case, write_image
 from segforge.io.storage import StorageError, check_writable, storage_error
 
 log = logging.getLogger("segforge")
@@ -83,11 +83,13 @@ def channel_files(case_id: str, files: dict[int, Path], channel_names: dict, fol
     return [files[c] for c in sorted(names)]
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:  # a dangling link: reported with its case
-        return 0
+def remove_stale_temporaries(output_dir: Path, case_ids: list[str], ending: str) -> None:
+    """Temporary files of these cases (this process's part: no other job writes them) left by a killed run."""
+    names = "|".join(re.escape(c) for c in case_ids)
+    pattern = re.compile(rf"\.tmp-(\d+-({names}){re.escape(ending)}|({names})\.(npz|json)-\w+)")
+    for path in output_dir.glob(".tmp-*"):
+        if pattern.fullmatch(path.name):
+            path.unlink(missing_ok=True)
 
 
 def save_probabilities(target: Path, probabilities, names: list[str], geometry) -> None:
@@ -107,6 +109,9 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
     before it is written.
     """
     ending = predictor.dataset_json.get("file_ending", ".nii.gz")
+    if ending not in SUPPORTED_ENDINGS:  # it names every output file: nothing else may come from the model folder
+        raise SegforgeError(f"the model's dataset.json has file_ending {ending!r}; expected one of "
+                            f"{', '.join(SUPPORTED_ENDINGS)}. Fix: correct dataset.json in the model folder")
     cases, notes = find_cases(Path(input_path), ending)
     for note in notes:
         log.warning("passed over: %s", note)
@@ -114,13 +119,9 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
         raise SegforgeError(f"{input_path}: no images ending in {ending} found. Fix: name them CASE_0000{ending}")
     chosen = take_part(list(cases), parse_part(part))
     folder = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
-    # a mask takes at most about what its image takes on disk: say now if the folder cannot hold them
-    estimate = sum(_size(next(iter(cases[c].values()))) for c in chosen if cases[c])
-    check_writable(output_dir, estimate, what=f"the masks of {len(chosen)} case(s)", setting="-o OUT")
-    for case_id in chosen:  # temporary files of this process's cases, left by a run that was killed while writing
-        for stale in [*output_dir.glob(f".tmp-*-{case_id}{ending}"), *output_dir.glob(f".tmp-{case_id}.npz-*"),
-                      *output_dir.glob(f".tmp-{case_id}.json-*")]:
-            stale.unlink(missing_ok=True)
+    # writable now; the space a mask needs is not known before it is predicted (a full disk is caught at the write)
+    check_writable(output_dir, what=f"the masks of {len(chosen)} case(s)", setting="-o OUT")
+    remove_stale_temporaries(output_dir, chosen, ending)
     results: list[CaseResult] = []
     bar = None
     if sys.stderr.isatty():
@@ -133,7 +134,8 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
         if resume and target.is_file() and (not with_probabilities or (output_dir / f"{case_id}.npz").is_file()):
             results.append(CaseResult(case_id, "skipped", target))
         else:
-            written: list[Path] = []
+            written: list[Path] = []  # what this attempt creates; a complete file from before is never removed
+            before = {p for p in (target, output_dir / f"{case_id}.npz", output_dir / f"{case_id}.json") if p.exists()}
             try:
                 files = channel_files(case_id, cases[case_id], predictor.plans["channel_names"], folder, ending)
                 # read and checked here (not by the predictor) so that the warnings reach the report
@@ -159,7 +161,8 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
             except Exception as exc:  # one bad case must not stop the others; the reason is reported
                 log.debug("case %s failed", case_id, exc_info=True)
                 for path in written:  # no half set of outputs (each file is atomic, the set is not)
-                    path.unlink(missing_ok=True)
+                    if path not in before:
+                        path.unlink(missing_ok=True)
                 storage = exc if isinstance(exc, StorageError) else storage_error(exc, written[-1] if written else target)
                 if storage is exc:  # a full disk or a lost folder fails every case alike: stop, say why
                     raise

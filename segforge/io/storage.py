@@ -67,8 +67,9 @@ def storage_error(exc: BaseException, path: Path | str) -> StorageError | None:
     ``OSError: N requested and M written``, both without an errno."""
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         where = Path(exc.filename) if getattr(exc, "filename", None) else Path(path)
-        return StorageError(f"{where}: cannot write there ({exc.strerror}). Fix: make the folder writable for this "
-                            "user, or point the paths.* setting (or $SEGFORGE_*) that leads there elsewhere")
+        return StorageError(f"{where}: {exc.strerror} (this user may not read or write it there). Fix: give this user "
+                            "access, or point the option that leads there (-i, -o, --model, paths.*, $SEGFORGE_*) "
+                            "elsewhere")
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         reason = exc.strerror or str(exc)
     elif (isinstance(exc, RuntimeError) and ("write failed" in str(exc) or "unexpected pos" in str(exc))) or (

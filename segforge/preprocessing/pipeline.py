@@ -190,7 +190,10 @@ def run_preprocessing(cases: list[Case], plans: dict, configuration: str, out_di
     todo = [c for c in cases if not case_done(out_dir, c.case_id, digest, per_class)]
     log.info("preprocess %s: %d case(s) to do, %d already done", configuration, len(todo), len(cases) - len(todo))
     if todo:  # float32 image channels + int16 label + locations, at the median shape: fail now, not at case 150
-        voxels = float(np.prod(plans["configurations"][configuration]["median_shape"]))
+        plan_config = plans["configurations"][configuration]
+        voxels = float(np.prod(plan_config["median_shape"]))
+        if plan_config["dims"] == 2 and len(plan_config["median_shape"]) == 2:  # per slice: times the slices
+            voxels *= float((plans.get("original_median_shape") or [1])[0])
         per_case = voxels * (4 * len(plans["channel_names"]) + 2) + 12 * per_class * max(len(foreground), 1) + 4096
         check_writable(out_dir, int(per_case * len(todo)), what=f"preprocessing {len(todo)} case(s)",
                        setting="paths.preprocessed_root=DIR (or $SEGFORGE_PREPROCESSED)")

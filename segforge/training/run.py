@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -85,10 +86,18 @@ def label_setup(spec: DatasetSpec) -> tuple[list[list[int]] | None, int | None]:
 
 
 def latest_checkpoint(fold_dir: Path) -> str | None:
-    """The newest of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_*.ckpt`` Lightning writes when SLURM asks a job to
-    requeue (signal before preemption): a requeued job continues from whichever came last."""
+    """The most advanced of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_*.ckpt`` Lightning writes when SLURM asks a
+    job to requeue (signal before preemption): a requeued job continues from whichever got furthest."""
     candidates = [p for p in [fold_dir / "checkpoints" / "last.ckpt", *fold_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    return str(max(candidates, key=lambda p: p.stat().st_mtime_ns)) if candidates else None
+
+    def progress(path: Path) -> tuple[int, int]:  # the training step decides (copies change times), then the time
+        try:
+            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+        except Exception:  # an unreadable checkpoint is never preferred
+            step = -1
+        return step, path.stat().st_mtime_ns
+
+    return str(max(candidates, key=progress)) if candidates else None
 
 
 def check_model_folder(model_dir: Path, copies: dict[Path, Path]) -> None:
@@ -149,7 +158,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     check_model_folder(model_dir, copies)
     # temporary files of a run killed while writing (a checkpoint, the plot); no rank writes before all have started
     for stale in fold_dir.rglob(".tmp-*"):
-        stale.unlink(missing_ok=True)
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     kwargs = network_kwargs(cfg, plan_config, spec.num_channels, spec.num_outputs)
