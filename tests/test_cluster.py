@@ -1,6 +1,6 @@
 """SLURM without a scheduler: two CPU ranks started as `srun` would start them (its environment, one process per
 task), Lightning takes the SLURM environment and trains with DDP (gloo); then the requeue path: SIGUSR1 to every
-rank, a checkpoint, `scontrol requeue` (a stand-in that records the call), the job killed, relaunched, resumed."""
+rank, one checkpoint at the next step boundary (segforge/training/requeue.py), `scontrol requeue` (a stand-in that records the call), the job killed, relaunched, resumed."""
 
 from __future__ import annotations
 
@@ -96,6 +96,7 @@ def test_slurm_ranks_train_and_a_requeued_job_resumes(tmp_path):
     log = (tmp_path / "first_0.log").read_text()
     assert "SLURM auto-requeueing enabled" in log  # Lightning took the SLURM environment
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert "requeued SLURM job 4242" in log and not (fold / "training_summary.json").exists()  # stopped, unfinished
     hpc = next(fold.glob("hpc_ckpt_*.ckpt"))
     saved = torch.load(hpc, weights_only=True)["global_step"]
     assert 0 < saved < EPOCHS * 4

@@ -33,6 +33,7 @@ from segforge.training.data import SegmentationDataModule
 from segforge.training.finetune import FINAL_WEIGHTS, load_initial_weights
 from segforge.training.losses import make_segmentation_loss
 from segforge.training.module import SegmentationModule
+from segforge.training.requeue import RequeueOnSignal, slurm_requeue_wanted
 from segforge.training.schedules import ScheduleCallback, parse_duration
 from segforge.training.splits import make_splits
 from segforge.workspace import Workspace
@@ -90,12 +91,14 @@ def latest_checkpoint(fold_dir: Path) -> str | None:
     job to requeue (signal before preemption): a requeued job continues from whichever got furthest."""
     candidates = [p for p in [fold_dir / "checkpoints" / "last.ckpt", *fold_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
 
-    def progress(path: Path) -> tuple[int, int]:  # the training step decides (copies change times), then the time
+    def progress(path: Path) -> tuple[int, bool, int]:
+        """The training step decides (copies change times); at equal steps the requeue checkpoint, whose loop state
+        is mid-epoch where the epoch-end ``last.ckpt`` written after the stop counts the epoch as done."""
         try:
             step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
         except Exception:  # an unreadable checkpoint is never preferred
             step = -1
-        return step, path.stat().st_mtime_ns
+        return step, path.name.startswith("hpc_ckpt_"), path.stat().st_mtime_ns
 
     return str(max(candidates, key=progress)) if candidates else None
 
@@ -203,6 +206,9 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     if cfg.callbacks.early_stopping_patience and val_ids:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_dice_ema", mode="max", check_on_train_epoch_end=False,
                                                            patience=int(cfg.callbacks.early_stopping_patience)))
+    requeue = RequeueOnSignal(fold_dir) if slurm_requeue_wanted() else None
+    if requeue is not None:
+        callbacks.append(requeue)
     bar = str(cfg.callbacks.progress_bar)
     if bar == "rich" or (bar == "auto" and sys.stderr.isatty()):
         callbacks.append(L.pytorch.callbacks.RichProgressBar())
@@ -214,6 +220,9 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     if resume_from:
         log.info("resuming from %s", resume_from)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True if resume_from else None)
+    if requeue is not None and requeue.requeued:  # not finished: the requeued job continues from hpc_ckpt_N
+        log.info("stopped for the SLURM requeue at step %d; the requeued job resumes", trainer.global_step)
+        return fold_dir
     trainer.save_checkpoint(checkpoint)  # the final state, also when max_time or early stopping ended the run
 
     if trainer.is_global_zero:
