@@ -114,3 +114,38 @@ def test_slurm_ranks_train_and_a_requeued_job_resumes(tmp_path):
     summary = json.loads((fold / "training_summary.json").read_text())
     assert summary["global_step"] == EPOCHS * 4
     assert sorted(p.name for p in (work / dataset.name / "results" / "segment" / "3d_fullres").glob("fold_*")) == ["fold_0"]
+
+
+def test_one_rank_requeues_at_the_next_step_after_the_signal(tmp_path, monkeypatch):
+    """Single process: the handler only flags; the next step boundary saves hpc_ckpt_N (numbered after existing
+    ones), asks scontrol to requeue this job (array jobs as ARRAY_TASK), and stops training."""
+    from types import SimpleNamespace
+
+    from segforge.training.requeue import RequeueOnSignal
+
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    (fakebin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (fakebin / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fakebin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "99")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    saved = []
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = SimpleNamespace(world_size=1, global_step=5, is_global_zero=True, should_stop=False,
+                              save_checkpoint=lambda path: saved.append(Path(path).name))
+    callback = RequeueOnSignal(tmp_path)
+    try:
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+        assert not saved and not trainer.should_stop
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled: only a flag
+        callback.on_train_batch_end(trainer, None, None, None, 1)
+        assert saved == ["hpc_ckpt_2.ckpt"] and trainer.should_stop and callback.requeued
+        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "7_3"]
+        callback.on_train_batch_end(trainer, None, None, None, 2)
+        assert saved == ["hpc_ckpt_2.ckpt"]  # once
+    finally:
+        callback.teardown(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGUSR1) == before  # the previous handler is back

@@ -4,7 +4,7 @@ save one checkpoint together, the first rank asks SLURM to requeue the job, and 
 Why not Lightning's own handler: it saves the checkpoint inside the signal handler. A rank that receives the
 signal between two collectives enters the checkpoint's barrier while another is still inside a gradient all-reduce,
 and the job hangs (seen with two gloo ranks on a loaded machine). Here the checkpoint is written where every rank
-is at the same point of the step, and the flag is exchanged with one tiny all-reduce per step.
+is at the same point of the step, and the flag is exchanged with one tiny all-reduce every few steps.
 """
 
 from __future__ import annotations
@@ -38,20 +38,24 @@ class RequeueOnSignal(L.Callback):
     """Installed before ``fit`` (so Lightning keeps its hands off SIGUSR1): on the signal, checkpoint
     ``hpc_ckpt_N.ckpt`` into ``folder`` at the next step boundary, `scontrol requeue`, stop."""
 
-    def __init__(self, folder: Path, signum: int = signal.SIGUSR1):
-        self.folder, self.signum = Path(folder), signum
+    def __init__(self, folder: Path, signum: int = signal.SIGUSR1, every_n_steps: int = 10):
+        self.folder, self.signum, self.every_n_steps = Path(folder), signum, every_n_steps
         self.received = False
         self.requeued = False
-        signal.signal(signum, self._flag)
+        self.previous = signal.signal(signum, self._flag)
 
     def _flag(self, signum, frame) -> None:
         self.received = True
 
     def _agreed(self, trainer) -> bool:
+        """Whether any rank got the signal. With several ranks they compare every ``every_n_steps`` steps (the same
+        steps on every rank), so the all-reduce and its device sync do not come with every step."""
+        if trainer.world_size == 1:
+            return self.received
+        if trainer.global_step % self.every_n_steps:
+            return False
         flag = torch.tensor([1.0 if self.received else 0.0], device=trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
-        return bool(flag.item() > 0)
+        return bool(trainer.strategy.reduce(flag, reduce_op="max").item() > 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.requeued or not self._agreed(trainer):
@@ -71,4 +75,4 @@ class RequeueOnSignal(L.Callback):
                             self.signum, path.name, job, done.stderr.strip())
 
     def teardown(self, trainer, pl_module, stage) -> None:
-        signal.signal(self.signum, signal.SIG_DFL)
+        signal.signal(self.signum, self.previous if self.previous is not None else signal.SIG_DFL)
