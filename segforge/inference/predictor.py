@@ -333,12 +333,10 @@ class Ensemble:
 
     @property
     def average_logits(self) -> bool:
-        """Average (and resample) logits rather than probabilities: how nnU-Net models were validated."""
-        return self.plans.get("aggregate") == "logits"
+        return self.predictors[0].average_logits
 
     def _activation(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over classes, or a sigmoid per region, along axis 1."""
-        return torch.sigmoid(logits) if self.regions_class_order else torch.softmax(logits, dim=1)
+        return self.predictors[0]._activation(logits)
 
     @property
     def class_names(self) -> list[str]:
