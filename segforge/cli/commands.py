@@ -100,8 +100,10 @@ def run_plan(args, cfg, overrides) -> int:
     ws = Workspace.from_config(cfg.paths, spec.name)
     check_not_inside(ws.work_dir, spec.root, "dataset folder")
     fingerprint = _fingerprint(spec, ws, cfg)
+    from segforge.training.schedules import parse_duration
+
     try:
-        plans = make_plans(fingerprint, cfg.plan)
+        plans = make_plans(fingerprint, cfg.plan, budget_s=parse_duration(cfg.get("budget")))
     except ValueError as exc:
         raise SegforgeError(f"{spec.root}: {exc}") from exc
     _keep_previous(ws.plans_path, stamp("plans", plans))
@@ -113,6 +115,11 @@ def run_plan(args, cfg, overrides) -> int:
                  conf["patch_size"], conf["batch_size"], [round(v, 3) if v else v for v in conf["target_spacing"]],
                  len(conf["network"]["strides"]), memory["predicted_peak_bytes"] / 2**30, memory["gpu_memory_gb"],
                  memory["precision"])
+        if "sized_for" in conf:
+            sized = conf["sized_for"]
+            log.info("plan %s: features %s, %.3f s per step on %s (%s), about %d iterations in %.0f s: %s", name,
+                     conf["network"]["features_per_stage"], sized["step_s"], sized["device"], conf["precision"],
+                     sized["expected_iterations"], sized["budget_s"], sized["reason"])
     print(f"fingerprint: {ws.fingerprint_path}\nplans:       {ws.plans_path}")
     if getattr(args, "verify", False):
         _verify_memory(plans, ws)
@@ -140,9 +147,12 @@ def _preprocess(spec, ws: Workspace, cfg, configurations) -> None:
 
     plans = read_json(ws.plans_path, "plans")
     names = list(configurations) if configurations else list(plans["configurations"])
+    unknown = [n for n in names if n not in plans["configurations"]]
+    if unknown:
+        raise SegforgeError(f"configuration {unknown[0]} is not in {ws.plans_path}; it has {sorted(plans['configurations'])}")
+    # a configuration that shares another's data (3d_budget: 3d_fullres's spacing) is preprocessed as that one
+    names = list(dict.fromkeys(plans["configurations"][n].get("data_identifier", n) for n in names))
     for name in names:
-        if name not in plans["configurations"]:
-            raise SegforgeError(f"configuration {name} is not in {ws.plans_path}; it has {sorted(plans['configurations'])}")
         check_not_inside(ws.preprocessed(name), spec.root, "dataset folder")
         counts = run_preprocessing(spec.cases, plans, name, ws.preprocessed(name), spec.label_values,
                                    int(cfg.preprocess.num_workers), int(cfg.preprocess.foreground_samples_per_class),

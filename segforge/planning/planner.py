@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segforge.io.dataset import count_outputs
-from segforge.planning.budget import Fit, MemoryBudget, PeakOracle, choose_batch, choose_candidate, describe
+from segforge.planning.budget import (
+    Fit,
+    MemoryBudget,
+    PeakOracle,
+    choose_batch,
+    choose_candidate,
+    describe,
+)
 from segforge.planning.memory import StepSpec
 from segforge.preprocessing.resample import DEFAULT_RESAMPLING, resampling_modes
 
@@ -237,8 +246,78 @@ def resampling_rules(rules) -> dict:
     return settings
 
 
-def make_plans(fingerprint: dict, rules) -> dict:
-    """plans.json's payload from a fingerprint and the ``plan`` config group."""
+def budget_configuration(spacing: list[float], median_shape: list[float], full: Fit, rules, in_channels: int,
+                         num_classes: int, num_cases: int, budget_s: float) -> dict:
+    """A configuration sized for ``budget_s`` seconds of training on the device at hand (``compute.py``), at the
+    full-resolution spacing (it shares that configuration's preprocessed data) and within its memory fit."""
+    from segforge.inference.sliding_window import window_starts
+    from segforge.planning.compute import (
+        Candidate,
+        ComputeBudget,
+        StepTimer,
+        choose_for_budget,
+        choose_precision,
+        measure_step_seconds,
+        step_flops,
+    )
+
+    compute = rules.compute
+    device = torch.device("cuda" if str(compute.device) == "auto" and torch.cuda.is_available()
+                          else "cpu" if str(compute.device) == "auto" else str(compute.device))
+    dims = len(spacing)
+    target_voxels = float(rules.initial_patch_voxels_2d if dims == 2 else rules.initial_patch_voxels_3d)
+    max_stages = int(rules.max_stages_2d if dims == 2 else rules.max_stages_3d)
+    patches = [(p, t) for p, t in patch_candidates(spacing, median_shape, target_voxels, int(rules.min_feature_map), max_stages)
+               if math.prod(p) <= math.prod(full.spec.patch_size)
+               and math.prod(p) > math.prod(t["total_pooling"]) and len(t["strides"]) >= 3]  # a U-Net, normable
+    if not patches:
+        raise ValueError(f"no patch of at least 3 U-Net stages fits the median image {median_shape} for a budget configuration")
+    measure = (lambda spec: measure_step_seconds(spec, device)) if not compute.tflops else None
+    # precision is measured on a mid-sized step (about 32^3 or 128^2 voxels, 16 features first)
+    probe_patch, probe_topo = min(patches, key=lambda pt: abs(math.log(math.prod(pt[0]) / (32**3 if dims == 3 else 128**2))))
+    probe = replace(step_spec(probe_patch, probe_topo, rules, in_channels, num_classes, int(compute.batch_size)),
+                    features_per_stage=tuple(features_per_stage(len(probe_topo["strides"]), 16, 160)),
+                    optimizer=str(compute.optimizer))
+    if compute.tflops:
+        precision = "16-mixed" if str(compute.precision) == "auto" else str(compute.precision)
+        precision_reason = "stated throughput (plan.compute.tflops): " + ("mixed precision" if precision != "32-true" else "float32")
+    else:
+        precision, precision_reason = choose_precision(probe, device, measure, str(compute.precision))
+    cap = int(rules.features_max_2d if dims == 2 else rules.features_max_3d)
+    candidates = []
+    for width in compute.features_base:
+        for patch, topo in patches:
+            spec = replace(step_spec(patch, topo, rules, in_channels, num_classes, int(compute.batch_size)),
+                           features_per_stage=tuple(features_per_stage(len(topo["strides"]), int(width),
+                                                                       max(int(width), cap * int(width) // int(rules.features_base)))),
+                           precision=precision, optimizer=str(compute.optimizer))
+            windows = math.prod(len(window_starts(round(m), p, 0.5)) for m, p in zip(median_shape, patch))
+            candidates.append(Candidate(spec, min(1.0, math.prod(patch) / max(math.prod(median_shape), 1.0)), windows))
+    budget = ComputeBudget(float(budget_s), int(compute.target_iterations), float(compute.coverage_goal),
+                           float(compute.setup_s), max(1, math.ceil(num_cases / int(compute.num_folds))), device.type)
+    timer = StepTimer(measure, float(compute.tflops) if compute.tflops else None)
+    chosen = choose_for_budget(candidates, budget, timer)
+    spec = chosen["candidate"].spec
+    memory_rules = OmegaConf.merge(rules, {"memory": {"precision": precision, "optimizer": str(compute.optimizer)}})
+    oracle = PeakOracle(str(rules.memory.method))
+    fit = Fit(0, spec, oracle(spec), memory_budget(rules).fits(oracle(spec)))
+    entry = configuration_entry(fit, spacing, median_shape, memory_rules, oracle)
+    entry["data_identifier"] = "3d_fullres" if dims == 3 else "2d"
+    entry["precision"] = precision
+    entry["sized_for"] = {
+        "device": device.type, "budget_s": float(budget_s), "throughput": "stated" if compute.tflops else "measured",
+        "tflops": float(compute.tflops) if compute.tflops else round(step_flops(spec) / chosen["step_s"] / 1e12, 4),
+        "step_s": round(chosen["step_s"], 4), "expected_iterations": chosen["expected_iterations"],
+        "target_iterations": budget.target_iterations, "final_validation_s": round(chosen["validation_s"], 1),
+        "setup_s": budget.setup_s, "torch_threads": torch.get_num_threads(), "precision_reason": precision_reason,
+        "reason": chosen["reason"], "steps_measured": len(timer.measured), "candidates": len(candidates),
+    }
+    return entry
+
+
+def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
+    """plans.json's payload from a fingerprint and the ``plan`` config group; with ``budget_s``, also a
+    configuration sized for that many seconds of training on this device (``3d_budget``, or ``2d_budget``)."""
     cases = fingerprint["cases"]
     spacings = [c["spacing"] for c in cases]
     shapes = [c["shape_after_crop"] for c in cases]
@@ -270,6 +349,15 @@ def make_plans(fingerprint: dict, rules) -> dict:
                 scale = math.prod(s / t for s, t in zip(spacing, low))
                 fit = fit_configuration(low, low_shape, rules, in_channels, num_classes, dataset_voxels * scale, oracle)
                 configurations["3d_lowres"] = configuration_entry(fit, low, low_shape, rules, oracle)
+    if budget_s:
+        dims_2d = is_2d_data or "3d_fullres" not in configurations
+        base = "2d" if dims_2d else "3d_fullres"
+        if base not in configurations:
+            raise ValueError(f"a budget configuration is sized from {base}; add it to plan.configurations")
+        base_spacing, base_shape = (spacing[1:], median_shape[1:]) if dims_2d else (spacing, median_shape)
+        base_fit = fit_configuration(base_spacing, base_shape, rules, in_channels, num_classes, dataset_voxels, oracle)
+        configurations[f"{'2d' if dims_2d else '3d'}_budget"] = budget_configuration(
+            base_spacing, base_shape, base_fit, rules, in_channels, num_classes, len(cases), budget_s)
     if not configurations:
         raise ValueError(f"no configuration of {wanted} applies to this dataset "
                          f"({'2D' if is_2d_data else '3D'} images; 2D data takes configurations=[2d])")

@@ -8,6 +8,7 @@ keeps its clock in the checkpoint, so a resumed run continues the same curve.
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import lightning as L
@@ -37,12 +38,22 @@ def lr_factor(progress: float, schedule: str = "poly", poly_exponent: float = 0.
     raise ValueError(f"unknown schedule {schedule!r}; use poly, cosine or constant")
 
 
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "min": 60, "s": 1}
+
+
 def parse_duration(value) -> float | None:
-    """Seconds from Lightning's ``max_time`` forms: "DD:HH:MM:SS", a dict of days/hours/minutes/seconds, or seconds."""
+    """Seconds from Lightning's ``max_time`` forms ("DD:HH:MM:SS", a dict of days/hours/minutes/seconds, seconds) or
+    a short form: "15m", "1h30m", "90s", "2d"."""
     if value in (None, "", "null"):
         return None
     if isinstance(value, (int, float)):
         return float(value)
+    text = str(value).strip().lower()
+    if text and text[-1].isalpha():
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*(d|h|min|m|s)", text)
+        if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+            raise ValueError(f"cannot read the duration {value!r}; write e.g. 15m, 1h30m, 90s or HH:MM:SS")
+        return float(sum(float(n) * _UNITS[u] for n, u in parts))
     if isinstance(value, dict) or hasattr(value, "items"):
         units = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
         return float(sum(units[k] * float(v) for k, v in dict(value).items()))
