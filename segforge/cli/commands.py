@@ -172,7 +172,7 @@ def run_train(args, cfg, overrides) -> int:
 
     # layout only: every DDP rank runs this, and the files were checked by `plan`
     spec = load_dataset(resolve_dataset(args.dataset, cfg.paths.raw_root))
-    fold_dir = train(cfg, spec, overrides)
+    fold_dir = train(cfg, spec, overrides, started_at=getattr(args, "started_at", None))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"model folder: {fold_dir.parent}\nrun folder:   {fold_dir}")
     return 0

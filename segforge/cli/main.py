@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from segforge import __version__
@@ -113,6 +114,15 @@ def split_overrides(args: argparse.Namespace) -> list[str]:
     return flags + user
 
 
+def implied_overrides(command: str, overrides: list[str]) -> list[str]:
+    """``segforge train ... budget=15m`` brings the recipe made for few steps (``recipe=budget``) unless a recipe is
+    given: ``recipe=nnunet budget=15m`` keeps nnU-Net's recipe inside the same budget."""
+    values = {o.lstrip("+~").split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o}
+    if command == "train" and values.get("budget", "null").lower() not in ("null", "none", "") and "recipe" not in values:
+        return ["recipe=budget", *overrides]
+    return overrides
+
+
 def printable(text: str) -> str:
     """``text`` as valid UTF-8: a file name that is not UTF-8 (held by Python as surrogates) shown as \\udcXX."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -164,9 +174,11 @@ def configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started_at = time.time()  # a training budget counts from here (imports of torch and Lightning included)
     parser = build_parser()
     # overrides (key=value) may stand anywhere after the command; argparse leaves them over
     args, rest = parser.parse_known_args(argv)
+    args.started_at = started_at
     if args.command:
         args.overrides = rest
     elif rest:
@@ -176,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     configure_logging()
     try:
-        overrides = split_overrides(args)
+        overrides = implied_overrides(args.command, split_overrides(args))
         cfg = compose_config(CONFIG_OF.get(args.command, args.command), overrides)
         if args.cfg:
             from omegaconf import OmegaConf

@@ -28,6 +28,8 @@ from segforge.io.artifacts import read_json, stamp, write_json
 from segforge.io.dataset import DatasetSpec
 from segforge.io.storage import check_writable
 from segforge.preprocessing.pipeline import plan_hash
+from segforge.training.budget import (BudgetPacer, BudgetSplit, elapsed_since, forward_seconds,
+                                      split_budget, validation_windows)
 from segforge.training.callbacks import AtomicCheckpointIO, BestCheckpoint, EpochProgress, RunFolderWriter
 from segforge.training.data import SegmentationDataModule
 from segforge.training.finetune import FINAL_WEIGHTS, load_initial_weights
@@ -130,16 +132,15 @@ def make_loggers(cfg, fold_dir: Path) -> list:
     return loggers
 
 
-def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
-    """Train one fold as ``cfg`` says; returns the fold folder."""
+def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None = None) -> Path:
+    """Train one fold as ``cfg`` says; returns the fold folder. A ``budget`` counts from ``started_at`` (epoch
+    seconds; the command's start), else from the start of this process."""
     workspace = Workspace.from_config(cfg.paths, spec.name)
     plans = read_json(workspace.plans_path, "plans")
-    configuration = str(cfg.configuration)
-    if configuration not in plans["configurations"]:
-        raise SegforgeError(f"configuration={configuration} is not in {workspace.plans_path}; "
-                            f"choose one of {sorted(plans['configurations'])}")
+    budget_s = parse_duration(cfg.get("budget"))
+    configuration = resolve_configuration(str(cfg.configuration), plans, workspace.plans_path, budget_s)
     plan_config = plans["configurations"][configuration]
-    data_dir = workspace.preprocessed(configuration)
+    data_dir = workspace.preprocessed(plan_config.get("data_identifier", configuration))
     manifest = read_json(data_dir / "manifest.json", "preprocessing_manifest") if (data_dir / "manifest.json").is_file() else None
     if manifest is None or manifest["plan_hash"] != plan_hash(plans, configuration):
         raise SegforgeError(f"{data_dir}: preprocessed data is missing or from another plan. "
@@ -147,6 +148,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     train_ids, val_ids, splits = fold_case_ids(workspace, manifest["cases"], cfg.fold, int(cfg.num_folds), int(cfg.seed),
                                                cfg.get("split_groups"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kwargs.get("precision") == "plan":  # the plan's measured choice (budget configurations), else float32
+        trainer_kwargs["precision"] = plan_config.get("precision", "32-true")
     check_precision(trainer_kwargs)
 
     task = str(cfg.task.name)
@@ -187,6 +190,11 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
 
     max_time_s = parse_duration(trainer_kwargs.get("max_time"))
     total_steps = int(trainer_kwargs["max_epochs"]) * int(cfg.data.iterations_per_epoch)
+    split = None
+    if budget_s:  # time decides: the schedule spans the training time, epochs are paced by time
+        split = _split_budget(budget_s, started_at, network, plan_config, patch_size, data_dir, val_ids, spec, cfg)
+        max_time_s, total_steps = split.training_s, None
+        trainer_kwargs.update(max_epochs=-1, reload_dataloaders_every_n_epochs=1)
     new_files = {workspace.splits_path: json.dumps(splits, indent=2) + "\n"} if splits and not workspace.splits_path.is_file() else {}
     callbacks = [
         RunFolderWriter(
@@ -194,7 +202,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
                    fold_dir / "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create({"overrides": list(overrides)})),
                    fold_dir / "network.yaml": OmegaConf.to_yaml(OmegaConf.create(kwargs))},
             copies=copies),
-        ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps, max_time_s),
+        schedule := ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps,
+                                     max_time_s),
         # last.ckpt after every epoch, so a killed run resumes from its latest epoch (Lightning's save_last only
         # writes when a top-k checkpoint was written, i.e. never with save_top_k=0)
         L.pytorch.callbacks.ModelCheckpoint(dirpath=fold_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
@@ -206,6 +215,10 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
     if cfg.callbacks.early_stopping_patience and val_ids:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_dice_ema", mode="max", check_on_train_epoch_end=False,
                                                            patience=int(cfg.callbacks.early_stopping_patience)))
+    if split is not None:
+        sized_step_s = plan_config.get("sized_for", {}).get("step_s")
+        first_epoch_steps = round(split.epoch_s / sized_step_s) if sized_step_s else int(cfg.budgeting.first_epoch_steps)
+        callbacks.append(BudgetPacer(split, schedule, datamodule, max(1, first_epoch_steps)))
     requeue = RequeueOnSignal(fold_dir) if slurm_requeue_wanted() else None
     if requeue is not None:
         callbacks.append(requeue)
@@ -234,15 +247,64 @@ def train(cfg, spec: DatasetSpec, overrides: list[str]) -> Path:
         if val_ids and cfg.final_validation.enabled:
             validation = _final_validation(network, plans, spec, configuration, val_ids, fold_dir, cfg)
             summary["validation_mean_dice"] = validation["foreground_mean_dice"]
+        if split is not None:
+            total = elapsed_since(started_at)
+            summary["budget"] = {**split.to_json(), "total_s": round(total, 1), "within_budget": total <= budget_s}
+            log.info("budget %.0f s: %.0f s used (set-up %.0f, training %.0f, final validation reserved %.0f)",
+                     budget_s, total, split.setup_s, split.training_s, split.final_validation_s)
         write_json(fold_dir / "training_summary.json", summary, kind="run")
         log.info("trained fold %s: %s", cfg.fold, fold_dir)
     return fold_dir
 
 
+def resolve_configuration(name: str, plans: dict, plans_path: Path, budget_s: float | None) -> str:
+    """``configuration=budget`` is the plan's budget configuration (3d_budget, else 2d_budget); names are checked."""
+    available = plans["configurations"]
+    if name == "budget":
+        found = [n for n in ("3d_budget", "2d_budget") if n in available]
+        if not found:
+            raise SegforgeError(f"{plans_path} has no budget configuration. Fix: `segforge plan DATASET budget=...` "
+                                "(sizes one for this device), or choose configuration=3d_fullres (2d)")
+        name = found[0]
+    if name not in available:
+        raise SegforgeError(f"configuration={name} is not in {plans_path}; choose one of {sorted(available)}")
+    sized = available[name].get("sized_for")
+    if sized and budget_s and abs(float(sized["budget_s"]) - budget_s) > 0.05 * budget_s:
+        log.warning("%s was sized for %.0f s on %s, this run has %.0f s: `segforge plan DATASET budget=%.0fs` sizes "
+                    "it for this budget", name, sized["budget_s"], sized["device"], budget_s, budget_s)
+    return name
+
+
+def _split_budget(budget_s: float, started_at: float | None, network, plan_config: dict, patch_size: list[int], data_dir: Path, val_ids: list[str],
+                  spec: DatasetSpec, cfg) -> BudgetSplit:
+    """Time the final validation's forward pass and split the budget (``training/budget.py``)."""
+    validating = bool(val_ids) and bool(cfg.final_validation.enabled)
+    device = _validation_device(cfg)
+    forward_s = 0.0
+    windows = 0
+    if validating:
+        network.to(device)
+        forward_s = forward_seconds(network, spec.num_channels, patch_size, 1, device)
+        network.to("cpu")
+        shapes = [read_json(data_dir / f"{case}.json")["shape_after_resampling"] for case in val_ids]
+        mirrors = 2 ** len(plan_config.get("mirror_axes", [])) if cfg.final_validation.mirror else 1
+        windows = mirrors * validation_windows(shapes, patch_size, float(cfg.final_validation.step_size))
+    split = split_budget(budget_s, elapsed_since(started_at), forward_s, windows, len(val_ids) if validating else 0,
+                         cfg.budgeting)
+    log.info("budget %.0f s: set-up %.0f s, training %.0f s (an epoch every %.0f s), final validation %.0f s "
+             "(%d windows at %.3f s), finishing %.0f s", budget_s, split.setup_s, split.training_s, split.epoch_s,
+             split.final_validation_s, windows, forward_s, split.finish_s)
+    return split
+
+
+def _validation_device(cfg) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") else "cpu")
+
+
 def _final_validation(network, plans, spec, configuration, val_ids, fold_dir: Path, cfg) -> dict:
     from segforge.training.validation import validate_fold
 
-    device = torch.device("cuda" if torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") else "cpu")
+    device = _validation_device(cfg)
     summary = validate_fold(network, plans, read_json(spec.root / "dataset.json"), configuration, spec, val_ids,
                             fold_dir / "validation", device, mirror=bool(cfg.final_validation.mirror),
                             step_size=float(cfg.final_validation.step_size),

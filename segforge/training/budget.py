@@ -1,0 +1,131 @@
+"""A training run inside a wall-clock budget (``budget=15m``): what the budget pays for, and when to stop.
+
+The whole ``segforge train`` command fits the budget, counted from the start of the process: set-up (imports, data,
+network), training, and the final sliding-window validation of the fold. Before training starts, the final
+validation is estimated from timed forward passes of one window and the number of windows the validation cases
+need (mirroring included), times ``budgeting.validation_margin``; training gets the rest (Lightning's ``max_time``),
+and the learning-rate schedule spans exactly that time. Validations during training (and ``last.ckpt``, written with
+each) are paced by time: each epoch gets ``training_s / budgeting.validations`` seconds' worth of steps at the step
+time measured in the epoch before. A resumed run keeps its training clock (Lightning's timer and the schedule restore it), so the budget
+counts training time across restarts; each restart pays its own set-up and final validation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import psutil
+import torch
+
+from segforge.errors import SegforgeError
+from segforge.inference.sliding_window import window_starts
+
+
+def elapsed_since(started_at: float | None) -> float:
+    """Seconds since ``started_at`` (the command's start, epoch seconds), else since this process started."""
+    start = started_at if started_at is not None else psutil.Process().create_time()
+    return max(0.0, time.time() - start)
+
+
+@torch.no_grad()
+def forward_seconds(network: torch.nn.Module, in_channels: int, patch_size: list[int], batch: int = 1,
+                    device: torch.device | str = "cpu", repeats: int = 2) -> float:
+    """Seconds of one inference forward pass of ``batch`` windows (the fastest of ``repeats`` after a warm-up)."""
+    was_training = network.training
+    network.eval()
+    x = torch.randn(batch, in_channels, *patch_size, device=device)
+    times = []
+    try:
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            network(x)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        network.train(was_training)
+    return min(times[1:])
+
+
+def validation_windows(shapes: list[list[int]], patch_size: list[int], step_size: float) -> int:
+    """Sliding-window positions over the validation cases (at the configuration's grid)."""
+    total = 0
+    for shape in shapes:
+        spatial = shape[-len(patch_size):]
+        total += math.prod(len(window_starts(int(s), int(p), step_size)) for s, p in zip(spatial, patch_size))
+    return total
+
+
+@dataclass
+class BudgetSplit:
+    """How one run spends its budget (seconds); written to training_summary.json beside what it really took."""
+
+    budget_s: float
+    setup_s: float                 # spent before training starts
+    final_validation_s: float      # reserved: estimate x margin
+    finish_s: float                # final checkpoint, exported weights, summary
+    training_s: float              # Lightning's max_time; the schedule spans it
+    epoch_s: float                 # an epoch (one validation + last.ckpt) every this many seconds
+    forward_s: float               # measured: one window forward
+    windows: int                   # windows of the final validation (mirrored ones included)
+
+    def to_json(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def split_budget(budget_s: float, setup_s: float, forward_s: float, windows: int, cases: int, rules) -> BudgetSplit:
+    """Training time = budget - set-up so far - final validation (estimated x margin) - finishing."""
+    validation = float(rules.validation_margin) * (windows * forward_s + cases * float(rules.seconds_per_case))
+    finish = float(rules.finish_s)
+    training = budget_s - setup_s - validation - finish
+    if training < float(rules.min_training_fraction) * budget_s:
+        raise SegforgeError(
+            f"budget={budget_s:.0f}s leaves {max(training, 0):.0f} s for training after {setup_s:.0f} s of set-up and "
+            f"{validation:.0f} s for the final validation of {cases} case(s). Fix: a larger budget, a budget "
+            "configuration planned for it (`segforge plan DATASET budget=...`), or final_validation.enabled=false")
+    return BudgetSplit(budget_s, setup_s, validation, finish, training, training / max(1, int(rules.validations)),
+                       forward_s, windows)
+
+
+class BudgetPacer(L.Callback):
+    """Agrees on the training time across ranks (rank 0's split), sets the schedule's clock to it, stops training
+    when that clock (restored on resume) reaches it, and paces epochs by time: after each epoch the next one gets
+    ``epoch_s`` worth of steps at the step time just measured (rank 0's figure, so every rank agrees; the loaders
+    are rebuilt per epoch with ``reload_dataloaders_every_n_epochs=1``)."""
+
+    def __init__(self, split: BudgetSplit, schedule, datamodule, first_epoch_steps: int):
+        self.split, self.schedule, self.datamodule = split, schedule, datamodule
+        self.datamodule.cfg["iterations_per_epoch"] = int(first_epoch_steps)
+        self._last_end: float | None = None
+        self._seconds, self._steps = 0.0, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.split.training_s = float(trainer.strategy.broadcast(self.split.training_s, src=0))
+        self.split.epoch_s = float(trainer.strategy.broadcast(self.split.epoch_s, src=0))
+        self.schedule.max_time_s = self.split.training_s
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last_end, self._seconds, self._steps = None, 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.monotonic()
+        if self._last_end is not None:  # step + loading + augmentation, the first step of an epoch left out
+            self._seconds, self._steps = self._seconds + now - self._last_end, self._steps + 1
+        self._last_end = now
+        due = self.schedule.elapsed() >= self.split.training_s
+        if trainer.strategy.broadcast(due, src=0):
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._steps:
+            steps = max(1, round(self.split.epoch_s / (self._seconds / self._steps)))
+            self.datamodule.cfg["iterations_per_epoch"] = int(trainer.strategy.broadcast(steps, src=0))
+
+    def state_dict(self) -> dict:
+        return {"iterations_per_epoch": int(self.datamodule.cfg["iterations_per_epoch"])}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.datamodule.cfg["iterations_per_epoch"] = int(state_dict.get("iterations_per_epoch", 1))

@@ -1,0 +1,194 @@
+"""Training within a wall-clock budget: the compute-aware plan (planning/compute.py), the budget split and pacing
+(training/budget.py), the budget recipe, and a budgeted run end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import segforge
+from segforge.cli.main import implied_overrides, main
+from segforge.errors import SegforgeError
+from segforge.planning import compute
+from segforge.planning.compute import Candidate, ComputeBudget, StepTimer, choose_for_budget, forward_macs, step_flops
+from segforge.planning.memory import StepSpec
+from segforge.planning.planner import make_plans
+from segforge.training.budget import split_budget, validation_windows
+from segforge.training.schedules import parse_duration
+
+RULES_FILE = Path(segforge.__file__).parent / "configs" / "plan" / "default.yaml"
+TRAIN_FILE = Path(segforge.__file__).parent / "configs" / "train.yaml"
+
+
+@pytest.fixture
+def rules():
+    rules = OmegaConf.load(RULES_FILE)
+    rules.memory.method = "analytic"
+    rules.configurations = ["3d_fullres"]
+    return rules
+
+
+def brain_fingerprint(num_cases: int = 20) -> dict:
+    stats = {"mean": 50.0, "median": 50.0, "std": 20.0, "min": 0.0, "max": 100.0, "percentile_00_5": 1.0,
+             "percentile_99_5": 99.0}
+    return {"dataset_name": "Dataset910_Brain", "channel_names": {"0": "T1"},
+            "labels": {"background": 0, "grey_matter": 1, "white_matter": 2},
+            "intensity_foreground": {"0": stats},
+            "cases": [{"spacing": [2.0, 2.0, 2.0], "shape_after_crop": [80, 96, 80], "relative_size_after_crop": 0.9,
+                       "shape_before_crop": [91, 109, 91]} for _ in range(num_cases)]}
+
+
+def fake_device(monkeypatch, tflops: float, overhead_s: float = 0.002) -> list:
+    """Steps 'measured' on a device of ``tflops`` effective throughput; the measured specs are recorded."""
+    measured = []
+
+    def measure(spec, device="cpu", repeats=2):
+        measured.append(spec)
+        return step_flops(spec) / (tflops * 1e12) + overhead_s
+
+    monkeypatch.setattr(compute, "measure_step_seconds", measure)
+    return measured
+
+
+def budget_plan(rules, budget_s: float) -> dict:
+    return make_plans(brain_fingerprint(), rules, budget_s=budget_s)["configurations"]["3d_budget"]
+
+
+def size(conf: dict) -> float:
+    """Work per step of a planned configuration (patch voxels x width)."""
+    return math.prod(conf["patch_size"]) * conf["network"]["features_per_stage"][0]
+
+
+def test_parse_duration_reads_short_forms_and_refuses_nonsense():
+    assert parse_duration("15m") == 900 and parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
+    assert parse_duration("00:00:15:00") == 900 and parse_duration(300) == 300 and parse_duration(None) is None
+    with pytest.raises(ValueError, match="15x"):
+        parse_duration("15x")
+
+
+def test_step_flops_count_convolutions_of_encoder_and_decoder():
+    spec = StepSpec(3, 1, 2, (8, 8, 8), 1, (4, 8), ((3, 3, 3), (3, 3, 3)), ((1, 1, 1), (2, 2, 2)), 2)
+    encoder = (1 * 4 * 27 + 4 * 4 * 27) * 512 + (4 * 8 * 27 + 8 * 8 * 27) * 64
+    decoder = 8 * 4 * 512 + (8 * 4 * 27 + 4 * 4 * 27) * 512 + 4 * 2 * 512
+    assert forward_macs(spec) == encoder + decoder
+    assert step_flops(spec.__class__(**{**spec.__dict__, "batch_size": 2})) == 2 * step_flops(spec)
+
+
+def test_budget_plan_shrinks_when_the_measured_throughput_drops(rules, monkeypatch):
+    fake_device(monkeypatch, tflops=0.4)
+    fast = budget_plan(rules, 900)
+    fake_device(monkeypatch, tflops=0.05)
+    slow = budget_plan(rules, 900)
+    assert size(slow) < size(fast)
+    for conf in (fast, slow):
+        assert conf["sized_for"]["expected_iterations"] >= conf["sized_for"]["target_iterations"]
+        assert conf["sized_for"]["throughput"] == "measured" and conf["sized_for"]["device"] == "cpu"
+
+
+def test_budget_plan_grows_with_the_budget_and_says_why(rules, monkeypatch):
+    measured = fake_device(monkeypatch, tflops=0.1)
+    small, large = budget_plan(rules, 300), budget_plan(rules, 3600)
+    assert size(small) < size(large)
+    sized = large["sized_for"]
+    assert sized["budget_s"] == 3600 and "iterations" in sized["reason"] and sized["step_s"] > 0
+    # the chosen step was measured itself, not only predicted, and a handful of steps sufficed
+    assert any(s.patch_size == tuple(large["patch_size"]) and s.features_per_stage[0] == large["network"]["features_per_stage"][0]
+               for s in measured)
+    assert sized["steps_measured"] <= 12
+    # the budget configuration trains on the full-resolution data and its topology follows its own patch
+    assert large["data_identifier"] == "3d_fullres"
+    assert large["target_spacing"] == [2.0, 2.0, 2.0]
+    assert len(large["network"]["strides"]) == len(large["network"]["features_per_stage"])
+
+
+def test_a_gpu_hour_plans_larger_than_a_cpu_quarter_hour(rules, monkeypatch):
+    fake_device(monkeypatch, tflops=0.15)  # a 2-core CPU
+    cpu = budget_plan(rules, 900)
+    gpu_rules = rules.copy()
+    gpu_rules.compute.tflops = 20.0
+    gpu = budget_plan(gpu_rules, 3600)
+    assert size(gpu) > size(cpu)
+    assert gpu["sized_for"]["throughput"] == "stated" and gpu["precision"] == "16-mixed"
+    assert gpu["patch_size"] == make_plans(brain_fingerprint(), gpu_rules)["configurations"]["3d_fullres"]["patch_size"]
+
+
+def test_a_hopeless_budget_takes_the_cheapest_step_and_says_so(rules, monkeypatch):
+    fake_device(monkeypatch, tflops=0.001)
+    conf = budget_plan(rules, 60)
+    assert "no candidate reaches" in conf["sized_for"]["reason"]
+    assert conf["sized_for"]["expected_iterations"] < conf["sized_for"]["target_iterations"]
+
+
+def test_choose_for_budget_rejects_a_choice_whose_measured_step_is_slower_than_predicted():
+    def spec(width, edge):
+        return StepSpec(3, 1, 2, (edge,) * 3, 2, (width, 2 * width, 4 * width), ((3, 3, 3),) * 3,
+                        ((1, 1, 1), (2, 2, 2), (2, 2, 2)), 2, optimizer="adamw")
+
+    candidates = [Candidate(spec(w, e), e**3 / 64**3, 1) for w in (8, 16) for e in (16, 32, 64)]
+    slow = spec(16, 64)
+
+    def measure(s):  # small steps run at the nominal rate, the largest one 4x slower than predicted
+        return step_flops(s) / 1e11 * (4.0 if s == slow else 1.0)
+
+    budget = ComputeBudget(budget_s=step_flops(slow) / 1e11 * 120 + 10, target_iterations=100, coverage_goal=1.0,
+                           setup_s=10, validation_cases=0, device="cpu")
+    chosen = choose_for_budget(candidates, budget, StepTimer(measure))
+    assert chosen["candidate"].spec != slow
+    assert chosen["expected_iterations"] >= 100
+
+
+def test_split_budget_adds_up_and_refuses_a_budget_too_small():
+    rules = OmegaConf.load(TRAIN_FILE).budgeting
+    split = split_budget(600, setup_s=20, forward_s=0.5, windows=40, cases=4, rules=rules)
+    reserved = rules.validation_margin * (40 * 0.5 + 4 * rules.seconds_per_case)
+    assert split.final_validation_s == pytest.approx(reserved)
+    assert split.setup_s + split.training_s + split.final_validation_s + split.finish_s == pytest.approx(600)
+    assert split.epoch_s == pytest.approx(split.training_s / rules.validations)
+    with pytest.raises(SegforgeError, match="budget=60s leaves"):
+        split_budget(60, setup_s=20, forward_s=0.5, windows=40, cases=4, rules=rules)
+    assert validation_windows([[1, 20, 64, 64]], [20, 32, 32], 0.5) == 1 * 3 * 3
+
+
+def test_a_budget_brings_the_budget_recipe_unless_a_recipe_is_given(capsys, tmp_path):
+    assert implied_overrides("train", ["budget=15m"]) == ["recipe=budget", "budget=15m"]
+    assert implied_overrides("train", ["budget=15m", "recipe=nnunet"]) == ["budget=15m", "recipe=nnunet"]
+    assert implied_overrides("train", ["budget=null"]) == ["budget=null"]
+    assert implied_overrides("plan", ["budget=15m"]) == ["budget=15m"]
+    assert main(["train", str(tmp_path), "budget=15m", "--cfg", "job"]) == 0
+    cfg = OmegaConf.create(capsys.readouterr().out)
+    assert cfg.optim.name == "adamw" and cfg.configuration == "budget" and cfg.trainer.precision == "plan"
+    assert main(["train", str(tmp_path), "budget=15m", "recipe=nnunet", "configuration=3d_fullres", "--cfg", "job"]) == 0
+    cfg = OmegaConf.create(capsys.readouterr().out)
+    assert cfg.optim.name == "sgd" and cfg.configuration == "3d_fullres" and cfg.budget == "15m"
+
+
+def test_a_budgeted_run_ends_within_its_budget_with_the_schedule_run_out(tmp_path, capsys):
+    from conftest import write_dataset
+
+    dataset = write_dataset(tmp_path / "Dataset001_Tiny")
+    work = tmp_path / "work"
+    assert main(["plan", str(dataset), f"paths.work_root={work}", "plan.configurations=[3d_fullres]", "budget=50s",
+                 "plan.compute.target_iterations=100"]) == 0
+    plans = json.loads((work / dataset.name / "plans.json").read_text())
+    sized = plans["configurations"]["3d_budget"]["sized_for"]
+    assert sized["budget_s"] == 50 and sized["steps_measured"] >= 1
+    assert not (work / dataset.name / "preprocessed" / "3d_budget").exists()  # shares 3d_fullres's data
+    assert main(["train", str(dataset), f"paths.work_root={work}", "budget=50s", "trainer.accelerator=cpu",
+                 "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 0
+    fold = work / dataset.name / "results" / "segment" / "3d_budget" / "fold_0"
+    summary = json.loads((fold / "training_summary.json").read_text())
+    budget = summary["budget"]
+    assert budget["within_budget"] and budget["total_s"] <= 50
+    assert summary["epochs"] >= 3  # validations paced by time through the run
+    assert "validation_mean_dice" in summary  # the final validation ran inside the budget
+    with open(next((fold / "logs").glob("version_*/metrics.csv"))) as handle:
+        rates = [float(r["lr"]) for r in csv.DictReader(handle) if r.get("lr")]
+    assert rates[-1] < 0.1 * max(rates)  # the cosine schedule spanned the training time and ran out at its end
+    config = OmegaConf.load(fold / "config.yaml")
+    assert config.optim.name == "adamw" and config.configuration == "budget"
+
