@@ -121,6 +121,7 @@ class ComputeBudget:
     setup_s: float            # start-up, data loader, checkpoints, writing results
     validation_cases: int     # cases the final validation predicts
     device: str               # where the steps were measured (or the stated throughput applies)
+    loop_overhead: float = 1.0  # a training iteration / the bare step: loading and augmentation between steps
 
 
 @dataclass
@@ -138,7 +139,7 @@ def validation_seconds(candidate: Candidate, step_s: float, budget: ComputeBudge
 
 def expected_iterations(candidate: Candidate, step_s: float, budget: ComputeBudget) -> int:
     left = budget.budget_s - budget.setup_s - validation_seconds(candidate, step_s, budget)
-    return max(0, int(left / step_s))
+    return max(0, int(left / (step_s * budget.loop_overhead)))
 
 
 def choose_for_budget(candidates: list[Candidate], budget: ComputeBudget, timer: StepTimer, max_rounds: int = 6) -> dict:

@@ -294,7 +294,8 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
             windows = math.prod(len(window_starts(round(m), p, 0.5)) for m, p in zip(median_shape, patch))
             candidates.append(Candidate(spec, min(1.0, math.prod(patch) / max(math.prod(median_shape), 1.0)), windows))
     budget = ComputeBudget(float(budget_s), int(compute.target_iterations), float(compute.coverage_goal),
-                           float(compute.setup_s), max(1, math.ceil(num_cases / int(compute.num_folds))), device.type)
+                           float(compute.setup_s), max(1, math.ceil(num_cases / int(compute.num_folds))), device.type,
+                           float(compute.loop_overhead[device.type]))
     timer = StepTimer(measure, float(compute.tflops) if compute.tflops else None)
     chosen = choose_for_budget(candidates, budget, timer)
     spec = chosen["candidate"].spec
@@ -309,7 +310,7 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
         "tflops": float(compute.tflops) if compute.tflops else round(step_flops(spec) / chosen["step_s"] / 1e12, 4),
         "step_s": round(chosen["step_s"], 4), "expected_iterations": chosen["expected_iterations"],
         "target_iterations": budget.target_iterations, "final_validation_s": round(chosen["validation_s"], 1),
-        "setup_s": budget.setup_s, "torch_threads": torch.get_num_threads(), "precision_reason": precision_reason,
+        "setup_s": budget.setup_s, "loop_overhead": budget.loop_overhead, "torch_threads": torch.get_num_threads(), "precision_reason": precision_reason,
         "reason": chosen["reason"], "steps_measured": len(timer.measured), "candidates": len(candidates),
     }
     return entry

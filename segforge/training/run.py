@@ -216,8 +216,9 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_dice_ema", mode="max", check_on_train_epoch_end=False,
                                                            patience=int(cfg.callbacks.early_stopping_patience)))
     if split is not None:
-        sized_step_s = plan_config.get("sized_for", {}).get("step_s")
-        first_epoch_steps = round(split.epoch_s / sized_step_s) if sized_step_s else int(cfg.budgeting.first_epoch_steps)
+        sized = plan_config.get("sized_for", {})
+        first_epoch_steps = (round(split.epoch_s / (sized["step_s"] * sized.get("loop_overhead", 1.0))) if "step_s" in sized
+                             else int(cfg.budgeting.first_epoch_steps))
         callbacks.append(BudgetPacer(split, schedule, datamodule, max(1, first_epoch_steps)))
     requeue = RequeueOnSignal(fold_dir) if slurm_requeue_wanted() else None
     if requeue is not None:
