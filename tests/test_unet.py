@@ -229,3 +229,83 @@ def test_unknown_variants_are_refused():
         net3d(encoder="dense")
     with pytest.raises(ValueError, match="upsample"):
         net3d(upsample="pixelshuffle")
+
+
+# --- the denoiser's options: scale-and-shift conditioning, self-attention at the lowest resolutions -----------------
+
+
+@pytest.mark.parametrize("cond_mode", ["add", "scale_shift"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_both_cond_modes_start_as_identity_and_respond_once_trained(cond_mode, dims):
+    make = net3d if dims == 3 else net2d
+    net = make(cond_dim=6, norm="group", cond_mode=cond_mode, deep_supervision=False).eval()
+    plain = make(norm="group", deep_supervision=False).eval()
+    plain.load_state_dict(net.state_dict(), strict=False)  # the same trunk weights, no conditioning at all
+    x = torch.randn(2, 1, 8, 16, 16) if dims == 3 else torch.randn(2, 1, 16, 16)
+    cond = torch.randn(2, 6)
+    with torch.no_grad():
+        assert torch.equal(net(x, cond), plain(x))
+    blocks = len(net.encoder) + len(net.decoder)
+    assert _perturb_conditioning(net) == blocks
+    width = 2 if cond_mode == "scale_shift" else 1
+    assert net.encoder[0].cond_proj.out_features == width * net.encoder[0].convs[0].out_channels
+    with torch.no_grad():
+        assert (net(x, cond) - plain(x)).abs().max() > 1e-3
+        assert (net(x, cond) - net(x, torch.randn(2, 6))).abs().max() > 1e-3
+
+
+def test_scale_shift_is_a_scale_and_a_shift_of_the_normalised_features():
+    from segforge.nn.unet import apply_cond
+
+    proj = nn.Linear(3, 4)
+    x, cond = torch.randn(2, 2, 5, 5), torch.randn(2, 3)
+    scale, shift = proj(cond).chunk(2, dim=1)
+    expected = x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    torch.testing.assert_close(apply_cond(x, proj, cond), expected)
+
+
+def _attention_modules(net: UNet) -> tuple[list[int], list[int]]:
+    from segforge.nn.unet import SelfAttention
+
+    encoder = [i for i, m in enumerate(net.encoder_attention) if isinstance(m, SelfAttention)]
+    decoder = [i for i, m in enumerate(net.decoder_attention) if isinstance(m, SelfAttention)]
+    return encoder, decoder
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_attention_sits_at_the_lowest_resolutions_and_starts_as_identity(dims):
+    make = net3d if dims == 3 else net2d
+    stages = len(make().encoder)
+    net = make(attention_stages=2, attention_heads=2, norm="group", cond_dim=4, deep_supervision=False).eval()
+    encoder, decoder = _attention_modules(net)
+    assert encoder == [stages - 2, stages - 1]  # the bottleneck and the stage above it
+    assert decoder == [0]                       # the first decoder block works at the stage above the bottleneck
+    assert net.decoder[0].convs[0].out_channels == net.encoder[stages - 2].convs[0].out_channels
+    plain = make(norm="group", cond_dim=4, deep_supervision=False).eval()
+    plain.load_state_dict(net.state_dict(), strict=False)
+    x = torch.randn(2, 1, 8, 16, 16) if dims == 3 else torch.randn(2, 1, 16, 16)
+    cond = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.equal(net(x, cond), plain(x, cond))
+        for index in encoder:
+            nn.init.normal_(net.encoder_attention[index].out.weight, std=0.5)
+        assert (net(x, cond) - plain(x, cond)).abs().max() > 1e-3
+    net.train()(x, cond).square().mean().backward()
+    assert [name for name, p in net.named_parameters() if p.grad is None] == []
+
+
+def test_attention_over_all_stages_and_none():
+    net = net2d(attention_stages=3, attention_heads=4, norm="group")
+    assert _attention_modules(net) == ([0, 1, 2], [0, 1])
+    assert _attention_modules(net2d()) == ([], [])
+    # without attention the state dict is the one segmentation models were saved with
+    assert not any("attention" in key for key in net2d().state_dict())
+
+
+def test_denoiser_options_are_validated():
+    with pytest.raises(ValueError, match="cond_mode"):
+        net2d(cond_dim=4, cond_mode="multiply")
+    with pytest.raises(ValueError, match="attention_stages"):
+        net2d(attention_stages=4)
+    with pytest.raises(ValueError, match="attention_heads"):
+        net2d(attention_stages=1, attention_heads=3)

@@ -60,9 +60,10 @@ def check_input(model, image: np.ndarray, geometry: Geometry, names: list | None
 def build_network(spec: dict, source) -> torch.nn.Module:
     """The network a weights file describes, built from an allow-list, never through a class path taken from the
     file: a model folder from elsewhere is data, and ``_target_`` (at any depth) would otherwise name any callable."""
+    from segforge.nn.denoiser import Denoiser
     from segforge.nn.unet import UNet
 
-    networks = {"segforge.nn.unet.UNet": UNet}
+    networks = {"segforge.nn.unet.UNet": UNet, "segforge.nn.denoiser.Denoiser": Denoiser}
     kwargs = dict(spec)
     target = kwargs.pop("_target_", None)
     if target not in networks:
