@@ -9,13 +9,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 import segforge
 from segforge.cli.main import implied_overrides, main
 from segforge.errors import SegforgeError
 from segforge.planning import compute
-from segforge.planning.compute import Candidate, ComputeBudget, StepTimer, choose_for_budget, forward_macs, step_flops
+from segforge.planning.compute import (Candidate, ComputeBudget, StepTimer, choose_for_budget, choose_precision,
+                                       expected_iterations, forward_macs, step_flops)
 from segforge.planning.memory import StepSpec
 from segforge.planning.planner import make_plans
 from segforge.training.budget import split_budget, validation_windows
@@ -47,7 +49,7 @@ def fake_device(monkeypatch, tflops: float, overhead_s: float = 0.002) -> list:
     """Steps 'measured' on a device of ``tflops`` effective throughput; the measured specs are recorded."""
     measured = []
 
-    def measure(spec, device="cpu", repeats=2):
+    def measure(spec, device="cpu", repeats=2, give_up_after=None):
         measured.append(spec)
         return step_flops(spec) / (tflops * 1e12) + overhead_s
 
@@ -117,11 +119,39 @@ def test_a_gpu_hour_plans_larger_than_a_cpu_quarter_hour(rules, monkeypatch):
     assert gpu["patch_size"] == make_plans(brain_fingerprint(), gpu_rules)["configurations"]["3d_fullres"]["patch_size"]
 
 
-def test_a_hopeless_budget_takes_the_cheapest_step_and_says_so(rules, monkeypatch):
+def test_a_hopeless_budget_takes_the_candidate_that_trains_most_and_says_so(rules, monkeypatch):
     fake_device(monkeypatch, tflops=0.001)
     conf = budget_plan(rules, 60)
     assert "no candidate reaches" in conf["sized_for"]["reason"]
     assert conf["sized_for"]["expected_iterations"] < conf["sized_for"]["target_iterations"]
+
+
+def test_without_a_feasible_candidate_the_final_validation_counts_too():
+    """The cheapest step has the smallest patch, hence the most validation windows: when validation would eat the
+    budget, a larger patch that leaves more time for training is the better fallback."""
+    def spec(edge):
+        return StepSpec(3, 1, 2, (edge,) * 3, 2, (8, 16, 32), ((3, 3, 3),) * 3, ((1, 1, 1), (2, 2, 2), (2, 2, 2)), 2,
+                        optimizer="adamw")
+
+    small, large = Candidate(spec(8), 8**3 / 64**3, 4096), Candidate(spec(32), 32**3 / 64**3, 8)
+    budget = ComputeBudget(budget_s=100, target_iterations=10**6, coverage_goal=0.5, setup_s=10, validation_cases=4,
+                           device="cpu")
+    chosen = choose_for_budget([small, large], budget, StepTimer(lambda s: 0.05 if s == small.spec else 0.1))
+    assert chosen["candidate"] is large and "no candidate reaches" in chosen["reason"]
+    assert chosen["expected_iterations"] > expected_iterations(small, 0.05, budget)
+
+
+def test_a_slow_precision_is_ruled_out_without_timing_it_fully():
+    calls = []
+
+    def measure(spec, give_up_after=None):
+        calls.append((spec.precision, give_up_after))
+        return 1.0 if spec.precision == "32-true" else 100.0
+
+    spec = StepSpec(3, 1, 2, (16,) * 3, 2, (8, 16, 32), ((3, 3, 3),) * 3, ((1, 1, 1), (2, 2, 2), (2, 2, 2)), 2)
+    precision, why = choose_precision(spec, torch.device("cpu"), measure)
+    assert precision == "32-true" and "0.01x" in why
+    assert calls == [("32-true", None), ("bf16-mixed", 10.0)]
 
 
 def test_choose_for_budget_rejects_a_choice_whose_measured_step_is_slower_than_predicted():

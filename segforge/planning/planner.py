@@ -272,7 +272,7 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
                and math.prod(p) > math.prod(t["total_pooling"]) and len(t["strides"]) >= 3]  # a U-Net, normable
     if not patches:
         raise ValueError(f"no patch of at least 3 U-Net stages fits the median image {median_shape} for a budget configuration")
-    measure = (lambda spec: measure_step_seconds(spec, device)) if not compute.tflops else None
+    measure = (lambda spec, **kwargs: measure_step_seconds(spec, device, **kwargs)) if not compute.tflops else None
     # precision is measured on a mid-sized step (about 32^3 or 128^2 voxels, 16 features first)
     probe_patch, probe_topo = min(patches, key=lambda pt: abs(math.log(math.prod(pt[0]) / (32**3 if dims == 3 else 128**2))))
     probe = replace(step_spec(probe_patch, probe_topo, rules, in_channels, num_classes, int(compute.batch_size)),
