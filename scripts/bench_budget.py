@@ -58,7 +58,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     p.add_argument("--nnunet-gpu-gb", type=float, default=DEFAULT_GPU_MEMORY_GB,
                    help="nnU-Net's planner GPU memory target (a smaller patch than its 8 GB default)")
-    p.add_argument("--nnunet-da-workers", type=int, default=2, help="nnU-Net's augmentation workers (nnUNet_n_proc_DA)")
+    p.add_argument("--nnunet-da-workers", type=int, default=0,
+                   help="nnU-Net's augmentation workers (nnUNet_n_proc_DA); 0, its fastest on 2 cores in "
+                        "scripts/bench_training.py (a worker beside the 2-thread step slows the step more than it helps)")
     p.add_argument("--force", action="store_true", help="measure again what is recorded already")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--bench-root", type=Path, default=None)

@@ -222,3 +222,22 @@ def test_a_budgeted_run_ends_within_its_budget_with_the_schedule_run_out(tmp_pat
     config = OmegaConf.load(fold / "config.yaml")
     assert config.optim.name == "adamw" and config.configuration == "budget"
 
+
+
+def test_forward_seconds_times_windows_in_the_sliding_windows_batches():
+    """One window per pass would time PyTorch's slow single-input CPU convolution, which prediction never runs."""
+    from segforge.training.budget import forward_seconds
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append((tuple(x.shape), self.training))
+            return x
+
+    network = Recorder().train()
+    per_window = forward_seconds(network, 1, [4, 4, 4], batch=1, repeats=2)
+    assert seen == [((2, 1, 4, 4, 4), False)] * 3 and network.training and per_window >= 0
+    seen.clear()
+    forward_seconds(network, 1, [4, 4, 4], batch=3, repeats=1)
+    assert [shape for shape, _ in seen] == [(3, 1, 4, 4, 4)] * 2
