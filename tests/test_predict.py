@@ -225,6 +225,25 @@ def test_slab_streaming_windows_equal_one_full_buffer():
     torch.testing.assert_close(streamed.double(), _naive_windows(image, Noisy(), patch, 0.5), atol=1e-5, rtol=1e-5)
 
 
+def test_every_window_pass_has_the_full_batch_and_short_chunks_are_filled_up():
+    """A single small window on a CPU takes PyTorch's slow im2col convolution: a short last chunk is padded with
+    copies of its last window, whose outputs are dropped (the result equals the windows computed one by one)."""
+    from segforge.inference.sliding_window import sliding_window
+
+    sizes = []
+
+    class Recording(Noisy):
+        def forward(self, x, cond=None):
+            sizes.append(x.shape[0])
+            return super().forward(x, cond)
+
+    image = torch.from_numpy(np.random.default_rng(3).uniform(0, 1, (1, 8, 20, 12)).astype(np.float32))
+    patch = [8, 12, 12]  # one window depth, 3 windows in plane: chunks of 2 + 1
+    out = sliding_window(image, Recording(), patch, 0.5, (), 2, torch.float32, lambda o: torch.softmax(o, 1))
+    assert sizes == [2, 2]
+    torch.testing.assert_close(out.double(), _naive_windows(image, Noisy(), patch, 0.5), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("target,patch,dims", [((5.0, 0.8, 0.8), (8, 16, 16), 3), ((2.5, 1.1, 1.1), (8, 16, 16), 3),
                                                ((4.0, 0.6, 0.6), (6, 12, 12), 3), ((None, 1.2, 0.7), (16, 16), 2)])
 def test_streamed_labels_equal_labels_of_the_full_probabilities(target, patch, dims):

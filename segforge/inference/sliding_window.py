@@ -137,7 +137,12 @@ def sliding_window_slabs(image: torch.Tensor, network, patch: list[int], step_si
             else:
                 crops = [padded[(slice(None), slice(z, z + patch[0]), *[slice(o, o + p) for o, p in zip(origin, patch[1:])])]
                          for z, origin in chunk]
-            out = _mirrored(network, torch.stack(crops), list(mirror_axes))
+            batch = torch.stack(crops)
+            if len(crops) < batch_size <= len(windows):
+                # a short last chunk is filled up with copies of its last window (outputs dropped): every pass has one
+                # shape, and on a CPU a single small window would take PyTorch's im2col convolution (3x slower)
+                batch = torch.cat([batch, batch[-1:].expand(batch_size - len(crops), *batch.shape[1:])])
+            out = _mirrored(network, batch, list(mirror_axes))[:len(crops)]
             if activation is not None:
                 out = activation(out)
             if total is None:  # a ring buffer one window deep along the first axis (slice z lives at z % depth)
