@@ -137,3 +137,29 @@ def test_prediction_against_cuda_max_memory_allocated():
     predicted = plans["configurations"][name]["memory"]["predicted_peak_bytes"]
     measured = cuda_peak_bytes(spec_from_plan(plans, name))
     assert abs(measured - predicted) <= 0.1 * measured, (measured, predicted)
+
+
+def denoise_spec(dims: int, **kw):
+    from segforge.planning.memory import StepSpec
+
+    args = dict(spatial_dims=dims, in_channels=1, num_classes=1, patch_size=(64, 64) if dims == 2 else (16, 32, 32),
+                batch_size=2, features_per_stage=(8, 16, 32, 64), kernel_sizes=((3,) * dims,) * 4,
+                strides=((1,) * dims,) + ((2,) * dims,) * 3, norm="group", deep_supervision=False, optimizer="adamw",
+                task="denoise", attention_stages=2, cond_mode="scale_shift")
+    args.update(kw)
+    return StepSpec(**args)
+
+
+@pytest.mark.parametrize("dims,precision,spatial_cond", [(2, "bf16-mixed", 1), (3, "32-true", 0)])
+def test_traced_denoiser_step_matches_the_real_step(dims, precision, spatial_cond):
+    """The planner traces the denoising step as configured (Denoiser, attention, extra channels, MSE loss)."""
+    from segforge.planning.memory import traced_peak_bytes
+
+    spec = denoise_spec(dims, precision=precision, spatial_cond_channels=spatial_cond)
+    traced = traced_peak_bytes(spec)
+    measured = measured_peak_bytes(spec)
+    assert abs(measured - traced) <= 0.1 * measured, (measured, traced)
+    # what the denoiser adds is seen: attention at two stages, and a conditioning channel, cost memory
+    assert traced > traced_peak_bytes(denoise_spec(dims, precision=precision, spatial_cond_channels=spatial_cond,
+                                                   attention_stages=0))
+    assert traced_peak_bytes(denoise_spec(dims, precision=precision, spatial_cond_channels=spatial_cond + 2)) > traced

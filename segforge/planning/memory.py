@@ -11,6 +11,10 @@ peak allocated memory. The same tracker measures a real CPU step, which is how t
 What it does not see, and the plan's margin covers: allocator fragmentation, library workspaces (cuDNN) and the
 CUDA context (``reserved_gb``). Mixed precision is traced with CPU autocast in bfloat16: the same 2-byte
 activations as CUDA's float16/bfloat16 autocast.
+
+``task="denoise"`` traces the denoising step instead: a ``Denoiser`` (group norm, attention at the lowest
+resolutions, spatial-conditioning channels, as configured), noise and time drawn for the batch, the noisy image and
+its target, and the MSE loss.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 # the planner traces exactly what training runs: the same network class, loss and optimizer factory
+from segforge.nn.denoiser import Denoiser
 from segforge.nn.unet import UNet
 from segforge.training.losses import make_segmentation_loss
 from segforge.training.optim import make_optimizer
@@ -97,8 +102,22 @@ class StepSpec:
     deep_supervision: bool = True
     precision: str = "16-mixed"   # 32-true | 16-mixed | bf16-mixed
     optimizer: str = "sgd"        # sgd (momentum buffer) | adamw (two moments)
+    # the denoising task (issue 7): in_channels are the image's channels, num_classes is unused
+    task: str = "segment"         # segment | denoise
+    cond_mode: str = "add"
+    attention_stages: int = 0
+    attention_heads: int = 4
+    spatial_cond_channels: int = 0  # extra input channels: a label map or an image the denoiser is conditioned on
+    cond_dim: int | None = None     # the Denoiser's default (4x the first stage's features) when None
 
     def network_kwargs(self) -> dict:
+        if self.task == "denoise":
+            return dict(spatial_dims=self.spatial_dims, image_channels=self.in_channels,
+                        features_per_stage=list(self.features_per_stage),
+                        kernel_sizes=[list(k) for k in self.kernel_sizes], strides=[list(s) for s in self.strides],
+                        conv_per_stage=self.conv_per_stage, norm=self.norm, cond_dim=self.cond_dim,
+                        cond_mode=self.cond_mode, attention_stages=self.attention_stages,
+                        attention_heads=self.attention_heads, spatial_cond_channels=self.spatial_cond_channels)
         return dict(spatial_dims=self.spatial_dims, in_channels=self.in_channels, out_channels=self.num_classes,
                     features_per_stage=list(self.features_per_stage), kernel_sizes=[list(k) for k in self.kernel_sizes],
                     strides=[list(s) for s in self.strides], conv_per_stage=self.conv_per_stage, norm=self.norm,
@@ -123,11 +142,19 @@ def spec_from_plan(plans: dict, configuration: str, batch_size: int | None = Non
 _LOSS_CFG = {"dice_weight": 1.0, "ce_weight": 1.0, "batch_dice": False}
 
 
+TASKS = ("segment", "denoise")
+
+
 def _build(spec: StepSpec):
-    network = UNet(**spec.network_kwargs())
+    if spec.task not in TASKS:
+        raise ValueError(f"unknown task {spec.task!r}; use {' or '.join(TASKS)}")
+    if spec.task == "denoise":
+        network, loss = Denoiser(**spec.network_kwargs()), torch.nn.functional.mse_loss
+    else:
+        network = UNet(**spec.network_kwargs())
+        num_outputs = len(spec.strides) - 1 if spec.deep_supervision else 1
+        loss = make_segmentation_loss(OmegaConf.create(_LOSS_CFG), num_outputs)
     network.train()
-    num_outputs = len(spec.strides) - 1 if spec.deep_supervision else 1
-    loss = make_segmentation_loss(OmegaConf.create(_LOSS_CFG), num_outputs)
     optim_cfg = {"sgd": {"name": "sgd", "lr": 0.01, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5},
                  "adamw": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 1e-4}}[spec.optimizer]
     optimizer = make_optimizer(network.parameters(), OmegaConf.create(optim_cfg))
@@ -140,6 +167,34 @@ def _autocast(precision: str):
     if precision in ("32-true", "32"):
         return contextlib.nullcontext()
     raise ValueError(f"unknown precision {precision!r}; use 32-true, 16-mixed or bf16-mixed")
+
+
+def step_batch(spec: StepSpec, device: torch.device | str = "cpu") -> dict:
+    """The batch one training step receives: an image and a label map, or (denoise) the clean image and its
+    spatial conditioning."""
+    shape = (spec.batch_size, spec.in_channels, *spec.patch_size)
+    if spec.task == "denoise":
+        batch = {"image": torch.randn(shape, device=device)}
+        if spec.spatial_cond_channels:
+            batch["spatial_cond"] = torch.randn(spec.batch_size, spec.spatial_cond_channels, *spec.patch_size,
+                                                device=device)
+        return batch
+    return {"image": torch.randn(shape, device=device),
+            "label": torch.randint(0, spec.num_classes, (spec.batch_size, 1, *spec.patch_size), device=device)}
+
+
+def step_loss(spec: StepSpec, network, loss_fn, batch: dict) -> torch.Tensor:
+    """The loss of one step (call under the step's autocast). Denoise: noise and times are drawn inside the step,
+    the noisy image is ``alpha * x0 + sigma * noise`` and the target is a same-sized tensor, as in every objective."""
+    if spec.task != "denoise":
+        return loss_fn(network(batch["image"]), batch["label"].float())
+    x0 = batch["image"]
+    noise = torch.randn_like(x0)
+    t = torch.rand(x0.shape[0], device=x0.device)
+    alpha = (1 - t).reshape(-1, *([1] * (x0.ndim - 1)))
+    x_t = alpha * x0 + (1 - alpha) * noise
+    target = noise - x0
+    return loss_fn(network(x_t, t, batch.get("spatial_cond")), target)
 
 
 def run_step(spec: StepSpec, tracker: LiveStorageTracker) -> int:
@@ -155,15 +210,13 @@ def run_step(spec: StepSpec, tracker: LiveStorageTracker) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tracker.reset_peak()
-        shape = (spec.batch_size, spec.in_channels, *spec.patch_size)
-        image = torch.randn(shape)
-        label = torch.randint(0, spec.num_classes, (spec.batch_size, 1, *spec.patch_size))
+        batch = step_batch(spec)
         with _autocast(spec.precision):
-            loss = loss_fn(network(image), label.float())
+            loss = step_loss(spec, network, loss_fn, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        del loss, image, label
+        del loss, batch
     return tracker.peak
 
 
@@ -194,10 +247,9 @@ def cuda_peak_bytes(spec: StepSpec) -> int:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     dtype = torch.bfloat16 if spec.precision == "bf16-mixed" else torch.float16
-    image = torch.randn(spec.batch_size, spec.in_channels, *spec.patch_size, device="cuda")
-    label = torch.randint(0, spec.num_classes, (spec.batch_size, 1, *spec.patch_size), device="cuda")
+    batch = step_batch(spec, "cuda")
     with torch.autocast("cuda", dtype=dtype, enabled=spec.precision != "32-true"):
-        loss = loss_fn(network(image), label.float())
+        loss = step_loss(spec, network, loss_fn, batch)
     loss.backward()
     optimizer.step()
     torch.cuda.synchronize()
