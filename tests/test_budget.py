@@ -241,3 +241,35 @@ def test_forward_seconds_times_windows_in_the_sliding_windows_batches():
     seen.clear()
     forward_seconds(network, 1, [4, 4, 4], batch=3, repeats=1)
     assert [shape for shape, _ in seen] == [(3, 1, 4, 4, 4)] * 2
+
+
+def test_pacer_caps_validation_and_stops_within_half_a_step_of_the_deadline(monkeypatch):
+    """nnU-Net's 25 validation batches of a full-size 3D patch take minutes on a CPU, and Lightning validates once
+    more when training stops: a budgeted run caps them to a share of an epoch. A slow step must not start when the
+    clock would pass the training time by more than half a step."""
+    from types import SimpleNamespace
+
+    from segforge.training import budget as budget_module
+    from segforge.training.budget import BudgetPacer, BudgetSplit
+
+    def split(forward_s):
+        return BudgetSplit(budget_s=300, setup_s=10, final_validation_s=20, finish_s=10, training_s=260, epoch_s=26,
+                           forward_s=forward_s, windows=10, validation_share=0.1)
+
+    slow = SimpleNamespace(cfg={"iterations_per_epoch": 250, "val_iterations": 25}, batch_size=2)
+    BudgetPacer(split(1.0), None, slow, first_epoch_steps=7)
+    assert slow.cfg == {"iterations_per_epoch": 7, "val_iterations": 1}  # 0.1 x 26 s / (2 x 1 s) -> at least 1
+    fast = SimpleNamespace(cfg={"iterations_per_epoch": 250, "val_iterations": 25}, batch_size=2)
+    BudgetPacer(split(0.01), None, fast, first_epoch_steps=7)
+    assert fast.cfg["val_iterations"] == 25  # 130 would fit: the configured number is the cap
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
+    schedule = SimpleNamespace(elapsed=lambda: clock["now"])
+    trainer = SimpleNamespace(should_stop=False, strategy=SimpleNamespace(broadcast=lambda value, src=0: value))
+    pacer = BudgetPacer(split(1.0), schedule, slow, first_epoch_steps=7)
+    pacer.on_train_epoch_start(trainer, None)
+    for now in (0.0, 100.0, 215.0):  # at 215 s, 45 s are left and the last step took 115 s: stop (not at 100 s)
+        clock["now"] = now
+        pacer.on_train_batch_end(trainer, None, None, None, 0)
+        assert trainer.should_stop == (now == 215.0)

@@ -76,6 +76,7 @@ class BudgetSplit:
     epoch_s: float                 # an epoch (one validation + last.ckpt) every this many seconds
     forward_s: float               # measured: one window forward
     windows: int                   # windows of the final validation (mirrored ones included)
+    validation_share: float = 0.1  # validations during training take at most this share of an epoch's time
 
     def to_json(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -92,20 +93,34 @@ def split_budget(budget_s: float, setup_s: float, forward_s: float, windows: int
             f"{validation:.0f} s for the final validation of {cases} case(s). Fix: a larger budget, a budget "
             "configuration planned for it (`segforge plan DATASET budget=...`), or final_validation.enabled=false")
     return BudgetSplit(budget_s, setup_s, validation, finish, training, training / max(1, int(rules.validations)),
-                       forward_s, windows)
+                       forward_s, windows, float(rules.validation_share))
 
 
 class BudgetPacer(L.Callback):
     """Agrees on the training time across ranks (rank 0's split), sets the schedule's clock to it, stops training
     when that clock (restored on resume) reaches it, and paces epochs by time: after each epoch the next one gets
     ``epoch_s`` worth of steps at the step time just measured (rank 0's figure, so every rank agrees; the loaders
-    are rebuilt per epoch with ``reload_dataloaders_every_n_epochs=1``)."""
+    are rebuilt per epoch with ``reload_dataloaders_every_n_epochs=1``).
+
+    Validation batches are capped so that a validation takes at most ``validation_share`` of an epoch (a batch costs
+    about ``batch_size`` window forwards): Lightning validates once more when training stops, and nnU-Net's 25
+    batches of a full-size 3D patch take minutes on a CPU. Training stops when the clock would pass the training
+    time within half of the last step, so that a slow step ends the budget on time on average."""
 
     def __init__(self, split: BudgetSplit, schedule, datamodule, first_epoch_steps: int):
         self.split, self.schedule, self.datamodule = split, schedule, datamodule
         self.datamodule.cfg["iterations_per_epoch"] = int(first_epoch_steps)
+        self._val_cap = int(self.datamodule.cfg["val_iterations"])
+        self.datamodule.cfg["val_iterations"] = self.validation_batches()
         self._last_end: float | None = None
+        self._last_step_s = 0.0
         self._seconds, self._steps = 0.0, 0
+
+    def validation_batches(self) -> int:
+        batch_s = self.split.forward_s * int(self.datamodule.batch_size)
+        if batch_s <= 0:
+            return self._val_cap
+        return int(min(self._val_cap, max(1, self.split.validation_share * self.split.epoch_s // batch_s)))
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.split.training_s = float(trainer.strategy.broadcast(self.split.training_s, src=0))
@@ -118,9 +133,10 @@ class BudgetPacer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.monotonic()
         if self._last_end is not None:  # step + loading + augmentation, the first step of an epoch left out
-            self._seconds, self._steps = self._seconds + now - self._last_end, self._steps + 1
+            self._last_step_s = now - self._last_end
+            self._seconds, self._steps = self._seconds + self._last_step_s, self._steps + 1
         self._last_end = now
-        due = self.schedule.elapsed() >= self.split.training_s
+        due = self.schedule.elapsed() + 0.5 * self._last_step_s >= self.split.training_s
         if trainer.strategy.broadcast(due, src=0):
             trainer.should_stop = True
 
