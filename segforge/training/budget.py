@@ -32,9 +32,12 @@ def elapsed_since(started_at: float | None) -> float:
 
 @torch.no_grad()
 def forward_seconds(network: torch.nn.Module, in_channels: int, patch_size: list[int], batch: int = 1,
-                    device: torch.device | str = "cpu", repeats: int = 2, windows_per_pass: int = 2) -> float:
+                    device: torch.device | str = "cpu", repeats: int = 2, windows_per_pass: int = 2,
+                    enough_s: float = 2.0) -> float:
     """Seconds the sliding window spends on ``batch`` windows: the fastest of ``repeats`` inference passes (after a
-    warm-up) of ``windows_per_pass`` windows at a time, as the sliding window runs them (``sw_batch_size``).
+    warm-up) of ``windows_per_pass`` windows at a time, as the sliding window runs them (``sw_batch_size``). A
+    warm-up pass longer than ``enough_s`` is the measurement (the budget pays for timing: three passes of a full-size
+    3D network took a minute on a CPU, and first-call overheads are small beside such a pass).
 
     Not timed one window at a time: for a single small input PyTorch takes its im2col convolution on a CPU instead
     of oneDNN's (3-5x slower for a 24x32x28 window with 8 features; the sliding window never runs that path)."""
@@ -50,9 +53,11 @@ def forward_seconds(network: torch.nn.Module, in_channels: int, patch_size: list
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
+            if times[0] > enough_s:
+                break
     finally:
         network.train(was_training)
-    return min(times[1:]) * batch / per_pass
+    return min(times[1:] or times) * batch / per_pass
 
 
 def validation_windows(shapes: list[list[int]], patch_size: list[int], step_size: float) -> int:
