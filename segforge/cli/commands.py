@@ -27,10 +27,48 @@ def save_config(folder: Path, command: str, cfg, overrides: list[str]) -> None:
     atomic_write_text(folder / f"{command}_overrides.yaml", OmegaConf.to_yaml(OmegaConf.create({"overrides": list(overrides)})))
 
 
-def _checked_dataset(dataset_arg: str, cfg, require_labels: bool = True):
+def task_name(cfg) -> str:
+    """The task a command works for: ``task=denoise`` (a config group in train, a plain value elsewhere)."""
+    task = cfg.get("task", "segment")
+    return str(task.name if OmegaConf.is_config(task) else task)
+
+
+def labels_wanted(cfg, root: Path) -> bool:
+    """Whether a command reads the dataset's labels: segmentation needs them; denoising uses them when the dataset
+    has them (labelsTr/, or a ``dataset`` listing) or conditions on them, and takes images alone otherwise."""
+    if cfg.get("require_labels") is not None:
+        return bool(cfg.require_labels)
+    if task_name(cfg) != "denoise":
+        return True
+    task = cfg.get("task")
+    masks = OmegaConf.is_config(task) and bool(task.get("mask_conditioning"))
+    return masks or (root / "labelsTr").is_dir() or _lists_cases(root)
+
+
+def _lists_cases(root: Path) -> bool:
+    try:
+        return isinstance(json.loads((root / "dataset.json").read_text()).get("dataset"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _refuse_unlabelled(root: Path, cfg) -> None:
+    """A segmentation command on a dataset without labels: say that it is one, and what can use it."""
+    if labels_wanted(cfg, root) and root.is_dir() and (root / "dataset.json").is_file() \
+            and not (root / "labelsTr").exists() and not _lists_cases(root):
+        need = "mask conditioning (task.mask_conditioning=true)" if task_name(cfg) == "denoise" else f"task={task_name(cfg)}"
+        raise SegforgeError(f"{root}: has no labelsTr/: an unlabelled dataset; {need} needs one label file per case, "
+                            f"only task=denoise trains on images alone. Fix: add labelsTr/CASE<file_ending> for every "
+                            f"case, or add task=denoise to the command (e.g. `segforge plan {root} task=denoise`)")
+
+
+def _checked_dataset(dataset_arg: str, cfg, require_labels: bool | None = None):
     from segforge.io.checks import check_dataset
 
     root = resolve_dataset(dataset_arg, cfg.paths.raw_root)
+    if require_labels is None:
+        _refuse_unlabelled(root, cfg)
+        require_labels = labels_wanted(cfg, root)
     problems = check_dataset(root, require_labels=require_labels)
     if problems:
         raise DatasetError(problems)
@@ -41,7 +79,9 @@ def run_check(args, cfg, overrides) -> int:
     from segforge.io.checks import check_dataset, format_problems
 
     root = resolve_dataset(args.dataset, cfg.paths.raw_root)
-    problems = check_dataset(root, require_labels=bool(cfg.require_labels))
+    if cfg.get("require_labels") is None:
+        _refuse_unlabelled(root, cfg)
+    problems = check_dataset(root, require_labels=labels_wanted(cfg, root))
     if problems:
         print(format_problems(problems, root), file=sys.stderr)
         return 1
@@ -103,7 +143,13 @@ def run_plan(args, cfg, overrides) -> int:
     from segforge.training.schedules import parse_duration
 
     try:
-        plans = make_plans(fingerprint, cfg.plan, budget_s=parse_duration(cfg.get("budget")))
+        rules = cfg.plan
+        if task_name(cfg) == "denoise":  # the planner traces the denoising step's memory
+            from segforge.training.tasks import denoiser_step
+
+            rules = OmegaConf.create({**OmegaConf.to_container(cfg.plan, resolve=True),
+                                      "denoiser_step": denoiser_step(cfg.task, spec)})
+        plans = make_plans(fingerprint, rules, budget_s=parse_duration(cfg.get("budget")))
     except ValueError as exc:
         raise SegforgeError(f"{spec.root}: {exc}") from exc
     _keep_previous(ws.plans_path, stamp("plans", plans))
@@ -171,7 +217,9 @@ def run_train(args, cfg, overrides) -> int:
     from segforge.training.run import train
 
     # layout only: every DDP rank runs this, and the files were checked by `plan`
-    spec = load_dataset(resolve_dataset(args.dataset, cfg.paths.raw_root))
+    root = resolve_dataset(args.dataset, cfg.paths.raw_root)
+    _refuse_unlabelled(root, cfg)
+    spec = load_dataset(root, require_labels=labels_wanted(cfg, root))
     fold_dir = train(cfg, spec, overrides, started_at=getattr(args, "started_at", None))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"model folder: {fold_dir.parent}\nrun folder:   {fold_dir}")
@@ -214,6 +262,62 @@ def run_predict(args, cfg, overrides) -> int:
         if r.status == "failed":
             print(f"  failed: {r.case_id}: {r.error}", file=sys.stderr)
     return 1 if counts["failed"] else 0
+
+
+def _generation(args, cfg):
+    """The denoising model of `sample`/`denoise`, after the output folder proved writable."""
+    from segforge.inference.generative import DenoisingModel
+    from segforge.io.storage import check_writable
+
+    check_writable(Path(args.output), what="generated images", setting="-o OUT", create=False)
+    gen = cfg.generate
+    return DenoisingModel.from_model_dir(Path(args.model), fold=gen.fold, device=str(gen.device))
+
+
+def _report(output: Path, results, what: str) -> int:
+    counts = {s: sum(r.status == s for r in results) for s in ("written", "failed")}
+    print(f"{output}: {counts['written']} {what} written, {counts['failed']} failed")
+    for r in results:
+        if r.status == "failed":
+            print(f"  failed: {r.case_id}: {r.error}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def run_sample(args, cfg, overrides) -> int:
+    from segforge.inference.generate import sample_from_masks, sample_images
+
+    model = _generation(args, cfg)
+    output, gen = Path(args.output), cfg.generate
+    common = dict(steps=cfg.steps, sampler=cfg.sampler, seed=int(cfg.seed), step_size=float(gen.step_size),
+                  sw_batch_size=int(gen.sw_batch_size))
+    if args.masks:
+        if not Path(args.masks).exists():
+            raise SegforgeError(f"{args.masks}: --masks not found")
+        results = sample_from_masks(model, Path(args.masks), output, guidance_scale=float(cfg.guidance_scale), **common)
+        code = _report(output, results, "image(s)")
+    else:
+        shape = list(cfg.shape) if cfg.shape is not None else None
+        written = sample_images(model, output, int(cfg.n), shape=shape, **common)
+        print(f"{output}: {len(written)} image file(s) written")
+        code = 0
+    save_config(output, "sample", cfg, overrides)
+    return code
+
+
+def run_denoise(args, cfg, overrides) -> int:
+    from segforge.inference.generate import denoise_folder
+
+    if Path(args.input).exists() and Path(args.output).resolve() == Path(args.input).resolve():
+        raise SegforgeError(f"{args.output}: output folder is the input folder (inputs are never overwritten). "
+                            "Fix: choose another -o folder")
+    model = _generation(args, cfg)
+    gen = cfg.generate
+    intensity_range = list(cfg.intensity_range) if cfg.intensity_range is not None else None
+    results = denoise_folder(model, Path(args.input), Path(args.output), float(cfg.sigma), str(cfg.sigma_units),
+                             intensity_range, int(cfg.steps), cfg.sampler, int(cfg.seed), float(gen.step_size),
+                             int(gen.sw_batch_size))
+    save_config(Path(args.output), "denoise", cfg, overrides)
+    return _report(Path(args.output), results, "denoised case(s)")
 
 
 def run_evaluate(args, cfg, overrides) -> int:

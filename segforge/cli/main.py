@@ -28,6 +28,8 @@ COMMANDS = {
     "preprocess": "Crop, normalise and resample the training cases as plans.json says.",
     "train": "Train one fold of one configuration (Lightning; DDP-ready).",
     "predict": "Predict masks for a folder of images with a trained model folder.",
+    "sample": "Generate images with a trained denoising model (task=denoise); with --masks, one per label map.",
+    "denoise": "Denoise images with a trained denoising model (task=denoise) by entering its reverse process at their noise level.",
     "evaluate": "Dice, IoU, HD95 and NSD per case and class between a prediction and a reference folder.",
     "select": "Compare configurations (and their ensembles) on cross-validation, pick the best, find its postprocessing.",
     "export-model": "Pack a model folder (plans, weights of chosen folds, postprocessing, checksums) into one zip.",
@@ -64,6 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
                            help="predict only part K of N (every N-th case from the K-th): for parallel jobs or a SLURM array")
             p.add_argument("--save-probabilities", action="store_true",
                            help="also write CASE.npz (float16 probabilities on the input's grid) and CASE.json")
+        if name in ("sample", "denoise"):
+            p.add_argument("--model", required=True, help="model folder of a `segforge train DATASET task=denoise` run")
+            p.add_argument("-o", "--output", required=True, help="folder for the images written")
+        if name == "sample":
+            p.add_argument("--masks", default=None,
+                           help="folder of label maps (CASE<ending>) or one map: a mask-conditioned model synthesises "
+                                "one image per map, on the map's grid")
+            p.epilog = ("e.g. segforge sample --model MODEL_DIR -o out/ n=8 steps=50 sampler=ddim seed=0 "
+                        "(shape=[z,y,x] or [y,x]; default: the plan's median image)")
+        if name == "denoise":
+            p.add_argument("-i", "--input", required=True, help="folder of noisy images (CASE_0000.ext, ...) or one image file")
+            p.epilog = ("e.g. segforge denoise --model MODEL_DIR -i noisy/ -o out/ sigma=0.1 [steps=1]. sigma is the noise "
+                        "standard deviation as a fraction of the image's intensity range (max - min of the clean image; "
+                        "intensity_range=[low,high] states it, otherwise it is estimated from the noisy image); "
+                        "sigma_units=intensity takes sigma in the image's own intensity units")
         if name == "evaluate":
             p.add_argument("pred_dir", help="folder of predicted masks")
             p.add_argument("ref_dir", help="folder of reference masks")

@@ -128,6 +128,9 @@ class Predictor:
             except Exception as exc:
                 raise SegforgeError(f"{source}: cannot load weights ({exc}). Fix: re-run training or re-copy the model") from exc
             check_header(payload, "model_weights", str(source))
+            if payload.get("task", "segment") != "segment":  # e.g. a denoiser: it takes a time, predicts no classes
+                raise SegforgeError(f"{source}: is a {payload['task']} model, not a segmentation model. Fix: use "
+                                    "`segforge sample` / `segforge denoise` with it, or a model trained with task=segment")
             network = build_network(payload["network"], source)
             network.load_state_dict(payload["state_dict"])
             networks.append(network)

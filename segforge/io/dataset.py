@@ -117,8 +117,11 @@ DATASET_JSON_FIX = (
 )
 
 
-def parse_dataset_json(root: Path) -> tuple[dict | None, list[Problem]]:
-    """Load and type-check dataset.json. Returns the validated fields (or None) and every problem found."""
+def parse_dataset_json(root: Path, require_labels: bool = True) -> tuple[dict | None, list[Problem]]:
+    """Load and type-check dataset.json. Returns the validated fields (or None) and every problem found.
+
+    Without ``require_labels`` (an unlabelled dataset, for ``task=denoise``) a missing ``labels`` entry means
+    ``{"background": 0}``."""
     path = root / "dataset.json"
     if not path.is_file():
         return None, [Problem(str(path), "dataset.json is missing", DATASET_JSON_FIX)]
@@ -147,7 +150,7 @@ def parse_dataset_json(root: Path) -> tuple[dict | None, list[Problem]]:
             bad(f'"channel_names" indices must be 0..{len(channel_names) - 1}, got {sorted(channel_names)}')
 
     labels: dict[str, int | list[int]] = {}
-    lb = raw.get("labels")
+    lb = raw.get("labels", None if require_labels else {"background": 0})
     if not isinstance(lb, dict) or not lb:
         bad('"labels" is missing or not an object like {"background": 0, "organ": 1}')
     else:
@@ -305,7 +308,7 @@ def scan_dataset(root: Path, require_labels: bool = True) -> tuple[DatasetSpec |
     root = Path(root)
     if not root.is_dir():
         return None, [Problem(str(root), "dataset folder not found", "give the path to a folder holding dataset.json, imagesTr/ and labelsTr/")]
-    fields, problems = parse_dataset_json(root)
+    fields, problems = parse_dataset_json(root, require_labels)
     if fields is None:
         return None, problems
     if isinstance(fields["raw"].get("dataset"), dict):

@@ -2,8 +2,9 @@
 connected components.
 
 Written as ``<work>/<dataset>/fingerprint.json`` and reused while the dataset is unchanged (same files, sizes
-and modification times, same settings). Intensities are a bounded sample of voxels inside the labels, spread
-evenly over cases, so memory stays bounded whatever the dataset size; workers return only these small summaries.
+and modification times, same settings). Intensities are a bounded sample of voxels inside the labels (of an
+unlabelled case, for ``task=denoise``: of the image's nonzero box), spread evenly over cases, so memory stays
+bounded whatever the dataset size; workers return only these small summaries.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def fingerprint_case(case: Case, label_values: list[int], samples_per_case: int,
             foreground = rng.choice(foreground, samples_per_case, replace=False)
         result["foreground_samples"] = cropped.reshape(cropped.shape[0], -1)[:, foreground].tolist()
         result["class_voxels"], result["class_components"] = class_summary(label, label_values)
+    else:  # no label to say where the object is: the whole nonzero box speaks for the image
+        voxels = cropped.reshape(cropped.shape[0], -1)
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(voxels.shape[1], samples_per_case, replace=False) if voxels.shape[1] > samples_per_case \
+            else np.arange(voxels.shape[1])
+        result["foreground_samples"] = voxels[:, chosen].tolist()
     return result
 
 

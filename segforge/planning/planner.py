@@ -162,15 +162,20 @@ def memory_budget(rules) -> MemoryBudget:
 
 
 def step_spec(patch: list[int], topo: dict, rules, in_channels: int, num_classes: int, batch_size: int) -> StepSpec:
+    """The training step a candidate patch and topology describe; ``rules.denoiser_step`` (``plan DATASET
+    task=denoise``) makes it the denoising task's step (``Denoiser``, its norm, attention and conditioning)."""
     dims = len(patch)
     cap = rules.features_max_2d if dims == 2 else rules.features_max_3d
-    return StepSpec(
+    denoiser = rules.get("denoiser_step") if hasattr(rules, "get") else None
+    spec = StepSpec(
         spatial_dims=dims, in_channels=in_channels, num_classes=num_classes, patch_size=tuple(patch),
         batch_size=batch_size,
         features_per_stage=tuple(features_per_stage(len(topo["strides"]), int(rules.features_base), int(cap))),
         kernel_sizes=tuple(tuple(k) for k in topo["kernel_sizes"]), strides=tuple(tuple(s) for s in topo["strides"]),
         conv_per_stage=int(rules.conv_per_stage), norm=str(rules.norm), deep_supervision=bool(rules.deep_supervision),
         precision=str(rules.memory.precision), optimizer=str(rules.memory.optimizer))
+    return replace(spec, **(OmegaConf.to_container(denoiser) if isinstance(denoiser, DictConfig) else dict(denoiser))) \
+        if denoiser else spec
 
 
 def fit_configuration(spacing: list[float], median_shape: list[float], rules, in_channels: int, num_classes: int,

@@ -5,6 +5,8 @@ Per case and configuration, in ``<preprocessed>/<configuration>/``:
 ``CASE.npy`` (float32 ``(c, z, y, x)``), ``CASE_seg.npy`` (int16 ``(z, y, x)``), ``CASE_locations.npy`` (int32 rows
 ``(class, z, y, x)``: a bounded uniform sample of each foreground class's voxels, for oversampling) and ``CASE.json``
 (geometry, crop box, shapes, the normalisation and resampling applied: everything needed to invert the steps).
+A case without a label (an unlabelled dataset, for ``task=denoise``) has only ``CASE.npy`` and ``CASE.json``
+(``"labelled": false``); the manifest says whether every case is labelled.
 Uncompressed ``.npy`` on purpose: a random patch is a memory-mapped slice, read without decoding anything else.
 
 ``CASE.json`` is written last and carries the preprocessing hash (plan values that change the output, settings,
@@ -143,15 +145,18 @@ def foreground_locations(seg: np.ndarray, values: list[int], per_class: int, see
     return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 1 + seg.ndim), np.int32)
 
 
-def case_done(out_dir: Path, case_id: str, digest: str, per_class: int | None = None) -> bool:
+def case_done(out_dir: Path, case_id: str, digest: str, per_class: int | None = None, labelled: bool = True) -> bool:
     props = out_dir / f"{case_id}.json"
-    if not props.is_file() or not all((out_dir / f"{case_id}{s}.npy").is_file() for s in ("", "_seg", "_locations")):
+    suffixes = ("", "_seg", "_locations") if labelled else ("",)
+    if not props.is_file() or not all((out_dir / f"{case_id}{s}.npy").is_file() for s in suffixes):
         return False
     try:
         properties = read_json(props, "case_properties")
     except Exception:  # an unreadable leftover is simply redone
         return False
-    return properties.get("plan_hash") == digest and (per_class is None or properties.get("locations_per_class") == per_class)
+    # a case preprocessed before its label was added is redone with it
+    return properties.get("plan_hash") == digest and properties.get("labelled", True) == labelled and \
+        (per_class is None or properties.get("locations_per_class") == per_class)
 
 
 def preprocess_case(case: Case, plans: dict, configuration: str, out_dir: Path, foreground: list[int],
@@ -161,6 +166,11 @@ def preprocess_case(case: Case, plans: dict, configuration: str, out_dir: Path, 
     del image  # the cropped, normalised view lived inside it; `data` is the resampled copy
     save_npy_atomic(out_dir / f"{case.case_id}.npy", data)
     del data
+    if case.label_file is None:  # an unlabelled case (task=denoise): the image is all there is
+        properties.update(case_id=case.case_id, plan_hash=digest, locations_per_class=per_class, labelled=False,
+                          classes_present=[])
+        write_json(out_dir / f"{case.case_id}.json", properties, kind="case_properties")
+        return case.case_id
     label, _ = read_image(case.label_file)
     seg = crop(label, properties["crop_bbox"])
     seg = resample_label(seg.astype(np.int16, copy=False), properties["shape_after_resampling"],
@@ -170,7 +180,7 @@ def preprocess_case(case: Case, plans: dict, configuration: str, out_dir: Path, 
     save_npy_atomic(out_dir / f"{case.case_id}_seg.npy", seg)
     save_npy_atomic(out_dir / f"{case.case_id}_locations.npy", foreground_locations(seg, foreground, per_class, seed))
     present = np.flatnonzero(np.bincount((seg.astype(np.int64) - int(seg.min())).ravel())) + int(seg.min())
-    properties.update(case_id=case.case_id, plan_hash=digest, locations_per_class=per_class,
+    properties.update(case_id=case.case_id, plan_hash=digest, locations_per_class=per_class, labelled=True,
                       classes_present=[int(v) for v in present])
     write_json(out_dir / f"{case.case_id}.json", properties, kind="case_properties")
     return case.case_id
@@ -187,7 +197,7 @@ def run_preprocessing(cases: list[Case], plans: dict, configuration: str, out_di
         stale.unlink(missing_ok=True)
     digest = plan_hash(plans, configuration)
     foreground = [v for v in label_values if v != 0 and v != ignore_label]
-    todo = [c for c in cases if not case_done(out_dir, c.case_id, digest, per_class)]
+    todo = [c for c in cases if not case_done(out_dir, c.case_id, digest, per_class, c.label_file is not None)]
     log.info("preprocess %s: %d case(s) to do, %d already done", configuration, len(todo), len(cases) - len(todo))
     if todo:  # float32 image channels + int16 label + locations, at the median shape: fail now, not at case 150
         plan_config = plans["configurations"][configuration]
@@ -201,5 +211,7 @@ def run_preprocessing(cases: list[Case], plans: dict, configuration: str, out_di
     for _ in progress_map(preprocess_case, args, num_workers, f"preprocess {configuration}"):
         pass
     write_json(out_dir / "manifest.json", {"configuration": configuration, "plan_hash": digest,
-                                          "cases": [c.case_id for c in cases]}, kind="preprocessing_manifest")
+                                          "cases": [c.case_id for c in cases],
+                                          "labelled": all(c.label_file is not None for c in cases)},
+               kind="preprocessing_manifest")
     return {"done": len(todo), "skipped": len(cases) - len(todo)}

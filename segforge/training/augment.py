@@ -171,7 +171,7 @@ class Augmenter:
 
     Warped samples (with a ``matrix``) are resampled once each from their source box; plain samples are already
     the patch. Then the intensity transforms run on the whole batch in nnU-Net's order. ``settings=None``
-    (validation) only stacks.
+    (validation) only stacks. Samples without labels (``label`` None) give ``(image, None)``.
     """
 
     def __init__(self, settings: AugmentationSettings | None, geometry: PatchGeometry):
@@ -188,10 +188,12 @@ class Augmenter:
                     displacement = smooth_displacement(batch["elastic"][b], patch)
                 grid = sampling_grid(matrix, batch["offset"][b], patch, image.shape[1:], displacement)
                 image = warp_image(image, grid)
-                label = warp_label(label, grid, self.settings.label_interpolation if self.settings else "linear")
+                if label is not None:
+                    label = warp_label(label, grid, self.settings.label_interpolation if self.settings else "linear")
             images.append(image)
             labels.append(label)
-        image, label = torch.stack(images).float(), torch.stack(labels)
+        image = torch.stack(images).float()
+        label = torch.stack(labels) if labels[0] is not None else None
         if self.settings is not None and "params" in batch:
             self._intensity(image, batch["params"], batch["seed"])
         return image, label

@@ -41,13 +41,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class BestCheckpoint(L.Callback):
-    """``best.ckpt`` whenever the EMA of the validation pseudo-Dice (``val_dice_ema``) reaches a new high."""
+    """``best.ckpt`` whenever the monitored validation metric reaches a new high: the EMA of the pseudo-Dice
+    (``val_dice_ema``) for segmentation, the task's own metric otherwise (denoising: ``val_psnr_ema``)."""
 
-    def __init__(self, path: Path):
-        self.path, self.best = Path(path), None
+    def __init__(self, path: Path, monitor: str = "val_dice_ema"):
+        self.path, self.monitor, self.best = Path(path), monitor, None
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        ema = trainer.callback_metrics.get("val_dice_ema")
+        ema = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or ema is None:
             return
         ema = float(ema)
@@ -62,7 +63,7 @@ class BestCheckpoint(L.Callback):
         self.best = state_dict.get("best")
 
 
-_CURVES = ("train_loss_epoch", "val_loss", "val_dice", "val_dice_ema", "lr")
+_CURVES = ("train_loss_epoch", "val_loss", "val_dice", "val_dice_ema", "val_psnr", "val_psnr_ema", "lr")
 
 
 class EpochProgress(L.Callback):
@@ -118,10 +119,15 @@ def plot_progress(history: list[dict], path: Path) -> None:
     axes[0].plot(epochs, series("val_loss"), label="validation loss")
     axes[0].set_ylabel("loss")
     dice_axis = axes[0].twinx()
-    dice_axis.plot(epochs, series("val_dice"), "g.", label="pseudo-Dice")
-    dice_axis.plot(epochs, series("val_dice_ema"), "g-", label="pseudo-Dice (EMA)")
-    dice_axis.set_ylabel("Dice")
-    dice_axis.set_ylim(0, 1)
+    if any(h.get("val_psnr") is not None for h in history):  # a denoiser: PSNR of its one-step estimate
+        dice_axis.plot(epochs, series("val_psnr"), "g.", label="PSNR")
+        dice_axis.plot(epochs, series("val_psnr_ema"), "g-", label="PSNR (EMA)")
+        dice_axis.set_ylabel("PSNR (dB)")
+    else:
+        dice_axis.plot(epochs, series("val_dice"), "g.", label="pseudo-Dice")
+        dice_axis.plot(epochs, series("val_dice_ema"), "g-", label="pseudo-Dice (EMA)")
+        dice_axis.set_ylabel("Dice")
+        dice_axis.set_ylim(0, 1)
     axes[0].legend(loc="upper left")
     dice_axis.legend(loc="upper right")
     axes[1].plot(epochs, series("lr"))

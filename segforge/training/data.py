@@ -33,11 +33,15 @@ def _plain(cfg) -> dict:
 
 
 class SegmentationDataModule(L.LightningDataModule):
-    """Train and validation patch loaders of one fold; sizes are per rank (the batch size is per device)."""
+    """Train and validation patch loaders of one fold; sizes are per rank (the batch size is per device).
+
+    Every task trains from these loaders; ``with_labels=False`` (a task that needs no labels) reads images only and
+    its batches are ``(image, None)``."""
 
     def __init__(self, folder: Path, train_ids: list[str], val_ids: list[str], patch_size: list[int], dims: int,
-                 batch_size: int, data_cfg, seed: int, mirror_axes: list[int] | None = None):
+                 batch_size: int, data_cfg, seed: int, mirror_axes: list[int] | None = None, with_labels: bool = True):
         super().__init__()
+        self.with_labels = with_labels
         self.folder, self.train_ids, self.val_ids = Path(folder), list(train_ids), list(val_ids)
         self.patch_size, self.dims, self.batch_size, self.seed = [int(p) for p in patch_size], dims, batch_size, seed
         self.cfg = _plain(data_cfg)
@@ -80,16 +84,19 @@ class SegmentationDataModule(L.LightningDataModule):
                           num_workers=workers, pin_memory=pin, drop_last=True,
                           collate_fn=PatchCollate(augmenter if policy.augment_on == "workers" else None), **extra)
 
+    def _oversampling(self) -> float:
+        return float(self.cfg["foreground_oversampling"]) if self.with_labels else 0.0  # no labels: uniform patches
+
     def train_dataloader(self) -> DataLoader:
-        dataset = PatchDataset(self.folder, self.train_ids, self.patch_size, self.dims,
-                               float(self.cfg["foreground_oversampling"]), self.settings, self.geometry, self.seed)
+        dataset = PatchDataset(self.folder, self.train_ids, self.patch_size, self.dims, self._oversampling(),
+                               self.settings, self.geometry, self.seed, self.with_labels)
         samples = int(self.cfg["iterations_per_epoch"]) * self.batch_size
         return self._loader(dataset, samples, False, Augmenter(self.settings, self.geometry))
 
     def val_dataloader(self) -> DataLoader:
         ids = self.val_ids or self.train_ids
-        dataset = PatchDataset(self.folder, ids, self.patch_size, self.dims, float(self.cfg["foreground_oversampling"]),
-                               None, self.geometry, self.seed + 1)
+        dataset = PatchDataset(self.folder, ids, self.patch_size, self.dims, self._oversampling(),
+                               None, self.geometry, self.seed + 1, self.with_labels)
         samples = int(self.cfg["val_iterations"]) * self.batch_size
         return self._loader(dataset, samples, True, Augmenter(None, self.geometry))
 

@@ -5,6 +5,8 @@
 <results>/<task>/<configuration>/fold_<k>/   config.yaml, overrides.yaml, network.yaml, checkpoints/{last,best}.ckpt,
                                              model_final.pt, logs/, progress.png, validation/summary.json
 ```
+The task (``training/tasks.py``: ``task=segment`` or ``task=denoise``) decides the network's arguments, the
+LightningModule, what the batches carry and the final validation; everything else here is the same for every task.
 Every DDP rank runs this function with the same config and lands in the same folder; only global rank 0 writes
 configs, the final weights and the final validation. An interrupted run resumes from ``checkpoints/last.ckpt``
 (``resume=auto``), with its optimizer, step, schedule clock, best Dice and curves.
@@ -33,28 +35,15 @@ from segforge.training.budget import (BudgetPacer, BudgetSplit, elapsed_since, f
 from segforge.training.callbacks import AtomicCheckpointIO, BestCheckpoint, EpochProgress, RunFolderWriter
 from segforge.training.data import SegmentationDataModule
 from segforge.training.finetune import FINAL_WEIGHTS, load_initial_weights
-from segforge.training.losses import make_segmentation_loss
-from segforge.training.module import SegmentationModule
 from segforge.training.requeue import RequeueOnSignal, slurm_requeue_wanted
 from segforge.training.schedules import ScheduleCallback, parse_duration
 from segforge.training.splits import make_splits
+from segforge.training.tasks import label_setup, make_task, segmentation_network_kwargs  # noqa: F401  (re-exported)
 from segforge.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-NOT_NETWORK_ARGS = ("channels_last", "compile")  # model.* settings of the run, not of the network class
-
-
-def network_kwargs(cfg, plan_config: dict, in_channels: int, out_channels: int) -> dict:
-    """The network's constructor arguments: the plan's topology, where the ``model`` config leaves a value null."""
-    from_plan = plan_config["network"]
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    kwargs = {k: v for k, v in model.items() if k != "_target_" and k not in NOT_NETWORK_ARGS}
-    for key in ("features_per_stage", "kernel_sizes", "strides", "conv_per_stage", "norm", "deep_supervision"):
-        if kwargs.get(key) is None:
-            kwargs[key] = from_plan[key]
-    kwargs.update(spatial_dims=plan_config["dims"], in_channels=in_channels, out_channels=out_channels)
-    return {"_target_": model["_target_"], **kwargs}
+network_kwargs = segmentation_network_kwargs  # the segmentation network's arguments (tasks.py)
 
 
 def fold_case_ids(workspace: Workspace, case_ids: list[str], fold, num_folds: int, seed: int,
@@ -79,15 +68,6 @@ def fold_case_ids(workspace: Workspace, case_ids: list[str], fold, num_folds: in
     return splits[fold]["train"], splits[fold]["val"], splits
 
 
-def label_setup(spec: DatasetSpec) -> tuple[list[list[int]] | None, int | None]:
-    """(regions as lists of label values, or None; the ignore label, or None)."""
-    regions = None
-    if spec.has_regions:
-        regions = [list(v) if isinstance(v, list) else [v] for k, v in spec.labels.items()
-                   if k not in ("background", "ignore") and v != 0]
-    return regions, spec.ignore_label
-
-
 def latest_checkpoint(fold_dir: Path) -> str | None:
     """The most advanced of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_*.ckpt`` Lightning writes when SLURM asks a
     job to requeue (signal before preemption): a requeued job continues from whichever got furthest."""
@@ -105,10 +85,13 @@ def latest_checkpoint(fold_dir: Path) -> str | None:
     return str(max(candidates, key=progress)) if candidates else None
 
 
-def check_model_folder(model_dir: Path, copies: dict[Path, Path]) -> None:
-    """The folds of a model folder share its plans.json and dataset.json: refuse to add one made from others."""
-    for target, source in copies.items():
-        if target.is_file() and json.loads(target.read_text()) != json.loads(Path(source).read_text()):
+def check_model_folder(model_dir: Path, copies: dict[Path, Path], contents: dict[Path, str] | None = None) -> None:
+    """The folds of a model folder share its plans.json and dataset.json (and the task's files, e.g. diffusion.json):
+    refuse to add one made from others."""
+    expected = {target: (str(source), Path(source).read_text()) for target, source in copies.items()}
+    expected.update({target: ("this run's config", text) for target, text in (contents or {}).items()})
+    for target, (source, text) in expected.items():
+        if target.is_file() and json.loads(target.read_text()) != json.loads(text):
             raise SegforgeError(f"{target} differs from {source}: the folds in {model_dir} were trained with another "
                                 f"{target.name}. Fix: move that model folder away, or train into another paths.results_root")
 
@@ -152,22 +135,23 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         trainer_kwargs["precision"] = plan_config.get("precision", "32-true")
     check_precision(trainer_kwargs)
 
-    task = str(cfg.task.name)
-    model_dir = workspace.model_dir(task, configuration)
-    fold_dir = workspace.fold_dir(task, configuration, cfg.fold)
+    task = make_task(cfg, spec, plan_config, data_dir, manifest)
+    model_dir = workspace.model_dir(task.name, configuration)
+    fold_dir = workspace.fold_dir(task.name, configuration, cfg.fold)
     checkpoint = fold_dir / "checkpoints" / "last.ckpt"
     if latest_checkpoint(fold_dir) and str(cfg.resume) in ("False", "false"):
         raise SegforgeError(f"{fold_dir} already holds a run. Fix: resume=auto to continue it, or choose another fold "
                             "or paths.results_root (segforge never overwrites a run)")
     resume_from = latest_checkpoint(fold_dir) if str(cfg.resume) in ("auto", "True", "true") else None
     copies = {model_dir / "plans.json": workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}
-    check_model_folder(model_dir, copies)
+    task_files = {model_dir / name: text for name, text in task.model_files().items()}
+    check_model_folder(model_dir, copies, task_files)
     # temporary files of a run killed while writing (a checkpoint, the plot); no rank writes before all have started
     for stale in fold_dir.rglob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    kwargs = network_kwargs(cfg, plan_config, spec.num_channels, spec.num_outputs)
+    kwargs = task.network_kwargs()
     network = instantiate(kwargs, _convert_="all")
     # last.ckpt, best.ckpt (weights + optimizer moments each), model_final.pt, a requeue checkpoint: room for them now
     parameter_bytes = 4 * sum(p.numel() for p in network.parameters())
@@ -179,20 +163,16 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         network = network.to(memory_format=torch.channels_last_3d if plan_config["dims"] == 3 else torch.channels_last)
     patch_size = list(cfg.data.patch_size or plan_config["patch_size"])
     batch_size = int(cfg.data.batch_size or plan_config["batch_size"])
-    num_outputs = len(kwargs["strides"]) - 1 if kwargs.get("deep_supervision") else 1
-    regions, ignore_label = label_setup(spec)
-    loss = make_segmentation_loss(cfg.task.loss, num_outputs, regions, ignore_label)
-    module = SegmentationModule(network, loss, cfg.optim, spec.num_outputs, regions, ignore_label,
-                                float(cfg.callbacks.dice_ema_decay), bool(cfg.model.get("channels_last")),
-                                bool(cfg.model.get("compile")))
-    datamodule = SegmentationDataModule(data_dir, train_ids, val_ids, patch_size, plan_config["dims"], batch_size, cfg.data,
-                                        int(cfg.seed), plan_config.get("mirror_axes"))
+    module = task.module(network, kwargs)
+    datamodule = SegmentationDataModule(data_dir, train_ids, val_ids, patch_size, plan_config["dims"], batch_size,
+                                        task.data_cfg(), int(cfg.seed), plan_config.get("mirror_axes"), task.with_labels)
 
     max_time_s = parse_duration(trainer_kwargs.get("max_time"))
     total_steps = int(trainer_kwargs["max_epochs"]) * int(cfg.data.iterations_per_epoch)
     split = None
     if budget_s:  # time decides: the schedule spans the training time, epochs are paced by time
-        split = _split_budget(budget_s, started_at, network, plan_config, patch_size, data_dir, val_ids, spec, cfg)
+        split = _split_budget(budget_s, started_at, task.window_network(network), plan_config, patch_size, data_dir,
+                              val_ids, spec, cfg)
         max_time_s, total_steps = split.training_s, None
         trainer_kwargs.update(max_epochs=-1, reload_dataloaders_every_n_epochs=1)
     new_files = {workspace.splits_path: json.dumps(splits, indent=2) + "\n"} if splits and not workspace.splits_path.is_file() else {}
@@ -200,7 +180,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         RunFolderWriter(
             files={**new_files, fold_dir / "config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
                    fold_dir / "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create({"overrides": list(overrides)})),
-                   fold_dir / "network.yaml": OmegaConf.to_yaml(OmegaConf.create(kwargs))},
+                   fold_dir / "network.yaml": OmegaConf.to_yaml(OmegaConf.create(kwargs)), **task_files},
             copies=copies),
         schedule := ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps,
                                      max_time_s),
@@ -211,9 +191,9 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         EpochProgress(fold_dir / "progress.png" if cfg.callbacks.progress_plot else None),
     ]
     if cfg.callbacks.best_checkpoint and val_ids:
-        callbacks.append(BestCheckpoint(fold_dir / "checkpoints" / "best.ckpt"))
+        callbacks.append(BestCheckpoint(fold_dir / "checkpoints" / "best.ckpt", task.monitor))
     if cfg.callbacks.early_stopping_patience and val_ids:
-        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_dice_ema", mode="max", check_on_train_epoch_end=False,
+        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor=task.monitor, mode="max", check_on_train_epoch_end=False,
                                                            patience=int(cfg.callbacks.early_stopping_patience)))
     if split is not None:
         sized = plan_config.get("sized_for", {})
@@ -240,14 +220,14 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     trainer.save_checkpoint(checkpoint)  # the final state, also when max_time or early stopping ended the run
 
     if trainer.is_global_zero:
-        export_weights(fold_dir / FINAL_WEIGHTS, network, kwargs, configuration, plan_config)
+        network = task.exported(module, network)  # e.g. the denoiser's averaged weights
+        export_weights(fold_dir / FINAL_WEIGHTS, network, kwargs, configuration, plan_config, task.weights_extras(train_ids))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {"fold": str(cfg.fold), "train_cases": len(train_ids), "val_cases": len(val_ids),
                    "global_step": trainer.global_step, "epochs": trainer.current_epoch, "final_metrics": metrics,
                    "data_policy": datamodule.policy.to_json() if datamodule.policy else None}
         if val_ids and cfg.final_validation.enabled:
-            validation = _final_validation(network, plans, spec, configuration, val_ids, fold_dir, cfg)
-            summary["validation_mean_dice"] = validation["foreground_mean_dice"]
+            summary.update(task.final_validation(network, plans, configuration, val_ids, fold_dir, _validation_device(cfg)))
         if split is not None:
             total = elapsed_since(started_at)
             summary["budget"] = {**split.to_json(), "total_s": round(total, 1), "within_budget": total <= budget_s}
@@ -302,22 +282,11 @@ def _validation_device(cfg) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") else "cpu")
 
 
-def _final_validation(network, plans, spec, configuration, val_ids, fold_dir: Path, cfg) -> dict:
-    from segforge.training.validation import validate_fold
-
-    device = _validation_device(cfg)
-    summary = validate_fold(network, plans, read_json(spec.root / "dataset.json"), configuration, spec, val_ids,
-                            fold_dir / "validation", device, mirror=bool(cfg.final_validation.mirror),
-                            step_size=float(cfg.final_validation.step_size),
-                            save_probabilities=bool(cfg.final_validation.get("save_probabilities", False)))
-    log.info("validation of fold %s (%d cases, sliding window): mean foreground Dice %.4f", cfg.fold,
-             summary["num_cases"], summary["foreground_mean_dice"])
-    return summary
-
-
-def export_weights(path: Path, network: torch.nn.Module, kwargs: dict, configuration: str, plan_config: dict) -> None:
-    """The weights ``predict`` loads: tensors and plain values only, loadable with ``weights_only=True``."""
-    payload = stamp("model_weights", {"configuration": configuration, "network": kwargs,
+def export_weights(path: Path, network: torch.nn.Module, kwargs: dict, configuration: str, plan_config: dict,
+                   extras: dict | None = None) -> None:
+    """The weights ``predict`` (``sample``, ``denoise``) loads: tensors and plain values only, loadable with
+    ``weights_only=True``; ``extras``: the task's plain values (e.g. the diffusion process)."""
+    payload = stamp("model_weights", {"configuration": configuration, "network": kwargs, **(extras or {}),
                                       "patch_size": plan_config["patch_size"],
                                       "state_dict": {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}})
     tmp = path.with_name(f".tmp-{path.name}")

@@ -5,6 +5,9 @@ Written here rather than taken from MONAI's patch datasets because patches are r
 ``.npy`` arrays (no case is decompressed or loaded whole), only the box a spatial transform actually reads is
 copied, and foreground oversampling uses the locations stored by preprocessing.
 
+Without labels (``with_labels=False``: an unlabelled dataset, or a task that needs none) no label is read, the
+patch centre is uniform (no foreground oversampling) and samples carry ``label=None``.
+
 Reproducibility: sample ``uid`` draws everything from ``default_rng([seed, uid])``; ``PatchIndexSampler`` hands
 rank ``r`` of ``w`` in epoch ``e`` the uids ``((e * w + r) * n + i)``, so patches differ across ranks and epochs and
 are the same whatever the number of loader workers, and a resumed run continues the same sequence.
@@ -70,12 +73,14 @@ class PatchIndexSampler(Sampler[int]):
 
 
 class _Case:
-    """One preprocessed case: memory maps of image and label, and its foreground locations grouped by class."""
+    """One preprocessed case: memory maps of image and label, and its foreground locations grouped by class
+    (without ``with_labels``: the image only, no locations)."""
 
-    def __init__(self, folder: Path, case_id: str):
+    def __init__(self, folder: Path, case_id: str, with_labels: bool = True):
         self.data = np.load(folder / f"{case_id}.npy", mmap_mode="r", allow_pickle=False)
-        self.seg = np.load(folder / f"{case_id}_seg.npy", mmap_mode="r", allow_pickle=False)
-        self.locations = np.load(folder / f"{case_id}_locations.npy", mmap_mode="r", allow_pickle=False)
+        self.seg = np.load(folder / f"{case_id}_seg.npy", mmap_mode="r", allow_pickle=False) if with_labels else None
+        self.locations = np.load(folder / f"{case_id}_locations.npy", mmap_mode="r", allow_pickle=False) \
+            if with_labels else np.zeros((0, 4), np.int32)
         classes = np.asarray(self.locations[:, 0]) if len(self.locations) else np.zeros(0, np.int32)
         # rows are sorted by class: one contiguous block per class
         values, starts = np.unique(classes, return_index=True)
@@ -97,10 +102,11 @@ class PatchDataset(Dataset):
     """
 
     def __init__(self, folder: Path, case_ids: list[str], patch_size: list[int], dims: int, oversampling: float,
-                 settings: AugmentationSettings | None, geometry: PatchGeometry, seed: int):
+                 settings: AugmentationSettings | None, geometry: PatchGeometry, seed: int, with_labels: bool = True):
         self.folder, self.case_ids, self.dims = Path(folder), list(case_ids), dims
         self.patch = [int(p) for p in patch_size]
         self.oversampling, self.settings, self.geometry, self.seed = oversampling, settings, geometry, seed
+        self.with_labels = with_labels
         self._cases: dict[str, _Case] = {}
         if not self.case_ids:
             raise ValueError(f"{folder}: no cases to sample patches from")
@@ -110,7 +116,7 @@ class PatchDataset(Dataset):
 
     def _case(self, case_id: str) -> _Case:
         if case_id not in self._cases:  # opening a memory map is cheap; pages are read on demand
-            self._cases[case_id] = _Case(self.folder, case_id)
+            self._cases[case_id] = _Case(self.folder, case_id, self.with_labels)
         return self._cases[case_id]
 
     def __getitem__(self, uid: int) -> dict:
@@ -119,29 +125,33 @@ class PatchDataset(Dataset):
         data, seg = case.data, case.seg
         centre = case.random_foreground(rng) if self.oversampling > 0 and rng.random() < self.oversampling else None
         if self.dims == 2:
-            z = centre[0] if centre is not None else int(rng.integers(seg.shape[0]))
-            data, seg = data[:, z], seg[z]
+            z = centre[0] if centre is not None else int(rng.integers(data.shape[1]))
+            data, seg = data[:, z], (seg[z] if seg is not None else None)
             centre = centre[1:] if centre is not None else None
-        start = choose_patch_start(list(seg.shape), self.patch, rng, centre)
+        start = choose_patch_start(list(data.shape[1:]), self.patch, rng, centre)
         spatial = draw_spatial(rng, self.settings, self.geometry) if self.settings else {"matrix": None, "mirror": []}
+        label = None
         if spatial["matrix"] is None:
             image = crop_with_padding(data, start, self.patch)
-            label = crop_with_padding(seg, start, self.patch)
+            if seg is not None:
+                label = crop_with_padding(seg, start, self.patch)
             flips = [a for a, m in enumerate(spatial["mirror"]) if m]
             if flips:  # mirroring folds into the copy
-                image, label = np.flip(image, [a + 1 for a in flips]), np.flip(label, flips)
+                image = np.flip(image, [a + 1 for a in flips])
+                label = np.flip(label, flips) if label is not None else None
             matrix, offset, elastic = torch.zeros(0), torch.zeros(0), torch.zeros(0)
         else:
             centre_f = np.asarray(start, float) + (np.asarray(self.patch, float) - 1) / 2
             box_start, box_size = source_box(centre_f, spatial["matrix"], self.patch, spatial["elastic_max"])
             image = crop_with_padding(data, box_start, box_size)
-            label = crop_with_padding(seg, box_start, box_size)
+            if seg is not None:
+                label = crop_with_padding(seg, box_start, box_size)
             matrix = torch.from_numpy(spatial["matrix"].astype(np.float32))
             offset = torch.from_numpy((centre_f - np.asarray(box_start)).astype(np.float32))
             elastic = torch.from_numpy(spatial["elastic"]) if spatial["elastic"] is not None else torch.zeros(0)
         params = draw_intensity(rng, self.settings, image.shape[0], self.dims) if self.settings else None
         return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.int16))[None],
+                "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.int16))[None] if label is not None else None,
                 "matrix": matrix, "offset": offset, "elastic": elastic, "params": params,
                 "seed": int(rng.integers(2**62))}
 

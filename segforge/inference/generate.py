@@ -1,0 +1,275 @@
+"""What ``segforge sample`` and ``segforge denoise`` do with a trained denoising model (``generative.DenoisingModel``).
+
+* ``sample_images``: ``n`` images drawn from pure noise by the model's sampler, at the plan's spacing (shape: the
+  plan's median image unless given), brought to the dataset's intensity units by the training cases' typical
+  normalisation, written one file per channel (``sample_000_0000<ending>``).
+* ``sample_from_masks``: one image per label map of a mask-conditioned model, on that map's grid: the map is
+  resampled to the plan's spacing, the image generated there and resampled back; the map's geometry is kept.
+* ``denoise_folder``: real noisy images (the ``predict`` layout: ``CASE_XXXX<ending>``) denoised by entering the
+  reverse process at their noise level (``samplers.denoise``; ``steps=1`` is the one-step MMSE estimate). The case
+  goes through the training preprocessing and back (``restore_image``), so the output has the input's exact grid
+  and units. ``sigma`` is a fraction of each channel's intensity range (``sigma_units=range``; the range is
+  ``intensity_range`` when given, else estimated from a lightly smoothed copy), or in intensity units
+  (``sigma_units=intensity``). Per-image z-score normalisation is corrected for the noise (the clean image's
+  standard deviation is ``sqrt(std^2 - sigma^2)``) so the network sees the intensities it was trained on.
+
+Every file is written atomically (``write_image``); an output folder that is the input folder is refused; a bad
+case is reported and skipped (the checks ``predict`` applies), the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segforge.errors import SegforgeError
+from segforge.inference.folder import CaseResult, channel_files, find_cases
+from segforge.inference.generative import DenoisingModel, one_hot, seed_of
+from segforge.inference.predictor import check_input
+from segforge.io.image import FAKE_Z_SPACING, Geometry, file_ending, read_case, read_image, write_image
+from segforge.io.storage import check_writable
+from segforge.preprocessing.normalize import invert_normalization
+from segforge.preprocessing.pipeline import preprocess_image, resampling_settings, restore_image
+from segforge.preprocessing.resample import resample, resample_label, resampling_modes, shape_at_spacing
+
+log = logging.getLogger("segforge")
+
+
+def run_sampler(model: DenoisingModel, model_fn, x_start: torch.Tensor, steps: int | None, sampler: str | None,
+                generator: torch.Generator, start_t: float | None = None) -> torch.Tensor:
+    from segforge.diffusion.samplers import check_sampler
+
+    name = sampler or model.sampling.get("sampler") or ("euler" if model.process.is_flow else "ddim")
+    steps = int(steps or model.sampling.get("steps") or 50)
+    return check_sampler(str(name), model.process)(model_fn, model.process, x_start, steps, start_t=start_t,
+                                                   generator=generator)
+
+
+def sample_geometry(model: DenoisingModel) -> Geometry:
+    """The plan's spacing on an identity grid; a 2D dataset's files (PNG, 2D NIfTI) stay 2D."""
+    spacing = list(model.plan_config["target_spacing"])
+    original = model.plans.get("original_median_spacing") or [1.0, 1.0, 1.0]
+    spacing = [float(o) if s is None else float(s) for s, o in zip(spacing, original)]
+    if spacing[0] >= FAKE_Z_SPACING:  # a 2D dataset
+        return Geometry(tuple(spacing), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), ndim=2)
+    return Geometry(tuple(spacing), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), ndim=3)
+
+
+def sample_shape(model: DenoisingModel, shape) -> list[int]:
+    """``(z, y, x)`` of a generated image: ``shape`` (2 values for a 2D model: one slice), else the plan's median."""
+    dims = model.plan_config["dims"]
+    wanted = [int(round(v)) for v in (shape if shape is not None else model.plan_config["median_shape"])]
+    if len(wanted) == 3 and dims == 2 and shape is not None and wanted[0] != 1:
+        raise SegforgeError(f"shape={list(shape)}: a 2D model generates single slices; give [y, x] or [1, y, x]")
+    if len(wanted) not in (dims, 3) or min(wanted) < 1:
+        raise SegforgeError(f"shape={list(wanted)}: give {dims} positive sizes ({'y, x' if dims == 2 else 'z, y, x'})")
+    return [1, *wanted] if len(wanted) == 2 else wanted
+
+
+def to_dataset_units(x: np.ndarray, model: DenoisingModel) -> np.ndarray:
+    if model.typical_normalization:
+        invert_normalization(x, model.typical_normalization)
+    return x
+
+
+def write_channels(out_dir: Path, name: str, image: np.ndarray, geometry: Geometry, ending: str) -> list[Path]:
+    """One file per channel of ``(c, z, y, x)`` ``image`` (``name_XXXX<ending>``); PNG takes rounded integers."""
+    paths = []
+    for c, channel in enumerate(image):
+        if ending.lower() == ".png":  # an 8/16-bit format: the dataset's units rounded into its range
+            top = 255 if float(channel.max(initial=0)) <= 255 else 65535
+            channel = np.clip(np.round(channel), 0, top).astype(np.uint8 if top == 255 else np.uint16)
+        else:
+            channel = channel.astype(np.float32, copy=False)
+        path = out_dir / f"{name}_{c:04d}{ending}"
+        write_image(path, channel, geometry)
+        paths.append(path)
+    return paths
+
+
+def _ending(model: DenoisingModel) -> str:
+    ending = model.dataset_json.get("file_ending", ".nii.gz")
+    if not file_ending(f"x{ending}"):
+        raise SegforgeError(f"the model's dataset.json has file_ending {ending!r}. Fix: correct dataset.json in the model folder")
+    return ending
+
+
+def sample_images(model: DenoisingModel, out_dir: Path, n: int, steps: int | None = None, sampler: str | None = None,
+                  seed: int = 0, shape=None, step_size: float = 0.5, sw_batch_size: int = 2) -> list[Path]:
+    """``n`` generated images in ``out_dir`` (module docstring); returns the files written."""
+    if int(n) < 1:
+        raise SegforgeError(f"n={n}: give the number of images to generate (at least 1)")
+    shape, geometry, ending = sample_shape(model, shape), sample_geometry(model), _ending(model)
+    if geometry.ndim == 2 and shape[0] != 1:
+        raise SegforgeError(f"shape {shape}: the dataset is 2D; give [y, x]")
+    check_writable(out_dir, what=f"{n} generated image(s)", setting="-o OUT")
+    model_fn = model.model_fn(None, step_size, sw_batch_size)
+    written = []
+    for i in range(int(n)):
+        generator = torch.Generator(device=model.device).manual_seed(seed_of(seed, "sample", i))
+        noise = torch.randn((1, model.image_channels, *shape), generator=generator, device=model.device)
+        start = time.perf_counter()
+        x0 = run_sampler(model, model_fn, noise, steps, sampler, generator)[0].cpu().numpy()
+        written += write_channels(out_dir, f"sample_{i:03d}", to_dataset_units(x0, model), geometry, ending)
+        log.info("sample %d/%d: %s (%.1f s)", i + 1, n, written[-1].name, time.perf_counter() - start)
+    return written
+
+
+def sample_from_masks(model: DenoisingModel, masks: Path, out_dir: Path, steps: int | None = None,
+                      sampler: str | None = None, seed: int = 0, guidance_scale: float = 1.0, step_size: float = 0.5,
+                      sw_batch_size: int = 2) -> list[CaseResult]:
+    """One image per label map in ``masks`` (a folder of ``CASE<ending>``, or one file), on the map's grid."""
+    if not model.mask_values:
+        raise SegforgeError("--masks: this model was not trained with label maps (task.mask_conditioning=false)")
+    ending = _ending(model)
+    files = [Path(masks)] if Path(masks).is_file() else sorted(p for p in Path(masks).iterdir()
+                                                               if p.name.endswith(ending) and not p.name.startswith("."))
+    if not files:
+        raise SegforgeError(f"{masks}: no label maps ending in {ending} found. Fix: name them CASE{ending}")
+    check_writable(out_dir, what=f"{len(files)} synthesised image(s)", setting="-o OUT")
+    results = []
+    for path in files:
+        case_id, start = path.name[: -len(ending)] if path.name.endswith(ending) else path.stem, time.perf_counter()
+        try:
+            label, geometry = read_image(path)
+            values = np.unique(label)
+            unknown = sorted(set(int(v) for v in values) - set(model.mask_values)) if np.all(values == np.round(values)) else ["fractional"]
+            if unknown:
+                raise SegforgeError(f"{path}: holds label values {unknown} the model does not know (it takes "
+                                    f"{model.mask_values}). Fix: relabel the map as in the training dataset.json")
+            target = model.plan_config["target_spacing"]
+            new_shape = shape_at_spacing(list(label.shape), list(geometry.spacing), target)
+            modes = resampling_modes(geometry.spacing, target, resampling_settings(model.plans))
+            seg = resample_label(label.astype(np.int16), new_shape, modes=modes["label"])
+            cond = one_hot(seg, model.mask_values)[None].to(model.device)
+            generator = torch.Generator(device=model.device).manual_seed(seed_of(seed, "mask", case_id))
+            noise = torch.randn((1, model.image_channels, *new_shape), generator=generator, device=model.device)
+            fn = model.model_fn(cond, step_size, sw_batch_size, guidance_scale)
+            x0 = run_sampler(model, fn, noise, steps, sampler, generator)[0].cpu()
+            image = resample(x0.float(), list(label.shape), modes["image"]).numpy()
+            outputs = write_channels(out_dir, case_id, to_dataset_units(image, model), geometry, ending)
+            results.append(CaseResult(case_id, "written", outputs[0], seconds=time.perf_counter() - start))
+            log.info("synthesised %s from %s (%.1f s)", outputs[0].name, path.name, time.perf_counter() - start)
+        except Exception as exc:  # one bad map must not stop the others
+            _report_failure(results, case_id, exc, start)
+    return results
+
+
+def _report_failure(results: list, case_id: str, exc: Exception, start: float) -> None:
+    from segforge.io.storage import StorageError
+
+    if isinstance(exc, StorageError):
+        raise exc
+    reason = str(exc) if isinstance(exc, SegforgeError) else f"{type(exc).__name__}: {exc}"
+    results.append(CaseResult(case_id, "failed", error=reason, seconds=time.perf_counter() - start))
+    log.error("case %s failed: %s", case_id, reason)
+
+
+def channel_ranges(image: np.ndarray, intensity_range=None) -> list[tuple[float, float]]:
+    """Each channel's ``(low, high)`` intensity: ``intensity_range`` when given, else robust to the noise: the
+    0.1 and 99.9 percentiles of a copy smoothed by one voxel."""
+    from scipy.ndimage import gaussian_filter
+
+    if intensity_range is not None:
+        low, high = (float(v) for v in intensity_range)
+        if not high > low:
+            raise SegforgeError(f"intensity_range={list(intensity_range)}: give [low, high] with high > low")
+        return [(low, high)] * image.shape[0]
+    ranges = []
+    for channel in image:
+        smoothed = gaussian_filter(np.asarray(channel, np.float32), [0 if n == 1 else 1.0 for n in channel.shape])
+        low, high = np.percentile(smoothed, [0.1, 99.9])
+        ranges.append((float(low), float(high) if high > low else float(low) + 1.0))
+    return ranges
+
+
+def noise_levels(image: np.ndarray, sigma: float, units: str, ranges: list[tuple[float, float]]) -> list[float]:
+    """Each channel's noise standard deviation in its intensity units."""
+    if not (math.isfinite(float(sigma)) and float(sigma) >= 0):
+        raise SegforgeError(f"sigma={sigma}: give the noise level, a number >= 0")
+    if units == "intensity":
+        return [float(sigma)] * image.shape[0]
+    if units != "range":
+        raise SegforgeError(f"sigma_units={units!r}; use range (a fraction of the intensity range) or intensity")
+    return [float(sigma) * (high - low) for low, high in ranges]
+
+
+def noise_aware_normalization(data: np.ndarray, props: dict, sigmas_abs: list[float],
+                              ranges: list[tuple[float, float]]) -> list[float]:
+    """Correct the per-image normalisation of a noisy case in place (module docstring); returns each channel's
+    noise level in normalised units."""
+    normalised = []
+    for c, params in enumerate(props["normalization_applied"]):
+        old_shift, old_scale = params["shift"], params["scale"]
+        if params["scheme"] == "zscore":
+            params["scale"] = math.sqrt(max(old_scale**2 - sigmas_abs[c] ** 2, (0.05 * old_scale) ** 2))
+        elif params["scheme"] == "rescale":  # min-max of a noisy image is the noise's: the stated or robust range
+            params["shift"], params["scale"] = ranges[c][0], ranges[c][1] - ranges[c][0]
+        if (params["shift"], params["scale"]) != (old_shift, old_scale):  # affine: commutes with the resampling
+            data[c] = (data[c] * np.float32(old_scale) + np.float32(old_shift - params["shift"])) / np.float32(params["scale"])
+        normalised.append(sigmas_abs[c] / params["scale"])
+    return normalised
+
+
+def denoise_case(model: DenoisingModel, image: np.ndarray, geometry: Geometry, sigma: float, units: str = "range",
+                 intensity_range=None, steps: int = 1, sampler: str | None = None, seed: int = 0,
+                 step_size: float = 0.5, sw_batch_size: int = 2) -> np.ndarray:
+    """The denoised ``(c, z, y, x)`` image on the input's grid, in its units."""
+    from segforge.diffusion.samplers import denoise
+
+    ranges = channel_ranges(image, intensity_range) if units == "range" or any(
+        n["scheme"] == "rescale" for n in model.plans["normalization"]) else None
+    sigmas_abs = noise_levels(image, sigma, units, ranges)
+    data, props = preprocess_image(image, geometry, model.plans, model.configuration)
+    levels = noise_aware_normalization(data, props, sigmas_abs, ranges)
+    if max(levels) > 1.05 * min(levels):
+        log.warning("channels have different normalised noise levels %s; their mean is used", [round(v, 4) for v in levels])
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    x = torch.from_numpy(np.ascontiguousarray(data)).to(model.device)[None]
+    out = denoise(model.model_fn(None, step_size, sw_batch_size), model.process, x, float(np.mean(levels)), int(steps),
+                  generator, sampler)
+    return restore_image(out[0].cpu().numpy(), props)
+
+
+def denoise_folder(model: DenoisingModel, input_path: Path, out_dir: Path, sigma: float, units: str = "range",
+                   intensity_range=None, steps: int = 1, sampler: str | None = None, seed: int = 0,
+                   step_size: float = 0.5, sw_batch_size: int = 2) -> list[CaseResult]:
+    """Denoise every case of ``input_path`` (a folder of ``CASE_XXXX<ending>`` or one image) into ``out_dir``."""
+    if model.mask_values:
+        raise SegforgeError("this model is conditioned on label maps; it synthesises images (`segforge sample "
+                            "--masks`) and cannot denoise without them")
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise SegforgeError(f"{input_path}: input not found")
+    folder = input_path if input_path.is_dir() else input_path.parent
+    if Path(out_dir).resolve() == folder.resolve():
+        raise SegforgeError(f"{out_dir}: output folder is the input folder (inputs are never overwritten). Fix: choose another -o folder")
+    ending = _ending(model)
+    cases, notes = find_cases(input_path, ending)
+    for note in notes:
+        log.warning("passed over: %s", note)
+    if not cases:
+        raise SegforgeError(f"{input_path}: no images ending in {ending} found. Fix: name them CASE_0000{ending}")
+    check_writable(out_dir, what=f"{len(cases)} denoised case(s)", setting="-o OUT")
+    results = []
+    for case_id in sorted(cases):
+        start = time.perf_counter()
+        try:
+            files = channel_files(case_id, cases[case_id], model.plans["channel_names"], folder, ending)
+            image, geometry = read_case(files)
+            image, warnings = check_input(model, image, geometry, files, copy=False)
+            for warning in warnings:
+                log.warning("case %s: %s", case_id, warning)
+            clean = denoise_case(model, image, geometry, sigma, units, intensity_range, steps, sampler,
+                                 seed_of(seed, case_id), step_size, sw_batch_size)
+            outputs = write_channels(out_dir, case_id, clean, geometry, ending)
+            results.append(CaseResult(case_id, "written", outputs[0], seconds=time.perf_counter() - start, warnings=warnings))
+            log.info("denoised %s (%.1f s)", case_id, time.perf_counter() - start)
+        except Exception as exc:
+            _report_failure(results, case_id, exc, start)
+    return results
