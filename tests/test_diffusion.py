@@ -1,6 +1,6 @@
 """segforge.diffusion and the Denoiser: time reaches the network, conditioned branches start as identity, the
-process JSON round-trips exactly, the samplers invert the process (exactly with an oracle model, closely with a
-tiny model overfitted on four images), MONAI's schedulers agree with ours step for step, and bad input is refused."""
+process JSON round-trips exactly, the samplers invert the process (exactly with analytic models; a trained tiny model
+in test_diffusion_overfit.py), MONAI's schedulers agree with ours step for step, and bad input is refused."""
 
 from __future__ import annotations
 
@@ -361,3 +361,4 @@ def test_euler_step_equals_monai_rectified_flow():
     ours = euler_sample(lambda x, t: velocity, process, noise, 1, start_t=0.7)
     theirs, _ = rflow.step(-velocity, 700, noise, next_timestep=0)
     torch.testing.assert_close(ours, theirs)
+

@@ -153,13 +153,14 @@ def denoise_spec(dims: int, **kw):
 @pytest.mark.parametrize("dims,precision,spatial_cond", [(2, "bf16-mixed", 1), (3, "32-true", 0)])
 def test_traced_denoiser_step_matches_the_real_step(dims, precision, spatial_cond):
     """The planner traces the denoising step as configured (Denoiser, attention, extra channels, MSE loss)."""
-    from segforge.planning.memory import traced_peak_bytes
+    from segforge.planning.memory import fake_mode, traced_peak_bytes
 
-    spec = denoise_spec(dims, precision=precision, spatial_cond_channels=spatial_cond)
-    traced = traced_peak_bytes(spec)
+    spec, mode = denoise_spec(dims, precision=precision, spatial_cond_channels=spatial_cond), fake_mode()
+    traced = traced_peak_bytes(spec, mode)
     measured = measured_peak_bytes(spec)
     assert abs(measured - traced) <= 0.1 * measured, (measured, traced)
-    # what the denoiser adds is seen: attention at two stages, and a conditioning channel, cost memory
-    assert traced > traced_peak_bytes(denoise_spec(dims, precision=precision, spatial_cond_channels=spatial_cond,
-                                                   attention_stages=0))
-    assert traced_peak_bytes(denoise_spec(dims, precision=precision, spatial_cond_channels=spatial_cond + 2)) > traced
+    # what the denoiser adds is seen: attention at two stages, and conditioning channels, cost memory
+    without_attention = denoise_spec(dims, precision=precision, spatial_cond_channels=spatial_cond, attention_stages=0)
+    assert traced > traced_peak_bytes(without_attention, mode)
+    more_channels = denoise_spec(dims, precision=precision, spatial_cond_channels=spatial_cond + 2)
+    assert traced_peak_bytes(more_channels, mode) > traced
