@@ -84,6 +84,7 @@ def test_model_folder_records_the_process(unlabelled):
     assert (model / "fold_0" / "checkpoints" / "best.ckpt").is_file()  # best checkpoint by val_psnr_ema
     plans = json.loads((model / "plans.json").read_text())  # the plan traced the denoiser's step, not a segmenter's
     assert plans["rules"]["denoiser_step"]["task"] == "denoise" and plans["configurations"]["2d"]["network"]["norm"] == "group"
+    assert plans["normalization"][0]["scheme"] == "global"  # one intensity map for clean and noisy images alike
 
 
 def test_sample_writes_images_at_the_plans_spacing(unlabelled, tmp_path):

@@ -10,8 +10,9 @@
   goes through the training preprocessing and back (``restore_image``), so the output has the input's exact grid
   and units. ``sigma`` is a fraction of each channel's intensity range (``sigma_units=range``; the range is
   ``intensity_range`` when given, else estimated from a lightly smoothed copy), or in intensity units
-  (``sigma_units=intensity``). Per-image z-score normalisation is corrected for the noise (the clean image's
-  standard deviation is ``sqrt(std^2 - sigma^2)``) so the network sees the intensities it was trained on.
+  (``sigma_units=intensity``). Plans made with ``task=denoise`` normalise with the dataset's map ("global"), which
+  noise does not change; a per-image z-score (a plan made for segmentation) is corrected for the noise (the clean
+  image's standard deviation is ``sqrt(std^2 - sigma^2)``), a per-image rescale takes the stated or robust range.
 
 Every file is written atomically (``write_image``); an output folder that is the input folder is refused; a bad
 case is reported and skipped (the checks ``predict`` applies), the others go on.

@@ -116,30 +116,37 @@ def features_per_stage(num_stages: int, base: int, cap: int) -> list[int]:
     return [min(base * 2**i, cap) for i in range(num_stages)]
 
 
-SCHEMES = ("ct", "zscore", "rescale", "none")
+SCHEMES = ("ct", "zscore", "global", "rescale", "none")
 # nnU-Net's channel-name conventions, so its datasets plan the same way
 NAME_TO_SCHEME = {"ct": "ct", "computed tomography": "ct", "nonorm": "none", "none": "none",
-                  "rescale_to_0_1": "rescale", "rgb_to_0_1": "rescale", "rescale": "rescale", "zscore": "zscore"}
+                  "rescale_to_0_1": "rescale", "rgb_to_0_1": "rescale", "rescale": "rescale", "zscore": "zscore",
+                  "global": "global"}
 
 
 def normalization_scheme(channel_name: str) -> str:
     return NAME_TO_SCHEME.get(channel_name.strip().lower(), "zscore")
 
 
-def plan_normalization(fingerprint: dict, median_relative_size: float, overrides=None) -> list[dict]:
+def plan_normalization(fingerprint: dict, median_relative_size: float, overrides=None, denoising: bool = False) -> list[dict]:
     """Per channel: CT (clip to the foreground 0.5-99.5 percentiles, z-score with the foreground mean/std), per-image
-    z-score (inside the nonzero mask when cropping removed a lot), rescale to [0, 1], or none. The scheme follows
-    the channel name in dataset.json; ``overrides`` (channel index or name -> scheme) wins."""
+    z-score (inside the nonzero mask when cropping removed a lot), global (z-score with the dataset's foreground
+    mean/std, no clipping), rescale to [0, 1], or none. The scheme follows the channel name in dataset.json;
+    ``overrides`` (channel index or name -> scheme) wins. ``denoising`` (``plan DATASET task=denoise``): global
+    instead of per-image z-score, since a denoiser's input and output must share one intensity map whatever the
+    image's noise and field of view (per-image statistics change with both)."""
     overrides = {str(k): str(v) for k, v in dict(overrides or {}).items()}
     out = []
     for index, name in sorted(fingerprint["channel_names"].items(), key=lambda kv: int(kv[0])):
         stats = fingerprint["intensity_foreground"][index]
-        scheme = overrides.get(str(index), overrides.get(name, normalization_scheme(name)))
+        default = normalization_scheme(name)
+        scheme = overrides.get(str(index), overrides.get(name, "global" if denoising and default == "zscore" else default))
         if scheme not in SCHEMES:
             raise ValueError(f"plan.normalization for channel {index} ({name}) is {scheme!r}; use one of {list(SCHEMES)}")
         entry = {"channel": int(index), "name": name, "scheme": scheme}
         if scheme == "ct":
             entry.update(clip=[stats["percentile_00_5"], stats["percentile_99_5"]], mean=stats["mean"], std=stats["std"])
+        elif scheme == "global":
+            entry.update(mean=stats["mean"], std=stats["std"])
         elif scheme == "zscore":
             entry["use_nonzero_mask"] = bool(median_relative_size < 0.75)
         out.append(entry)
@@ -374,7 +381,8 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
         "labels": fingerprint["labels"],
         "original_median_spacing": [float(v) for v in np.median(np.asarray(spacings), axis=0)],
         "original_median_shape": [float(v) for v in np.median(np.asarray(shapes), axis=0)],
-        "normalization": plan_normalization(fingerprint, median_relative_size, rules.get("normalization")),
+        "normalization": plan_normalization(fingerprint, median_relative_size, rules.get("normalization"),
+                                            denoising=bool(rules.get("denoiser_step"))),
         "resampling": resampling_rules(rules.get("resampling")),
         "configurations": configurations,
         "memory_traces": oracle.traces,

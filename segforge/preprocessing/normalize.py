@@ -1,5 +1,6 @@
-"""Per-channel intensity normalisation as the plan says (CT clip + global z-score, per-image z-score, rescale, none),
-as explicit parameters so that the step can be recorded and inverted.
+"""Per-channel intensity normalisation as the plan says (CT clip + dataset z-score, per-image z-score, dataset
+z-score without clipping ("global", what denoising plans use), rescale, none), as explicit parameters so that the
+step can be recorded and inverted.
 
 ``normalization_parameters`` turns the plan's scheme and one image into ``{"clip", "shift", "scale",
 "mask_outside"}`` per channel (normalised = (clip(x) - shift) / scale); ``apply_normalization`` applies them in
@@ -22,6 +23,8 @@ def normalization_parameters(image: np.ndarray, schemes: list[dict]) -> list[dic
         if scheme == "ct":
             params.update(clip=[float(entry["clip"][0]), float(entry["clip"][1])], shift=float(entry["mean"]),
                           scale=float(max(entry["std"], 1e-8)))
+        elif scheme == "global":  # the dataset's mean and std: the same map for every image
+            params.update(shift=float(entry["mean"]), scale=float(max(entry["std"], 1e-8)))
         elif scheme == "zscore":
             if entry.get("use_nonzero_mask"):
                 nonzero = np.any(image != 0, axis=0) if nonzero is None else nonzero
