@@ -60,7 +60,7 @@ class Schedule:
 
 
 def plan_schedule(available_seconds: float, seconds_per_iteration: float, seconds_per_val_iteration: float,
-                  epoch_overhead_seconds: float = 1.0, target_epochs: int = 20, min_iterations_per_epoch: int = 20,
+                  epoch_overhead_seconds: float = 1.0, target_epochs: int = 20, min_iterations_per_epoch: int = 5,
                   max_iterations_per_epoch: int = 250, val_ratio: float = 0.04) -> Schedule:
     """Epochs x iterations per epoch that fill ``available_seconds`` (the budget minus what was used and what the
     end needs) at the measured step times.
