@@ -54,7 +54,7 @@ def apply_cond(x: torch.Tensor, proj: nn.Linear | None, cond: torch.Tensor | Non
     if proj is None or cond is None:
         return x
     out = proj(cond).reshape(*cond.shape[:1], -1, *([1] * (x.ndim - 2)))
-    if out.shape[1] == x.shape[1]:
+    if out.shape[1] == x.shape[1]:  # the projection's width says the mode: channels (add) or twice (scale_shift)
         return x + out
     scale, shift = out.chunk(2, dim=1)
     return x * (1 + scale) + shift
