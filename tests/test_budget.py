@@ -275,3 +275,28 @@ def test_pacer_caps_validation_and_stops_within_half_a_step_of_the_deadline(monk
         clock["now"] = now
         pacer.on_train_batch_end(trainer, None, None, None, 0)
         assert trainer.should_stop == (now == 215.0)
+
+
+def test_a_2d_configuration_of_3d_data_validates_every_slice():
+    assert validation_windows([[80, 96, 80]], [96, 80], 0.5) == 80  # one window per slice, 80 slices
+    assert validation_windows([[1, 96, 80]], [96, 80], 0.5) == 1    # a 2D image: one slice
+
+
+def test_step_timing_runs_the_denoisers_step_too():
+    """The budget plan times the task's own step: a denoiser takes (x_t, t) and an MSE loss, not Dice+CE."""
+    spec = StepSpec(2, 1, 2, (16, 16), 2, (8, 16), ((3, 3), (3, 3)), ((1, 1), (2, 2)), 2, norm="group",
+                    deep_supervision=False, precision="32-true", optimizer="adamw", task="denoise",
+                    spatial_cond_channels=3)
+    assert compute.measure_step_seconds(spec, "cpu", repeats=1) > 0
+
+
+def test_a_2d_budget_configuration_counts_every_slice_in_its_final_validation(rules, monkeypatch):
+    from segforge.inference.sliding_window import window_starts
+
+    fake_device(monkeypatch, tflops=0.1)
+    rules.configurations = ["2d"]
+    conf = make_plans(brain_fingerprint(), rules, budget_s=900)["configurations"]["2d_budget"]
+    sized = conf["sized_for"]
+    in_plane = math.prod(len(window_starts(n, p, 0.5)) for n, p in zip([96, 80], conf["patch_size"]))
+    windows = sized["final_validation_s"] * 3 * conf["batch_size"] / (4 * sized["step_s"])  # 4 validation cases
+    assert windows == pytest.approx(80 * in_plane, rel=0.02)  # 80 slices per case, not one

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from segforge.planning.memory import StepSpec, _build
+from segforge.planning.memory import StepSpec, _build, step_batch, step_loss
 
 # Training step = forward + backward (about twice the forward): 3 forward passes' worth of multiply-adds, 2 FLOPs each.
 FLOPS_PER_MAC_STEP = 6.0
@@ -63,19 +63,20 @@ def _autocast(device: torch.device, precision: str):
 
 def measure_step_seconds(spec: StepSpec, device: torch.device | str = "cpu", repeats: int = 2,
                          give_up_after: float | None = None) -> float:
-    """Seconds of one real training step (network, deep-supervision loss, backward, optimizer) on ``device``:
-    the fastest of ``repeats`` timed steps after one warm-up step. A step slower than ``give_up_after`` seconds
-    (the warm-up included) ends the timing: that step's time is returned, enough to rule the setting out."""
+    """Seconds of one real training step (network, the task's loss, backward, optimizer) on ``device``: the same
+    batch and loss the memory tracer runs (``memory.step_batch``/``step_loss``: deep-supervision Dice+CE, or the
+    denoiser's MSE), the fastest of ``repeats`` timed steps after one warm-up step. A step slower than
+    ``give_up_after`` seconds (the warm-up included) ends the timing: that step's time is returned, enough to rule
+    the setting out."""
     device = torch.device(device)
     network, loss_fn, optimizer = _build(spec)
     network.to(device)
-    image = torch.randn(spec.batch_size, spec.in_channels, *spec.patch_size, device=device)
-    label = torch.randint(0, spec.num_classes, (spec.batch_size, 1, *spec.patch_size), device=device).float()
+    batch = step_batch(spec, device)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
         with _autocast(device, spec.precision):
-            loss = loss_fn(network(image), label)
+            loss = step_loss(spec, network, loss_fn, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

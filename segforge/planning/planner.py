@@ -259,7 +259,7 @@ def resampling_rules(rules) -> dict:
 
 
 def budget_configuration(spacing: list[float], median_shape: list[float], full: Fit, rules, in_channels: int,
-                         num_classes: int, num_cases: int, budget_s: float) -> dict:
+                         num_classes: int, num_cases: int, budget_s: float, slices_per_case: float = 1.0) -> dict:
     """A configuration sized for ``budget_s`` seconds of training on the device at hand (``compute.py``), at the
     full-resolution spacing (it shares that configuration's preprocessed data) and within its memory fit."""
     from segforge.inference.sliding_window import window_starts
@@ -303,7 +303,9 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
                            features_per_stage=tuple(features_per_stage(len(topo["strides"]), int(width),
                                                                        max(int(width), cap * int(width) // int(rules.features_base)))),
                            precision=precision, optimizer=str(compute.optimizer))
-            windows = math.prod(len(window_starts(round(m), p, 0.5)) for m, p in zip(median_shape, patch))
+            # a 2D configuration of 3D data validates every slice of a case
+            windows = round(slices_per_case) * math.prod(len(window_starts(round(m), p, 0.5))
+                                                         for m, p in zip(median_shape, patch))
             candidates.append(Candidate(spec, min(1.0, math.prod(patch) / max(math.prod(median_shape), 1.0)), windows))
     budget = ComputeBudget(float(budget_s), int(compute.target_iterations), float(compute.coverage_goal),
                            float(compute.setup_s), max(1, math.ceil(num_cases / int(compute.num_folds))), device.type,
@@ -370,7 +372,8 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
         base_spacing, base_shape = (spacing[1:], median_shape[1:]) if dims_2d else (spacing, median_shape)
         base_fit = fit_configuration(base_spacing, base_shape, rules, in_channels, num_classes, dataset_voxels, oracle)
         configurations[f"{'2d' if dims_2d else '3d'}_budget"] = budget_configuration(
-            base_spacing, base_shape, base_fit, rules, in_channels, num_classes, len(cases), budget_s)
+            base_spacing, base_shape, base_fit, rules, in_channels, num_classes, len(cases), budget_s,
+            slices_per_case=median_shape[0] if dims_2d else 1)
     if not configurations:
         raise ValueError(f"no configuration of {wanted} applies to this dataset "
                          f"({'2D' if is_2d_data else '3D'} images; 2D data takes configurations=[2d])")

@@ -61,11 +61,12 @@ def forward_seconds(network: torch.nn.Module, in_channels: int, patch_size: list
 
 
 def validation_windows(shapes: list[list[int]], patch_size: list[int], step_size: float) -> int:
-    """Sliding-window positions over the validation cases (at the configuration's grid)."""
+    """Sliding-window positions over the validation cases (at the configuration's grid); a 2D configuration of 3D
+    data slides over every slice."""
     total = 0
     for shape in shapes:
-        spatial = shape[-len(patch_size):]
-        total += math.prod(len(window_starts(int(s), int(p), step_size)) for s, p in zip(spatial, patch_size))
+        slices, spatial = math.prod(shape[:-len(patch_size)]), shape[-len(patch_size):]
+        total += slices * math.prod(len(window_starts(int(s), int(p), step_size)) for s, p in zip(spatial, patch_size))
     return total
 
 
