@@ -269,12 +269,16 @@ def test_pacer_caps_validation_and_stops_within_half_a_step_of_the_deadline(monk
     monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
     schedule = SimpleNamespace(elapsed=lambda: clock["now"])
     trainer = SimpleNamespace(should_stop=False, strategy=SimpleNamespace(broadcast=lambda value, src=0: value))
+    clock["now"] = -15.0  # 15 s of set-up after the split (trainer, loaders) come out of the training time
     pacer = BudgetPacer(split(1.0), schedule, slow, first_epoch_steps=7)
+    clock["now"] = 0.0
+    pacer.on_train_start(trainer, None)
+    assert pacer.split.training_s == 245 and pacer.split.setup_s == 25 and schedule.max_time_s == 245
     pacer.on_train_epoch_start(trainer, None)
-    for now in (0.0, 100.0, 215.0):  # at 215 s, 45 s are left and the last step took 115 s: stop (not at 100 s)
+    for now in (0.0, 100.0, 200.0):  # at 200 s, 45 s are left and the last step took 100 s: stop (not at 100 s)
         clock["now"] = now
         pacer.on_train_batch_end(trainer, None, None, None, 0)
-        assert trainer.should_stop == (now == 215.0)
+        assert trainer.should_stop == (now == 200.0)
 
 
 def test_a_2d_configuration_of_3d_data_validates_every_slice():

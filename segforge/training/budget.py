@@ -121,6 +121,7 @@ class BudgetPacer(L.Callback):
         self._last_end: float | None = None
         self._last_step_s = 0.0
         self._seconds, self._steps = 0.0, 0
+        self._created = time.monotonic()  # set-up goes on after the split: the trainer, loaders, sanity checks
 
     def validation_batches(self) -> int:
         batch_s = self.split.forward_s * int(self.datamodule.batch_size)
@@ -129,7 +130,9 @@ class BudgetPacer(L.Callback):
         return int(min(self._val_cap, max(1, self.split.validation_share * self.split.epoch_s // batch_s)))
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.split.training_s = float(trainer.strategy.broadcast(self.split.training_s, src=0))
+        late = time.monotonic() - self._created  # set-up after the budget was split comes out of training time
+        self.split.setup_s += late
+        self.split.training_s = float(trainer.strategy.broadcast(self.split.training_s - late, src=0))
         self.split.epoch_s = float(trainer.strategy.broadcast(self.split.epoch_s, src=0))
         self.schedule.max_time_s = self.split.training_s
 
