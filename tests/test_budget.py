@@ -69,8 +69,9 @@ def size(conf: dict) -> float:
 def test_parse_duration_reads_short_forms_and_refuses_nonsense():
     assert parse_duration("15m") == 900 and parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
     assert parse_duration("00:00:15:00") == 900 and parse_duration(300) == 300 and parse_duration(None) is None
-    with pytest.raises(ValueError, match="15x"):
-        parse_duration("15x")
+    for bad in ("15x", "0", 0, "-5m", "ab:cd", {"weeks": 1}):
+        with pytest.raises(SegforgeError, match="budget=.*Fix: write e.g. budget=15m"):
+            parse_duration(bad, "budget")
 
 
 def test_step_flops_count_convolutions_of_encoder_and_decoder():

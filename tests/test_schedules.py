@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from segforge.errors import SegforgeError
 from segforge.training.schedules import ScheduleCallback, lr_factor, parse_duration, training_progress
 
 GRID = np.linspace(0.0, 1.0, 41)
@@ -109,8 +110,8 @@ def test_parse_duration_accepts_omegaconf_dicts():
 
 
 def test_parse_duration_rejects_unknown_units():
-    with pytest.raises(KeyError):
-        parse_duration({"weeks": 1})
+    with pytest.raises(SegforgeError, match="trainer.max_time=.*not a positive duration"):
+        parse_duration({"weeks": 1}, "trainer.max_time")
 
 
 def test_callback_progress_resumes_from_saved_clock():

@@ -149,7 +149,7 @@ def run_plan(args, cfg, overrides) -> int:
 
             rules = OmegaConf.create({**OmegaConf.to_container(cfg.plan, resolve=True),
                                       "denoiser_step": denoiser_step(cfg.task, spec)})
-        plans = make_plans(fingerprint, rules, budget_s=parse_duration(cfg.get("budget")))
+        plans = make_plans(fingerprint, rules, budget_s=parse_duration(cfg.get("budget"), "budget"))
     except ValueError as exc:
         raise SegforgeError(f"{spec.root}: {exc}") from exc
     _keep_previous(ws.plans_path, stamp("plans", plans))

@@ -120,7 +120,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     seconds; the command's start), else from the start of this process."""
     workspace = Workspace.from_config(cfg.paths, spec.name)
     plans = read_json(workspace.plans_path, "plans")
-    budget_s = parse_duration(cfg.get("budget"))
+    budget_s = parse_duration(cfg.get("budget"), "budget")
     configuration = resolve_configuration(str(cfg.configuration), plans, workspace.plans_path, budget_s)
     plan_config = plans["configurations"][configuration]
     data_dir = workspace.preprocessed(plan_config.get("data_identifier", configuration))
@@ -167,7 +167,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     datamodule = SegmentationDataModule(data_dir, train_ids, val_ids, patch_size, plan_config["dims"], batch_size,
                                         task.data_cfg(), int(cfg.seed), plan_config.get("mirror_axes"), task.with_labels)
 
-    max_time_s = parse_duration(trainer_kwargs.get("max_time"))
+    max_time_s = parse_duration(trainer_kwargs.get("max_time"), "trainer.max_time")
     total_steps = int(trainer_kwargs["max_epochs"]) * int(cfg.data.iterations_per_epoch)
     split = None
     if budget_s:  # time decides: the schedule spans the training time, epochs are paced by time
