@@ -197,7 +197,9 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
                                                            patience=int(cfg.callbacks.early_stopping_patience)))
     if split is not None:
         sized = plan_config.get("sized_for", {})
-        first_epoch_steps = (round(split.epoch_s / (sized["step_s"] * sized.get("loop_overhead", 1.0))) if "step_s" in sized
+        # the plan's step time only where it was measured on this kind of device (not a stated GPU throughput)
+        measured_here = sized.get("throughput") == "measured" and sized.get("device") == _validation_device(cfg).type
+        first_epoch_steps = (round(split.epoch_s / (sized["step_s"] * sized.get("loop_overhead", 1.0))) if measured_here
                              else int(cfg.budgeting.first_epoch_steps))
         callbacks.append(BudgetPacer(split, schedule, datamodule, max(1, first_epoch_steps)))
     requeue = RequeueOnSignal(fold_dir) if slurm_requeue_wanted() else None
