@@ -199,3 +199,32 @@ def test_mask_conditioned_synthesis_one_image_per_map_on_its_grid(labelled_3d, t
         label, label_geometry = read_image(source)
         assert image.shape == label.shape and geometry.same_grid(label_geometry, tol=1e-6) == [] and np.isfinite(image).all()
     assert main(["sample", "--model", str(model), "-o", str(tmp_path / "no_masks"), "n=1"]) == 2  # needs maps
+
+
+def test_denoising_turns_intensity_augmentation_off_and_keeps_spatial(tmp_path):
+    from segforge.cli.main import compose_config
+    from segforge.io.dataset import DatasetSpec
+    from segforge.training.tasks import INTENSITY_PROBS, DenoiseTask
+
+    spec = DatasetSpec(tmp_path, {0: "MRI"}, {"background": 0}, ".nii.gz", 1)
+    plan_config = {"dims": 2, "network": {}}
+    data = DenoiseTask(compose_config("train", ["task=denoise"]), spec, plan_config, tmp_path).data_cfg()
+    assert all(data.augmentation[key] == 0.0 for key in INTENSITY_PROBS)
+    assert data.augmentation.rotation_prob > 0 and data.augmentation.mirror_prob > 0
+    kept = DenoiseTask(compose_config("train", ["task=denoise", "task.intensity_augmentation=true"]), spec, plan_config,
+                       tmp_path).data_cfg()
+    assert kept.augmentation.noise_prob > 0
+
+
+def test_patches_without_labels_are_uniform_and_carry_none(tmp_path):
+    from segforge.training.augment import AugmentationSettings, Augmenter, PatchGeometry
+    from segforge.training.sampling import PatchDataset, collate_patches
+
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((1, 3, 20, 24), dtype=np.float32))
+    settings = AugmentationSettings()
+    geometry = PatchGeometry.resolve(settings, [16, 16])
+    dataset = PatchDataset(tmp_path, ["a"], [16, 16], 2, 1.0, settings, geometry, 0, with_labels=False)
+    samples = [dataset[uid] for uid in range(6)]
+    assert all(s["label"] is None for s in samples)
+    image, label = Augmenter(settings, geometry)(collate_patches(samples))
+    assert image.shape == (6, 1, 16, 16) and label is None
