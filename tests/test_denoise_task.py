@@ -85,6 +85,7 @@ def test_model_folder_records_the_process(unlabelled):
     plans = json.loads((model / "plans.json").read_text())  # the plan traced the denoiser's step, not a segmenter's
     assert plans["rules"]["denoiser_step"]["task"] == "denoise" and plans["configurations"]["2d"]["network"]["norm"] == "group"
     assert plans["normalization"][0]["scheme"] == "global"  # one intensity map for clean and noisy images alike
+    assert plans["crop_to_nonzero"] is False  # noisy images have no zero border: the denoiser learns whole images
 
 
 def test_sample_writes_images_at_the_plans_spacing(unlabelled, tmp_path):

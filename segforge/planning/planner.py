@@ -335,7 +335,8 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
     configuration sized for that many seconds of training on this device (``3d_budget``, or ``2d_budget``)."""
     cases = fingerprint["cases"]
     spacings = [c["spacing"] for c in cases]
-    shapes = [c["shape_after_crop"] for c in cases]
+    # a denoising plan keeps whole images (no crop to the nonzero box): their shapes are what the network sees
+    shapes = [c["shape_before_crop" if rules.get("denoiser_step") else "shape_after_crop"] for c in cases]
     spacing = list(rules.target_spacing) if rules.target_spacing else target_spacing(spacings, shapes, rules.anisotropy_threshold)
     # shapes at the target spacing (a fake z axis of a 2D dataset keeps its single slice)
     resampled = [[s * sp / t if sp != t else s for s, sp, t in zip(shape, sps, spacing)] for shape, sps in zip(shapes, spacings)]
@@ -386,6 +387,8 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
         "original_median_shape": [float(v) for v in np.median(np.asarray(shapes), axis=0)],
         "normalization": plan_normalization(fingerprint, median_relative_size, rules.get("normalization"),
                                             denoising=bool(rules.get("denoiser_step"))),
+        # a denoiser meets noisy images, which have no zero border to crop: it trains on whole images
+        **({"crop_to_nonzero": False} if rules.get("denoiser_step") else {}),
         "resampling": resampling_rules(rules.get("resampling")),
         "configurations": configurations,
         "memory_traces": oracle.traces,

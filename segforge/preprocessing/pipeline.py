@@ -52,6 +52,8 @@ def plan_hash(plans: dict, configuration: str) -> str:
     relevant = {"version": PREPROCESSING_VERSION, "normalization": plans["normalization"],
                 "target_spacing": plans["configurations"][configuration]["target_spacing"],
                 "resampling": resampling_settings(plans)}
+    if not plans.get("crop_to_nonzero", True):  # only when off: the hashes of earlier plans stay valid
+        relevant["crop_to_nonzero"] = False
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -59,9 +61,11 @@ def preprocess_image(image: np.ndarray, geometry: Geometry, plans: dict, configu
                      copy: bool = True) -> tuple[np.ndarray, dict]:
     """Crop, normalise and resample a ``(c, z, y, x)`` image; returns it and the properties to invert the steps.
 
-    ``copy=False`` lets the steps work inside ``image`` (it is then overwritten): for arrays the caller owns.
+    ``copy=False`` lets the steps work inside ``image`` (it is then overwritten): for arrays the caller owns. A plan
+    with ``"crop_to_nonzero": false`` (denoising: a noisy image has no zero border to crop, so the network must learn
+    the background as it is) keeps the whole image.
     """
-    bbox = nonzero_bbox(image)
+    bbox = nonzero_bbox(image) if plans.get("crop_to_nonzero", True) else [[0, int(n)] for n in image.shape[1:]]
     data = crop(image, bbox)
     if copy or data.dtype != np.float32:
         data = np.array(data, dtype=np.float32)
