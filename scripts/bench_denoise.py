@@ -53,7 +53,8 @@ def parse_args(argv):
     p.add_argument("--budget", default="12m", help="segforge training budget (wall clock, set-up and all); none: --epochs")
     p.add_argument("--epochs", type=int, default=2, help="with --budget none: epochs of --iterations steps")
     p.add_argument("--iterations", type=int, default=10)
-    p.add_argument("--features", type=int, default=32, help="first stage's features of the denoiser (plan.features_base)")
+    p.add_argument("--features", type=int, default=16, help="first stage's features of the denoiser (plan.features_base)")
+    p.add_argument("--features-max", type=int, default=256, help="widest stage (plan.features_max_2d)")
     p.add_argument("--patch", type=int, default=96, help="training patch edge (in-plane voxels)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tune-slices", type=int, default=6, help="training slices the baselines are tuned on")
@@ -179,7 +180,8 @@ def main(argv=None) -> int:
     dataset = folder / "Dataset920_MNIDenoise"
     work, log_path = folder / "work", folder / "segforge.log"
     model = work / dataset.name / "results" / "denoise" / "2d"
-    params = {"resolution": args.resolution, "budget": args.budget, "features": args.features, "patch": args.patch,
+    params = {"resolution": args.resolution, "budget": args.budget, "features": args.features,
+              "features_max": args.features_max, "patch": args.patch,
               "batch": args.batch, **where}
     if args.force and folder.exists():
         import shutil
@@ -189,13 +191,17 @@ def main(argv=None) -> int:
     if not (model / "fold_all" / "model_final.pt").is_file():
         write_dataset(dataset, train, spacing)
         base = [str(dataset), "--work", str(work)]
-        segforge(["plan", *base, "task=denoise", "plan.configurations=[2d]", f"plan.features_base={args.features}"], log_path)
+        segforge(["plan", *base, "task=denoise", "plan.configurations=[2d]", f"plan.features_base={args.features}",
+                  f"plan.features_max_2d={args.features_max}"], log_path)
         length = [f"trainer.max_epochs={args.epochs}", f"data.iterations_per_epoch={args.iterations}"] \
             if args.budget == "none" else [f"budget={args.budget}"]
         train_s = segforge(["train", *base, "task=denoise", "configuration=2d", "fold=all", *length,
                             "recipe=nnunet", f"data.patch_size=[{args.patch},{args.patch}]", f"data.batch_size={args.batch}",
                             "task.time_band=[0.0,0.4]", "task.ema.decay=0.995", "task.network.attention_stages=1",
                             "callbacks.progress_plot=false"], log_path)
+    trained = json.loads((model / "fold_all" / "training_summary.json").read_text())
+    params["train_steps"] = trained["global_step"]
+    print(f"denoiser: {trained['global_step']} training steps ({args.budget if args.budget != 'none' else 'fixed'})")
     geometry = Geometry((999.0, spacing[1], spacing[2]), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), ndim=2)
     rows, table = [], []
     for k, sigma in enumerate(args.sigmas):
