@@ -45,7 +45,9 @@ def parse_args(argv):
     p.add_argument("--gen-budget", default="15m", help="training budget of the mask-conditioned denoiser")
     p.add_argument("--seg-budget", default="10m", help="training budget of the segmentation model")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps per synthesised image")
-    p.add_argument("--features", type=int, default=32, help="plan.features_base of both models")
+    p.add_argument("--features", type=int, default=16, help="plan.features_base of both models")
+    p.add_argument("--features-max", type=int, default=256, help="plan.features_max_2d of both models")
+    p.add_argument("--batch", type=int, default=8, help="the denoiser's batch size (the segmenter takes the plan's)")
     p.add_argument("--sw-batch", type=int, default=16, help="slices per forward pass when synthesising")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="retrain and re-run even if models exist")
@@ -123,8 +125,8 @@ def main(argv=None) -> int:
     generator, segmenter = results_dir / "denoise" / "2d", results_dir / "segment" / "2d"
     seconds = {}
     if not (work / dataset.name / "plans.json").is_file():
-        seconds["plan"] = run_segforge(["plan", *base, "plan.configurations=[2d]", f"plan.features_base={args.features}"],
-                                       log_path, args.threads)
+        seconds["plan"] = run_segforge(["plan", *base, "plan.configurations=[2d]", f"plan.features_base={args.features}",
+                                        f"plan.features_max_2d={args.features_max}"], log_path, args.threads)
     if not (segmenter / "fold_all" / "model_final.pt").is_file():
         seconds["train_segment"] = run_segforge(["train", *base, "configuration=2d", "fold=all", f"budget={args.seg_budget}",
                                                  "callbacks.progress_plot=false"], log_path, args.threads)
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
         seconds["train_denoise"] = run_segforge(
             ["train", *base, "task=denoise", "configuration=2d", "fold=all", f"budget={args.gen_budget}", "recipe=nnunet",
              "task.mask_conditioning=true", "task.network.attention_stages=1", "task.ema.decay=0.995",
+             f"data.batch_size={args.batch}",
              "callbacks.progress_plot=false"], log_path, args.threads)
     synth, pred_synth, pred_real = folder / "synthetic", folder / "pred_synthetic", folder / "pred_real"
     for out in (synth, pred_synth, pred_real):
@@ -159,8 +162,12 @@ def main(argv=None) -> int:
     print(format_table(rows, ["Dice of the segmentation of", "GM", "WM", "mean"]))
     print(f"\nmatched - shuffled: {matched['mean'] - shuffled['mean']:+.3f}; target (>= 0.7 and >= +0.3): "
           f"{'met' if target else 'NOT met'}\nseconds: {json.dumps({k: round(v) for k, v in seconds.items()})}")
+    steps_trained = {name: json.loads((model / "fold_all" / "training_summary.json").read_text())["global_step"]
+                     for name, model in (("denoiser", generator), ("segmenter", segmenter))}
+    print(f"training steps: {steps_trained}")
     run_params = {"gen_budget": args.gen_budget, "seg_budget": args.seg_budget, "steps": args.steps,
-                  "features": args.features, "cases": len(cases), "smoke": args.smoke}
+                  "features": args.features, "features_max": args.features_max, "batch": args.batch, "cases": len(cases),
+                  "smoke": args.smoke, "steps_trained": steps_trained}
     for stage, scores in (("matched", matched), ("shuffled", shuffled), ("real", real)):
         results.append(make_record(BENCHMARK, "segforge", tag, stage,
                                    {"mean_dice": scores["mean"], "by_class": scores["by_class"]}, {**run_params, "seconds": seconds}))
