@@ -88,9 +88,16 @@ def test_model_folder_records_the_process(unlabelled):
     assert plans["crop_to_nonzero"] is False  # noisy images have no zero border: the denoiser learns whole images
 
 
-def test_sample_writes_images_at_the_plans_spacing(unlabelled, tmp_path):
+def test_sample_writes_images_at_the_plans_spacing(unlabelled, tmp_path, capsys):
+    # trained on task.time_band=[0.0,0.5]: sampling from pure noise would start where the model never trained
+    assert main(["sample", "--model", str(unlabelled["model"]), "-o", str(tmp_path / "refused"), "n=1"]) == 2
+    assert "task.time_band" in capsys.readouterr().err and not any((tmp_path / "refused").glob("sample_*"))
+    model = tmp_path / "model"  # the same weights declared as trained on the whole process
+    shutil.copytree(unlabelled["model"], model)
+    payload = torch.load(model / "fold_0" / "model_final.pt", weights_only=True)
+    torch.save({**payload, "time_band": [0.0, 1.0]}, model / "fold_0" / "model_final.pt")
     out = tmp_path / "samples"
-    assert main(["sample", "--model", str(unlabelled["model"]), "-o", str(out), "n=3", "steps=3", "seed=1"]) == 0
+    assert main(["sample", "--model", str(model), "-o", str(out), "n=3", "steps=3", "seed=1"]) == 0
     files = sorted(out.glob("sample_*_0000.png"))
     assert [f.name for f in files] == [f"sample_{i:03d}_0000.png" for i in range(3)]
     image, geometry = read_image(files[0])
@@ -98,7 +105,7 @@ def test_sample_writes_images_at_the_plans_spacing(unlabelled, tmp_path):
     assert geometry.ndim == 2 and image.shape == (1, *[round(v) for v in plans["configurations"]["2d"]["median_shape"]])
     assert np.isfinite(image).all() and image.max() > image.min()  # in the dataset's 8-bit units, not normalised
     again = tmp_path / "again"
-    assert main(["sample", "--model", str(unlabelled["model"]), "-o", str(again), "n=1", "steps=3", "seed=1"]) == 0
+    assert main(["sample", "--model", str(model), "-o", str(again), "n=1", "steps=3", "seed=1"]) == 0
     np.testing.assert_array_equal(read_image(again / "sample_000_0000.png")[0], image)  # seeded
 
 
@@ -110,8 +117,16 @@ def test_sampling_uses_the_saved_process_and_refuses_a_tampered_one(unlabelled, 
     model = DenoisingModel.from_model_dir(copy)
     assert model.process.to_json() == json.loads((copy / "diffusion.json").read_text())
     # the config at sampling time has no say over the process: a flow sampler does not fit the saved v-objective model
+    weights = copy / "fold_0" / "model_final.pt"
+    payload = {**torch.load(weights, weights_only=True), "time_band": [0.0, 1.0]}  # may sample from pure noise
+    torch.save(payload, weights)
     assert main(["sample", "--model", str(copy), "-o", str(tmp_path / "o1"), "n=1", "sampler=euler"]) == 2
     assert "does not fit" in capsys.readouterr().err
+    torch.save({k: v for k, v in payload.items() if k != "sampling"}, weights)  # damaged weights: an error, no traceback
+    assert main(["sample", "--model", str(copy), "-o", str(tmp_path / "o1"), "n=1"]) == 2
+    err = capsys.readouterr().err
+    assert "incomplete denoising weights" in err and "Traceback" not in err
+    torch.save(payload, weights)
     saved = json.loads((copy / "diffusion.json").read_text())
     saved["schedule"]["kind"] = "linear"  # a valid process, but not the one the weights were trained with
     (copy / "diffusion.json").write_text(json.dumps(saved))
@@ -195,10 +210,19 @@ def test_mask_conditioned_synthesis_one_image_per_map_on_its_grid(labelled_3d, t
         write_image(masks / source.name, label[:, 3:27, :30], geometry)  # another grid than the training cases'
     assert main(["sample", "--model", str(model), "-o", str(out), "--masks", str(masks), "steps=2",
                  "guidance_scale=1.5"]) == 0
+    blank_masks, blank_out = tmp_path / "blank_masks", tmp_path / "blank_out"
     for source in sorted(masks.iterdir()):
         image, geometry = read_image(out / source.name.replace(".nii.gz", "_0000.nii.gz"))
         label, label_geometry = read_image(source)
         assert image.shape == label.shape and geometry.same_grid(label_geometry, tol=1e-6) == [] and np.isfinite(image).all()
+        write_image(blank_masks / source.name, np.zeros_like(label), label_geometry)  # same name: the same noise
+    assert main(["sample", "--model", str(model), "-o", str(blank_out), "--masks", str(blank_masks), "steps=2",
+                 "guidance_scale=1.5"]) == 0
+    for source in sorted(masks.iterdir()):  # the map reaches the network: another map, another image
+        name = source.name.replace(".nii.gz", "_0000.nii.gz")
+        assert np.abs(read_image(out / name)[0] - read_image(blank_out / name)[0]).max() > 1e-3
+    assert main(["sample", "--model", str(model), "-o", str(masks), "--masks", str(masks)]) == 2  # inputs kept apart
+    assert sorted(p.name for p in masks.iterdir()) == sorted(p.name for p in blank_masks.iterdir())
     assert main(["sample", "--model", str(model), "-o", str(tmp_path / "no_masks"), "n=1"]) == 2  # needs maps
 
 
@@ -229,3 +253,49 @@ def test_patches_without_labels_are_uniform_and_carry_none(tmp_path):
     assert all(s["label"] is None for s in samples)
     image, label = Augmenter(settings, geometry)(collate_patches(samples))
     assert image.shape == (6, 1, 16, 16) and label is None
+
+
+def test_budget_counts_the_final_validation_of_each_task(tmp_path):
+    from segforge.cli.main import compose_config
+    from segforge.io.dataset import DatasetSpec
+    from segforge.training.tasks import DenoiseTask, SegmentTask
+
+    spec = DatasetSpec(tmp_path, {0: "MRI"}, {"background": 0, "a": 1}, ".nii.gz", 1)
+    plan_config = {"dims": 3, "network": {}, "mirror_axes": [0, 1, 2]}
+    assert SegmentTask(compose_config("train", []), spec, plan_config, tmp_path).validation_passes() == 8  # mirroring
+    assert SegmentTask(compose_config("train", ["final_validation.mirror=false"]), spec, plan_config,
+                       tmp_path).validation_passes() == 1
+    denoise = compose_config("train", ["task=denoise", "task.final_validation_sigmas=[0.1,0.2]"])
+    assert DenoiseTask(denoise, spec, plan_config, tmp_path).validation_passes() == 2  # one pass per noise level
+
+
+def test_a_plan_made_for_the_other_task_is_named(tmp_path, caplog):
+    from segforge.cli.main import compose_config
+    from segforge.io.dataset import DatasetSpec
+    from segforge.training.tasks import make_task, planned_task
+
+    spec = DatasetSpec(tmp_path, {0: "MRI"}, {"background": 0, "a": 1}, ".nii.gz", 1)
+    denoising_plans = {"rules": {"denoiser_step": {"task": "denoise"}}}
+    assert planned_task(denoising_plans) == "denoise" and planned_task({"rules": {}}) == "segment"
+    with caplog.at_level("WARNING", logger="segforge"):
+        make_task(compose_config("train", []), spec, {"dims": 3, "network": {}}, tmp_path, {}, denoising_plans)
+    assert "made for task=denoise" in caplog.text and "task=segment" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segforge"):
+        make_task(compose_config("train", ["task=denoise"]), spec, {"dims": 3, "network": {}}, tmp_path, {}, denoising_plans)
+    assert "made for task" not in caplog.text
+
+
+def test_training_noise_differs_between_batches_of_one_optimizer_step():
+    """Gradient accumulation runs several batches per global step: each must draw its own noise and times."""
+    from omegaconf import OmegaConf
+
+    from segforge.diffusion.process import DiffusionProcess
+    from segforge.diffusion.schedules import NoiseSchedule
+    from segforge.training.denoising import DenoisingModule
+
+    module = DenoisingModule(torch.nn.Identity(), DiffusionProcess(NoiseSchedule(), "v"), OmegaConf.create({}),
+                             weight_ema_decay=None)
+    assert module.global_step == 0  # no trainer: every batch below is at the same optimizer step
+    draws = [module.sample_times(8, module.training_generator(batch)) for batch in (0, 1, 0)]
+    assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])

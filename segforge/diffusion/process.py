@@ -24,6 +24,8 @@ import torch
 from segforge.errors import SegforgeError
 from segforge.diffusion.schedules import FlowPath, NoiseSchedule, _as_dict, schedule_from_json
 
+PROCESS_FILE = "diffusion.json"  # the process of a denoising model folder, beside plans.json
+
 OBJECTIVES = {"epsilon": NoiseSchedule, "v": NoiseSchedule, "flow": FlowPath}
 PROCESS_KEYS = ("type", "objective", "schedule")
 
@@ -87,11 +89,24 @@ class DiffusionProcess:
 
     # --- training -------------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
-                         device: torch.device | str | None = None) -> torch.Tensor:
-        """``(batch,)`` float times, uniform over the process: integers in ``[0, T)`` or reals in ``[0, 1)``."""
+                         device: torch.device | str | None = None, band: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        """``(batch,)`` float times, uniform over ``band`` (fractions of the process; the default is all of it):
+        integers in ``[0, T)`` or reals in ``[0, 1)``."""
+        low, high = (float(v) for v in band)
+        if not 0.0 <= low < high <= 1.0:
+            raise SegforgeError(f"a time band must satisfy 0 <= low < high <= 1, got {[low, high]}")
+        u = low + (high - low) * torch.rand(batch, generator=generator, device=device)
         if self.is_flow:
-            return torch.rand(batch, generator=generator, device=device)
-        return torch.randint(0, self.schedule.num_train_timesteps, (batch,), generator=generator, device=device).float()
+            return u
+        steps = self.schedule.num_train_timesteps
+        return (u * steps).floor().clamp(0, steps - 1)
+
+    def time_fraction(self, t: float) -> float:
+        """Where time ``t`` lies in the process, 0 (clean) to 1 (pure noise): what ``band`` of ``sample_timesteps``
+        is measured in."""
+        if self.is_flow:
+            return float(t)
+        return max(0.0, float(t) + 1.0) / self.schedule.num_train_timesteps
 
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t, device=like.device))

@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -100,13 +101,62 @@ def save_probabilities(target: Path, probabilities, names: list[str], geometry) 
                                               "shape": list(probabilities.shape[1:])})
 
 
+def run_case(case_id: str, outputs: list[Path], work, results: list[CaseResult]) -> None:
+    """Run ``work()`` (returns ``(main output, warnings)``) for one case that writes ``outputs``, appending its
+    ``CaseResult``. A case that fails (unreadable file, wrong channels, NaN, out of memory...) is logged with its
+    reason and skipped, leaving none of the outputs this attempt created (each file is atomic, the set is not; a
+    complete file from before is never removed); a storage failure (full disk, lost folder) would fail every case
+    alike, so it stops the run, saying why."""
+    start = time.perf_counter()
+    before = {p for p in outputs if p.exists()}
+    try:
+        output, warnings = work()
+        results.append(CaseResult(case_id, "written", output, seconds=time.perf_counter() - start, warnings=warnings))
+    except Exception as exc:  # one bad case must not stop the others; the reason is reported
+        log.debug("case %s failed", case_id, exc_info=True)
+        created = [p for p in outputs if p not in before and p.exists()]
+        for path in created:
+            path.unlink(missing_ok=True)
+        storage = exc if isinstance(exc, StorageError) else storage_error(exc, created[-1] if created else outputs[0])
+        if storage is exc:
+            raise
+        if storage is not None:
+            raise storage from exc
+        reason = str(exc) if isinstance(exc, SegforgeError) else f"{type(exc).__name__}: {exc}"
+        results.append(CaseResult(case_id, "failed", error=reason, seconds=time.perf_counter() - start))
+        log.error("case %s failed: %s", case_id, reason)
+
+
+def predict_case(predictor, case_id: str, channels: dict[int, Path], folder: Path, target: Path,
+                 with_probabilities: bool, postprocess) -> tuple[Path, list[str]]:
+    """Predict one case of a folder and write its mask to ``target`` (and probabilities beside it)."""
+    ending = predictor.dataset_json.get("file_ending", ".nii.gz")
+    files = channel_files(case_id, channels, predictor.plans["channel_names"], folder, ending)
+    # read and checked here (not by the predictor) so that the warnings reach the report
+    image, geometry = read_case(files)
+    image, warnings = check_input(predictor, image, geometry, files, copy=False)
+    for warning in warnings:
+        log.warning("case %s: %s", case_id, warning)
+    if with_probabilities:
+        probabilities, geometry = predictor.probabilities(image, geometry)
+        mask = predictor.labels(probabilities)
+    else:  # streamed: never classes x volume in memory
+        mask, geometry = predictor.predict(image, geometry, overwrite_input=True)
+    del image
+    if postprocess is not None:
+        mask = postprocess(mask)
+    if with_probabilities:
+        save_probabilities(target.with_name(case_id), probabilities, predictor.class_names, geometry)
+    write_image(target, mask, geometry)
+    return target, warnings
+
+
 def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: bool = False, part: str | None = None,
                    with_probabilities: bool = False, postprocess=None) -> list[CaseResult]:
     """Predict the cases of ``input_path`` (this process's part) into ``output_dir``; one result per case.
 
-    A case that fails (unreadable file, wrong channels, NaN, out of memory...) is logged with its reason and
-    skipped, leaving none of its outputs; the others go on. ``postprocess``: a function applied to each label map
-    before it is written.
+    A case that fails is reported and skipped, leaving none of its outputs (``run_case``); the others go on.
+    ``postprocess``: a function applied to each label map before it is written.
     """
     ending = predictor.dataset_json.get("file_ending", ".nii.gz")
     if ending not in SUPPORTED_ENDINGS:  # it names every output file: nothing else may come from the model folder
@@ -130,47 +180,12 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
         bar = tqdm(total=len(chosen), desc="predict", unit="case")
     for i, case_id in enumerate(chosen, 1):
         target = output_dir / f"{case_id}{ending}"
-        start = time.perf_counter()
         if resume and target.is_file() and (not with_probabilities or (output_dir / f"{case_id}.npz").is_file()):
             results.append(CaseResult(case_id, "skipped", target))
         else:
-            written: list[Path] = []  # what this attempt creates; a complete file from before is never removed
-            before = {p for p in (target, output_dir / f"{case_id}.npz", output_dir / f"{case_id}.json") if p.exists()}
-            try:
-                files = channel_files(case_id, cases[case_id], predictor.plans["channel_names"], folder, ending)
-                # read and checked here (not by the predictor) so that the warnings reach the report
-                image, geometry = read_case(files)
-                image, warnings = check_input(predictor, image, geometry, files, copy=False)
-                for warning in warnings:
-                    log.warning("case %s: %s", case_id, warning)
-                if with_probabilities:
-                    probabilities, geometry = predictor.probabilities(image, geometry)
-                    mask = predictor.labels(probabilities)
-                else:  # streamed: never classes x volume in memory
-                    mask, geometry = predictor.predict(image, geometry, overwrite_input=True)
-                del image
-                if postprocess is not None:
-                    mask = postprocess(mask)
-                if with_probabilities:
-                    written += [output_dir / f"{case_id}.npz", output_dir / f"{case_id}.json"]
-                    save_probabilities(output_dir / case_id, probabilities, predictor.class_names, geometry)
-                written.append(target)
-                write_image(target, mask, geometry)
-                results.append(CaseResult(case_id, "written", target, seconds=time.perf_counter() - start,
-                                          warnings=warnings))
-            except Exception as exc:  # one bad case must not stop the others; the reason is reported
-                log.debug("case %s failed", case_id, exc_info=True)
-                for path in written:  # no half set of outputs (each file is atomic, the set is not)
-                    if path not in before:
-                        path.unlink(missing_ok=True)
-                storage = exc if isinstance(exc, StorageError) else storage_error(exc, written[-1] if written else target)
-                if storage is exc:  # a full disk or a lost folder fails every case alike: stop, say why
-                    raise
-                if storage is not None:
-                    raise storage from exc
-                reason = str(exc) if isinstance(exc, SegforgeError) else f"{type(exc).__name__}: {exc}"
-                results.append(CaseResult(case_id, "failed", error=reason, seconds=time.perf_counter() - start))
-                log.error("case %s failed: %s", case_id, reason)
+            outputs = [target, *([output_dir / f"{case_id}.npz", output_dir / f"{case_id}.json"] if with_probabilities else [])]
+            run_case(case_id, outputs, partial(predict_case, predictor, case_id, cases[case_id], folder, target,
+                                               with_probabilities, postprocess), results)
         if bar is not None:
             bar.update()
         else:

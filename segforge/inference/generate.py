@@ -23,17 +23,18 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from segforge.errors import SegforgeError
-from segforge.inference.folder import CaseResult, channel_files, find_cases
+from segforge.inference.folder import CaseResult, channel_files, find_cases, run_case
 from segforge.inference.generative import DenoisingModel, one_hot, seed_of
 from segforge.inference.predictor import check_input
 from segforge.io.image import FAKE_Z_SPACING, Geometry, file_ending, read_case, read_image, write_image
-from segforge.io.storage import check_writable
+from segforge.io.storage import check_writable, storage_error
 from segforge.preprocessing.normalize import invert_normalization
 from segforge.preprocessing.pipeline import preprocess_image, resampling_settings, restore_image
 from segforge.preprocessing.resample import resample, resample_label, resampling_modes, shape_at_spacing
@@ -45,8 +46,9 @@ def run_sampler(model: DenoisingModel, model_fn, x_start: torch.Tensor, steps: i
                 generator: torch.Generator, start_t: float | None = None) -> torch.Tensor:
     from segforge.diffusion.samplers import check_sampler
 
-    name = sampler or model.sampling.get("sampler") or ("euler" if model.process.is_flow else "ddim")
-    steps = int(steps or model.sampling.get("steps") or 50)
+    if start_t is None:
+        model.check_start(model.process.t_max, "sampling from pure noise")
+    name, steps = sampler or model.sampling["sampler"], int(steps or model.sampling["steps"])
     return check_sampler(str(name), model.process)(model_fn, model.process, x_start, steps, start_t=start_t,
                                                    generator=generator)
 
@@ -78,18 +80,21 @@ def to_dataset_units(x: np.ndarray, model: DenoisingModel) -> np.ndarray:
     return x
 
 
+def channel_paths(out_dir: Path, name: str, channels: int, ending: str) -> list[Path]:
+    """The files of one generated case: one per channel, ``name_XXXX<ending>``."""
+    return [Path(out_dir) / f"{name}_{c:04d}{ending}" for c in range(channels)]
+
+
 def write_channels(out_dir: Path, name: str, image: np.ndarray, geometry: Geometry, ending: str) -> list[Path]:
-    """One file per channel of ``(c, z, y, x)`` ``image`` (``name_XXXX<ending>``); PNG takes rounded integers."""
-    paths = []
-    for c, channel in enumerate(image):
+    """One file per channel of ``(c, z, y, x)`` ``image`` (``channel_paths``); PNG takes rounded integers."""
+    paths = channel_paths(out_dir, name, len(image), ending)
+    for channel, path in zip(image, paths):
         if ending.lower() == ".png":  # an 8/16-bit format: the dataset's units rounded into its range
             top = 255 if float(channel.max(initial=0)) <= 255 else 65535
             channel = np.clip(np.round(channel), 0, top).astype(np.uint8 if top == 255 else np.uint16)
         else:
             channel = channel.astype(np.float32, copy=False)
-        path = out_dir / f"{name}_{c:04d}{ending}"
         write_image(path, channel, geometry)
-        paths.append(path)
     return paths
 
 
@@ -116,7 +121,14 @@ def sample_images(model: DenoisingModel, out_dir: Path, n: int, steps: int | Non
         noise = torch.randn((1, model.image_channels, *shape), generator=generator, device=model.device)
         start = time.perf_counter()
         x0 = run_sampler(model, model_fn, noise, steps, sampler, generator)[0].cpu().numpy()
-        written += write_channels(out_dir, f"sample_{i:03d}", to_dataset_units(x0, model), geometry, ending)
+        name, before = f"sample_{i:03d}", {p for p in channel_paths(out_dir, f"sample_{i:03d}", len(x0), ending) if p.exists()}
+        try:
+            written += write_channels(out_dir, name, to_dataset_units(x0, model), geometry, ending)
+        except Exception as exc:  # no half-written sample (each file is atomic, the set of channels is not)
+            for path in channel_paths(out_dir, name, len(x0), ending):
+                if path not in before:
+                    path.unlink(missing_ok=True)
+            raise storage_error(exc, out_dir / name) or exc
         log.info("sample %d/%d: %s (%.1f s)", i + 1, n, written[-1].name, time.perf_counter() - start)
     return written
 
@@ -132,43 +144,42 @@ def sample_from_masks(model: DenoisingModel, masks: Path, out_dir: Path, steps: 
                                                                if p.name.endswith(ending) and not p.name.startswith("."))
     if not files:
         raise SegforgeError(f"{masks}: no label maps ending in {ending} found. Fix: name them CASE{ending}")
+    if any(Path(out_dir).resolve() == p.parent.resolve() for p in files[:1]):
+        raise SegforgeError(f"{out_dir}: output folder is the folder of the label maps (inputs are never overwritten). "
+                            "Fix: choose another -o folder")
     check_writable(out_dir, what=f"{len(files)} synthesised image(s)", setting="-o OUT")
-    results = []
+    results: list[CaseResult] = []
     for path in files:
-        case_id, start = path.name[: -len(ending)] if path.name.endswith(ending) else path.stem, time.perf_counter()
-        try:
-            label, geometry = read_image(path)
-            values = np.unique(label)
-            unknown = sorted(set(int(v) for v in values) - set(model.mask_values)) if np.all(values == np.round(values)) else ["fractional"]
-            if unknown:
-                raise SegforgeError(f"{path}: holds label values {unknown} the model does not know (it takes "
-                                    f"{model.mask_values}). Fix: relabel the map as in the training dataset.json")
-            target = model.plan_config["target_spacing"]
-            new_shape = shape_at_spacing(list(label.shape), list(geometry.spacing), target)
-            modes = resampling_modes(geometry.spacing, target, resampling_settings(model.plans))
-            seg = resample_label(label.astype(np.int16), new_shape, modes=modes["label"])
-            cond = one_hot(seg, model.mask_values)[None].to(model.device)
-            generator = torch.Generator(device=model.device).manual_seed(seed_of(seed, "mask", case_id))
-            noise = torch.randn((1, model.image_channels, *new_shape), generator=generator, device=model.device)
-            fn = model.model_fn(cond, step_size, sw_batch_size, guidance_scale)
-            x0 = run_sampler(model, fn, noise, steps, sampler, generator)[0].cpu()
-            image = resample(x0.float(), list(label.shape), modes["image"]).numpy()
-            outputs = write_channels(out_dir, case_id, to_dataset_units(image, model), geometry, ending)
-            results.append(CaseResult(case_id, "written", outputs[0], seconds=time.perf_counter() - start))
-            log.info("synthesised %s from %s (%.1f s)", outputs[0].name, path.name, time.perf_counter() - start)
-        except Exception as exc:  # one bad map must not stop the others
-            _report_failure(results, case_id, exc, start)
+        case_id = path.name[: -len(ending)] if path.name.endswith(ending) else path.stem
+        run_case(case_id, channel_paths(out_dir, case_id, model.image_channels, ending),
+                 partial(synthesise_case, model, path, case_id, out_dir, ending, steps, sampler, seed, guidance_scale,
+                         step_size, sw_batch_size), results)
     return results
 
 
-def _report_failure(results: list, case_id: str, exc: Exception, start: float) -> None:
-    from segforge.io.storage import StorageError
-
-    if isinstance(exc, StorageError):
-        raise exc
-    reason = str(exc) if isinstance(exc, SegforgeError) else f"{type(exc).__name__}: {exc}"
-    results.append(CaseResult(case_id, "failed", error=reason, seconds=time.perf_counter() - start))
-    log.error("case %s failed: %s", case_id, reason)
+def synthesise_case(model: DenoisingModel, path: Path, case_id: str, out_dir: Path, ending: str, steps, sampler, seed: int,
+                    guidance_scale: float, step_size: float, sw_batch_size: int) -> tuple[Path, list[str]]:
+    """One image synthesised from the label map ``path``, written on its grid (``sample_from_masks``)."""
+    start = time.perf_counter()
+    label, geometry = read_image(path)
+    values = np.unique(label)
+    unknown = sorted(set(int(v) for v in values) - set(model.mask_values)) if np.all(values == np.round(values)) else ["fractional"]
+    if unknown:
+        raise SegforgeError(f"{path}: holds label values {unknown} the model does not know (it takes "
+                            f"{model.mask_values}). Fix: relabel the map as in the training dataset.json")
+    target = model.plan_config["target_spacing"]
+    new_shape = shape_at_spacing(list(label.shape), list(geometry.spacing), target)
+    modes = resampling_modes(geometry.spacing, target, resampling_settings(model.plans))
+    seg = resample_label(label.astype(np.int16), new_shape, modes=modes["label"])
+    cond = one_hot(seg, model.mask_values)[None].to(model.device)
+    generator = torch.Generator(device=model.device).manual_seed(seed_of(seed, "mask", case_id))
+    noise = torch.randn((1, model.image_channels, *new_shape), generator=generator, device=model.device)
+    fn = model.model_fn(cond, step_size, sw_batch_size, guidance_scale)
+    x0 = run_sampler(model, fn, noise, steps, sampler, generator)[0].cpu()
+    image = resample(x0.float(), list(label.shape), modes["image"]).numpy()
+    outputs = write_channels(out_dir, case_id, to_dataset_units(image, model), geometry, ending)
+    log.info("synthesised %s from %s (%.1f s)", outputs[0].name, path.name, time.perf_counter() - start)
+    return outputs[0], []
 
 
 def channel_ranges(image: np.ndarray, intensity_range=None) -> list[tuple[float, float]]:
@@ -230,6 +241,7 @@ def denoise_case(model: DenoisingModel, image: np.ndarray, geometry: Geometry, s
     levels = noise_aware_normalization(data, props, sigmas_abs, ranges)
     if max(levels) > 1.05 * min(levels):
         log.warning("channels have different normalised noise levels %s; their mean is used", [round(v, 4) for v in levels])
+    model.check_start(model.process.entry_for_sigma(float(np.mean(levels)))[0], f"denoising at sigma={sigma}")
     generator = torch.Generator(device=model.device).manual_seed(seed)
     x = torch.from_numpy(np.ascontiguousarray(data)).to(model.device)[None]
     out = denoise(model.model_fn(None, step_size, sw_batch_size), model.process, x, float(np.mean(levels)), int(steps),
@@ -257,20 +269,26 @@ def denoise_folder(model: DenoisingModel, input_path: Path, out_dir: Path, sigma
     if not cases:
         raise SegforgeError(f"{input_path}: no images ending in {ending} found. Fix: name them CASE_0000{ending}")
     check_writable(out_dir, what=f"{len(cases)} denoised case(s)", setting="-o OUT")
-    results = []
+    results: list[CaseResult] = []
     for case_id in sorted(cases):
-        start = time.perf_counter()
-        try:
-            files = channel_files(case_id, cases[case_id], model.plans["channel_names"], folder, ending)
-            image, geometry = read_case(files)
-            image, warnings = check_input(model, image, geometry, files, copy=False)
-            for warning in warnings:
-                log.warning("case %s: %s", case_id, warning)
-            clean = denoise_case(model, image, geometry, sigma, units, intensity_range, steps, sampler,
-                                 seed_of(seed, case_id), step_size, sw_batch_size)
-            outputs = write_channels(out_dir, case_id, clean, geometry, ending)
-            results.append(CaseResult(case_id, "written", outputs[0], seconds=time.perf_counter() - start, warnings=warnings))
-            log.info("denoised %s (%.1f s)", case_id, time.perf_counter() - start)
-        except Exception as exc:
-            _report_failure(results, case_id, exc, start)
+        run_case(case_id, channel_paths(out_dir, case_id, len(cases[case_id]), ending),
+                 partial(denoise_file_case, model, case_id, cases[case_id], folder, out_dir, ending, sigma, units,
+                         intensity_range, steps, sampler, seed, step_size, sw_batch_size), results)
     return results
+
+
+def denoise_file_case(model: DenoisingModel, case_id: str, channels: dict[int, Path], folder: Path, out_dir: Path,
+                      ending: str, sigma: float, units: str, intensity_range, steps: int, sampler, seed: int,
+                      step_size: float, sw_batch_size: int) -> tuple[Path, list[str]]:
+    """One case of ``denoise_folder``: read, checked, denoised and written on its grid."""
+    start = time.perf_counter()
+    files = channel_files(case_id, channels, model.plans["channel_names"], folder, ending)
+    image, geometry = read_case(files)
+    image, warnings = check_input(model, image, geometry, files, copy=False)
+    for warning in warnings:
+        log.warning("case %s: %s", case_id, warning)
+    clean = denoise_case(model, image, geometry, sigma, units, intensity_range, steps, sampler, seed_of(seed, case_id),
+                         step_size, sw_batch_size)
+    outputs = write_channels(out_dir, case_id, clean, geometry, ending)
+    log.info("denoised %s (%.1f s)", case_id, time.perf_counter() - start)
+    return outputs[0], warnings

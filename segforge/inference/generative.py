@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from segforge.diffusion.process import PROCESS_FILE
 from segforge.errors import SegforgeError
 from segforge.inference.sliding_window import sliding_window
 from segforge.io.artifacts import check_header, read_json, write_json
+from segforge.training.finetune import FINAL_WEIGHTS
 
 log = logging.getLogger("segforge")
 
-DIFFUSION_FILE = "diffusion.json"
-FINAL_WEIGHTS = "model_final.pt"
 
 
 class WindowDenoiser(nn.Module):
@@ -98,10 +98,22 @@ class DenoisingModel:
         self.configuration = payload["configuration"]
         self.plan_config = plans["configurations"][self.configuration]
         self.network, self.process, self.device = network.to(device).eval(), process, device
-        self.sampling = dict(payload.get("sampling") or {})
+        self.sampling = dict(payload["sampling"])
+        self.time_band = [float(v) for v in payload.get("time_band", [0.0, 1.0])]  # models from before it was saved: all
         self.mask_values = payload.get("mask_values")
         self.typical_normalization = payload.get("typical_normalization")
         self.patch = list(payload.get("patch_size") or self.plan_config["patch_size"])
+
+    def check_start(self, t: float, what: str) -> None:
+        """Refuse to enter the reverse process at time ``t`` beyond the times the model was trained on
+        (``task.time_band``): its output there is untrained. One training timestep of slack."""
+        fraction, high = self.process.time_fraction(t), self.time_band[1]
+        slack = 0.0 if self.process.is_flow else 1.0 / self.process.schedule.num_train_timesteps
+        if fraction > high + slack + 1e-9:
+            raise SegforgeError(f"{self.model_dir}: {what} starts at {fraction:.2f} of the process, but the model was "
+                                f"trained on times up to {high:g} only (task.time_band={self.time_band}). Fix: "
+                                + ("use a lower sigma, or " if "sigma" in what else "")
+                                + "train a model with task.time_band=[0.0,1.0]")
 
     @property
     def image_channels(self) -> int:
@@ -115,7 +127,7 @@ class DenoisingModel:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise SegforgeError(f"{model_dir}: model folder not found")
-        process = read_process(model_dir / DIFFUSION_FILE)
+        process = read_process(model_dir / PROCESS_FILE)
         plans = read_json(model_dir / "plans.json", "plans")
         dataset_json = read_json(model_dir / "dataset.json")
         folds = sorted(p for p in model_dir.glob("fold_*") if (p / FINAL_WEIGHTS).is_file())
@@ -130,17 +142,30 @@ class DenoisingModel:
         except Exception as exc:
             raise SegforgeError(f"{source}: cannot load weights ({exc}). Fix: re-run training or re-copy the model") from exc
         check_header(payload, "model_weights", str(source))
-        if payload.get("task") != "denoise" or "diffusion" not in payload:
+        if not isinstance(payload, dict) or payload.get("task") != "denoise" or "diffusion" not in payload:
             raise SegforgeError(f"{source}: is not a denoising model (task {payload.get('task', 'segment')!r}). Fix: "
                                 "use `segforge predict` for segmentation models, or train with task=denoise")
         if payload["diffusion"] != process.to_json():
-            raise SegforgeError(f"{model_dir / DIFFUSION_FILE}: differs from the process {source} was trained with "
+            raise SegforgeError(f"{model_dir / PROCESS_FILE}: differs from the process {source} was trained with "
                                 f"({json.dumps(payload['diffusion'])}); the model is refused. Fix: restore the file "
                                 "from the training run")
+        missing = [key for key in ("network", "state_dict", "configuration", "sampling") if key not in payload]
+        sampling = payload.get("sampling")
+        if not missing and not (isinstance(sampling, dict) and {"sampler", "steps"} <= set(sampling)):
+            missing = ["sampling.sampler", "sampling.steps"]
+        if not missing and payload["configuration"] not in plans.get("configurations", {}):
+            missing = [f"configuration {payload['configuration']!r} in plans.json"]
+        if missing:
+            raise SegforgeError(f"{source}: incomplete denoising weights (no {', '.join(map(str, missing))}). Fix: "
+                                "re-run training or re-copy the model folder")
         network = build_network(payload["network"], source)
         if not isinstance(network, Denoiser):
             raise SegforgeError(f"{source}: its network is not a denoiser. Fix: use a model trained with task=denoise")
-        network.load_state_dict(payload["state_dict"])
+        try:
+            network.load_state_dict(payload["state_dict"])
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise SegforgeError(f"{source}: the weights do not fit the network they describe ({str(exc)[:300]}). "
+                                "Fix: re-run training or re-copy the model folder") from exc
         return cls(model_dir, plans, dataset_json, payload, network, process, select_device(device))
 
     def model_fn(self, cond: torch.Tensor | None = None, step_size: float = 0.5, sw_batch_size: int = 2,

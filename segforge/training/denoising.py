@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from segforge.diffusion.process import DiffusionProcess
+from segforge.errors import SegforgeError
 from segforge.training.optim import make_optimizer
 
 
@@ -46,7 +47,8 @@ class DenoisingModule(L.LightningModule):
         self.mask_values, self.cond_dropout = list(mask_values) if mask_values else None, float(cond_dropout)
         low, high = (float(v) for v in time_band)
         if not 0.0 <= low < high <= 1.0:
-            raise ValueError(f"task.time_band must satisfy 0 <= low < high <= 1, got {[low, high]}")
+            raise SegforgeError(f"task.time_band={[low, high]}: give [low, high] with 0 <= low < high <= 1 (fractions "
+                                "of the process, 1 = pure noise)")
         self.time_band = (low, high)
         self.validation_sigma, self.metric_ema_decay = float(validation_sigma), float(metric_ema_decay)
         self.weight_ema_decay = weight_ema_decay
@@ -67,6 +69,11 @@ class DenoisingModule(L.LightningModule):
         generator.manual_seed(hash((self.seed, *key)) % (2**63))
         return generator
 
+    def training_generator(self, batch_idx: int) -> torch.Generator:
+        """The noise and times of one training batch: keyed by epoch and batch, not ``global_step`` (with gradient
+        accumulation several batches share one step), so a resumed run draws what the uninterrupted one would."""
+        return self._generator(int(self.current_epoch), int(batch_idx), int(self.global_rank))
+
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             return x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
@@ -83,12 +90,7 @@ class DenoisingModule(L.LightningModule):
 
     def sample_times(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """``(batch,)`` training times, uniform over ``time_band`` (fractions of the process's time range)."""
-        low, high = self.time_band
-        u = low + (high - low) * torch.rand(batch, generator=generator, device=self.device)
-        if self.process.is_flow:
-            return u
-        steps = self.process.schedule.num_train_timesteps
-        return (u * steps).floor().clamp(0, steps - 1)
+        return self.process.sample_timesteps(batch, generator, self.device, self.time_band)
 
     def _loss(self, network, image: torch.Tensor, label, generator: torch.Generator, dropout: bool) -> torch.Tensor:
         noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
@@ -104,7 +106,7 @@ class DenoisingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         image, label = batch
-        generator = self._generator(int(self.global_step), int(self.global_rank))
+        generator = self.training_generator(batch_idx)
         loss = self._loss(self._run, image, label, generator, dropout=True)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0], sync_dist=True)
         return loss

@@ -135,7 +135,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         trainer_kwargs["precision"] = plan_config.get("precision", "32-true")
     check_precision(trainer_kwargs)
 
-    task = make_task(cfg, spec, plan_config, data_dir, manifest)
+    task = make_task(cfg, spec, plan_config, data_dir, manifest, plans)
     model_dir = workspace.model_dir(task.name, configuration)
     fold_dir = workspace.fold_dir(task.name, configuration, cfg.fold)
     checkpoint = fold_dir / "checkpoints" / "last.ckpt"
@@ -171,8 +171,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     total_steps = int(trainer_kwargs["max_epochs"]) * int(cfg.data.iterations_per_epoch)
     split = None
     if budget_s:  # time decides: the schedule spans the training time, epochs are paced by time
-        split = _split_budget(budget_s, started_at, task.window_network(network), plan_config, patch_size, data_dir,
-                              val_ids, spec, cfg)
+        split = _split_budget(budget_s, started_at, task.window_network(network), task.validation_passes(),
+                              patch_size, data_dir, val_ids, spec, cfg)
         max_time_s, total_steps = split.training_s, None
         trainer_kwargs.update(max_epochs=-1, reload_dataloaders_every_n_epochs=1)
     new_files = {workspace.splits_path: json.dumps(splits, indent=2) + "\n"} if splits and not workspace.splits_path.is_file() else {}
@@ -258,9 +258,10 @@ def resolve_configuration(name: str, plans: dict, plans_path: Path, budget_s: fl
     return name
 
 
-def _split_budget(budget_s: float, started_at: float | None, network, plan_config: dict, patch_size: list[int], data_dir: Path, val_ids: list[str],
-                  spec: DatasetSpec, cfg) -> BudgetSplit:
-    """Time the final validation's forward pass and split the budget (``training/budget.py``)."""
+def _split_budget(budget_s: float, started_at: float | None, network, passes: int, patch_size: list[int], data_dir: Path,
+                  val_ids: list[str], spec: DatasetSpec, cfg) -> BudgetSplit:
+    """Time the final validation's forward pass and split the budget (``training/budget.py``); ``passes``: how
+    often the final validation runs the network over each window (the task's ``validation_passes``)."""
     validating = bool(val_ids) and bool(cfg.final_validation.enabled)
     device = _validation_device(cfg)
     forward_s = 0.0
@@ -270,8 +271,7 @@ def _split_budget(budget_s: float, started_at: float | None, network, plan_confi
         forward_s = forward_seconds(network, spec.num_channels, patch_size, 1, device)
         network.to("cpu")
         shapes = [read_json(data_dir / f"{case}.json")["shape_after_resampling"] for case in val_ids]
-        mirrors = 2 ** len(plan_config.get("mirror_axes", [])) if cfg.final_validation.mirror else 1
-        windows = mirrors * validation_windows(shapes, patch_size, float(cfg.final_validation.step_size))
+        windows = passes * validation_windows(shapes, patch_size, float(cfg.final_validation.step_size))
     split = split_budget(budget_s, elapsed_since(started_at), forward_s, windows, len(val_ids) if validating else 0,
                          cfg.budgeting)
     log.info("budget %.0f s: set-up %.0f s, training %.0f s (an epoch every %.0f s), final validation %.0f s "

@@ -31,7 +31,6 @@ NOT_NETWORK_ARGS = ("channels_last", "compile")  # model.* settings of the run, 
 TOPOLOGY = ("features_per_stage", "kernel_sizes", "strides", "conv_per_stage")
 INTENSITY_PROBS = ("noise_prob", "blur_prob", "brightness_prob", "contrast_prob", "lowres_prob", "gamma_inverted_prob",
                    "gamma_prob")
-DIFFUSION_FILE = "diffusion.json"
 
 
 def segmentation_network_kwargs(cfg, plan_config: dict, in_channels: int, out_channels: int) -> dict:
@@ -87,6 +86,10 @@ class SegmentTask:
         """A module whose ``forward(window)`` is one sliding-window step of this task (timed for a budget)."""
         return network
 
+    def validation_passes(self) -> int:
+        """How often the final validation evaluates each window (a budget counts its cost): once per mirroring."""
+        return 2 ** len(self.plan_config.get("mirror_axes", [])) if self.cfg.final_validation.mirror else 1
+
     def final_validation(self, network, plans: dict, configuration: str, val_ids: list[str], fold_dir: Path, device) -> dict:
         from segforge.training.validation import validate_fold
 
@@ -120,7 +123,8 @@ def denoiser_step(task_cfg, spec: DatasetSpec) -> dict:
     return {"task": "denoise", "norm": str(network.norm), "cond_mode": str(network.cond_mode),
             "attention_stages": int(network.attention_stages), "attention_heads": int(network.attention_heads),
             "cond_dim": int(network.cond_dim) if network.cond_dim else None, "deep_supervision": False,
-            "spatial_cond_channels": len(mask_values(spec)) if task_cfg.mask_conditioning else 0, "optimizer": "adamw"}
+            "spatial_cond_channels": len(mask_values(spec)) if task_cfg.mask_conditioning else 0,
+            "optimizer": str(task_cfg.get("planned_optimizer", "adamw"))}
 
 
 def diffusion_process(task_cfg):
@@ -196,7 +200,9 @@ class DenoiseTask(SegmentTask):
                                compile=bool(self.cfg.model.get("compile")))
 
     def model_files(self) -> dict[str, str]:
-        return {DIFFUSION_FILE: json.dumps(self.process.to_json(), indent=2) + "\n"}
+        from segforge.diffusion.process import PROCESS_FILE
+
+        return {PROCESS_FILE: json.dumps(self.process.to_json(), indent=2) + "\n"}
 
     def exported(self, module, network):
         return module.averaged
@@ -206,7 +212,7 @@ class DenoiseTask(SegmentTask):
 
         sampler = str(self.task.sampling.sampler or default_sampler(self.process))
         check_sampler(sampler, self.process)
-        return {"task": self.name, "diffusion": self.process.to_json(),
+        return {"task": self.name, "diffusion": self.process.to_json(), "time_band": [float(v) for v in self.task.time_band],
                 "sampling": {"sampler": sampler, "steps": int(self.task.sampling.steps)},
                 "mask_values": mask_values(self.spec) if self.masks else None,
                 "typical_normalization": typical_normalization(self.data_dir, train_ids)}
@@ -215,6 +221,10 @@ class DenoiseTask(SegmentTask):
         from segforge.inference.generative import WindowDenoiser
 
         return WindowDenoiser(network, self.process.t_max, self.spec.num_channels)
+
+    def validation_passes(self) -> int:
+        """Once per noise level of the final validation (one-step denoising, no mirroring)."""
+        return len(self.task.final_validation_sigmas)
 
     def final_validation(self, network, plans: dict, configuration: str, val_ids: list[str], fold_dir: Path, device) -> dict:
         from segforge.inference.generative import validate_denoiser
@@ -232,11 +242,21 @@ class DenoiseTask(SegmentTask):
 TASKS = {"segment": SegmentTask, "denoise": DenoiseTask}
 
 
-def make_task(cfg, spec: DatasetSpec, plan_config: dict, data_dir: Path, manifest: dict):
-    """The task ``cfg.task.name`` names, checked against the preprocessed data (labels present when it needs them)."""
+def planned_task(plans: dict) -> str:
+    """The task a plans.json was made for: a denoising plan records the denoiser's step in its rules."""
+    return "denoise" if (plans.get("rules") or {}).get("denoiser_step") else "segment"
+
+
+def make_task(cfg, spec: DatasetSpec, plan_config: dict, data_dir: Path, manifest: dict, plans: dict | None = None):
+    """The task ``cfg.task.name`` names, checked against the preprocessed data (labels present when it needs them)
+    and, warning only, against the task the plan was made for (it still trains: only fit and speed differ)."""
     name = str(cfg.task.name)
     if name not in TASKS:
         raise SegforgeError(f"task={name} is not a task; use one of {', '.join(TASKS)}")
+    if plans is not None and planned_task(plans) != name:
+        log.warning("plans.json of %s was made for task=%s (its normalisation, cropping and memory fit are that "
+                    "task's), and this run trains task=%s. For a plan that fits: segforge plan %s task=%s",
+                    spec.root, planned_task(plans), name, spec.root, name)
     task = TASKS[name](cfg, spec, plan_config, data_dir)
     if task.with_labels and not manifest.get("labelled", True):
         need = "mask-conditioned denoising (task.mask_conditioning=true)" if name == "denoise" else f"task={name}"
