@@ -14,8 +14,8 @@ parameters tuned on the TRAINING slices at each sigma (a grid of NLM ``h`` facto
 TV Chambolle weights): fair to them, and never tuned on the test slab. PSNR and SSIM (``skimage.metrics``,
 ``data_range`` = 1) per test slice, averaged. Target: segforge better than both at every level in both metrics.
 
-Records go to ``bench_results/results.jsonl`` (benchmark ``denoise``), the table is printed. Everything runs niced
-in child processes (the machine is shared); ``--smoke`` is a minutes-long run at 2 mm (2 epochs of 10 steps instead of
+Records go to ``bench_results/results.jsonl`` (benchmark ``denoise``), the table is printed. segforge runs in child
+processes at normal priority (its training budget is wall-clock: run on a quiet machine); ``--smoke`` is a minutes-long run at 2 mm (2 epochs of 10 steps instead of
 a budget, whose set-up time is unpredictable on a loaded machine) that checks the pipeline, not the target.
 """
 
@@ -147,13 +147,13 @@ def tune(train: np.ndarray, sigma: float, count: int, seed: int) -> dict:
 
 
 def segforge(args_list: list[str], log_path: Path) -> float:
-    """Run ``segforge ...`` niced in a child process; returns its wall seconds."""
+    """Run ``segforge ...`` in a child process; returns its wall seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": str(ARGS.threads), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     with open(log_path, "a") as log:
         log.write(f"\n$ segforge {' '.join(args_list)}\n")
         log.flush()
-        done = subprocess.run(["nice", "-n", "19", sys.executable, "-m", "segforge", *args_list], cwd=REPO_ROOT, env=env,
+        done = subprocess.run([sys.executable, "-m", "segforge", *args_list], cwd=REPO_ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise SystemExit(f"segforge {args_list[0]} failed (exit {done.returncode}); see {log_path}")
