@@ -91,7 +91,7 @@ def test_model_folder_records_the_process(unlabelled):
 def test_sample_writes_images_at_the_plans_spacing(unlabelled, tmp_path, capsys):
     # trained on task.time_band=[0.0,0.5]: sampling from pure noise would start where the model never trained
     assert main(["sample", "--model", str(unlabelled["model"]), "-o", str(tmp_path / "refused"), "n=1"]) == 2
-    assert "task.time_band" in capsys.readouterr().err and not any((tmp_path / "refused").glob("sample_*"))
+    assert "task.time_band" in capsys.readouterr().err and not (tmp_path / "refused").exists()
     model = tmp_path / "model"  # the same weights declared as trained on the whole process
     shutil.copytree(unlabelled["model"], model)
     payload = torch.load(model / "fold_0" / "model_final.pt", weights_only=True)

@@ -46,8 +46,6 @@ def run_sampler(model: DenoisingModel, model_fn, x_start: torch.Tensor, steps: i
                 generator: torch.Generator, start_t: float | None = None) -> torch.Tensor:
     from segforge.diffusion.samplers import check_sampler
 
-    if start_t is None:
-        model.check_start(model.process.t_max, "sampling from pure noise")
     name, steps = sampler or model.sampling["sampler"], int(steps or model.sampling["steps"])
     return check_sampler(str(name), model.process)(model_fn, model.process, x_start, steps, start_t=start_t,
                                                    generator=generator)
@@ -113,6 +111,7 @@ def sample_images(model: DenoisingModel, out_dir: Path, n: int, steps: int | Non
     shape, geometry, ending = sample_shape(model, shape), sample_geometry(model), _ending(model)
     if geometry.ndim == 2 and shape[0] != 1:
         raise SegforgeError(f"shape {shape}: the dataset is 2D; give [y, x]")
+    model.check_start(model.process.t_max, "sampling from pure noise")  # before any output folder is made
     check_writable(out_dir, what=f"{n} generated image(s)", setting="-o OUT")
     model_fn = model.model_fn(None, step_size, sw_batch_size)
     written = []
@@ -147,6 +146,7 @@ def sample_from_masks(model: DenoisingModel, masks: Path, out_dir: Path, steps: 
     if any(Path(out_dir).resolve() == p.parent.resolve() for p in files[:1]):
         raise SegforgeError(f"{out_dir}: output folder is the folder of the label maps (inputs are never overwritten). "
                             "Fix: choose another -o folder")
+    model.check_start(model.process.t_max, "sampling from pure noise")
     check_writable(out_dir, what=f"{len(files)} synthesised image(s)", setting="-o OUT")
     results: list[CaseResult] = []
     for path in files:
