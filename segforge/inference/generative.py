@@ -33,7 +33,6 @@ from segforge.training.finetune import FINAL_WEIGHTS
 log = logging.getLogger("segforge")
 
 
-
 class WindowDenoiser(nn.Module):
     """The denoiser at one time ``t`` as a function of a window ``(b, image + mask channels, *patch)``: the channels
     after ``image_channels`` are the one-hot label map (absent: no map). ``guidance_scale`` != 1 mixes in the
@@ -143,7 +142,8 @@ class DenoisingModel:
             raise SegforgeError(f"{source}: cannot load weights ({exc}). Fix: re-run training or re-copy the model") from exc
         check_header(payload, "model_weights", str(source))
         if not isinstance(payload, dict) or payload.get("task") != "denoise" or "diffusion" not in payload:
-            raise SegforgeError(f"{source}: is not a denoising model (task {payload.get('task', 'segment')!r}). Fix: "
+            task = payload.get("task", "segment") if isinstance(payload, dict) else type(payload).__name__
+            raise SegforgeError(f"{source}: is not a denoising model (task {task!r}). Fix: "
                                 "use `segforge predict` for segmentation models, or train with task=denoise")
         if payload["diffusion"] != process.to_json():
             raise SegforgeError(f"{model_dir / PROCESS_FILE}: differs from the process {source} was trained with "
