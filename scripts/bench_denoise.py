@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,9 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ -> the `bench` package
 
-from bench.paths import REPO_ROOT, default_bench_root, default_results_path  # noqa: E402
+from bench.paths import default_bench_root, default_results_path  # noqa: E402
 from bench.report import format_table  # noqa: E402
 from bench.results import ResultsFile, host_facts, make_record  # noqa: E402
+from bench.segforge_cli import run_segforge  # noqa: E402
 
 BENCHMARK = "denoise"
 NLM_H_FACTORS = (0.6, 0.8, 1.0, 1.2)
@@ -147,17 +146,8 @@ def tune(train: np.ndarray, sigma: float, count: int, seed: int) -> dict:
 
 
 def segforge(args_list: list[str], log_path: Path) -> float:
-    """Run ``segforge ...`` in a child process; returns its wall seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(ARGS.threads), "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    with open(log_path, "a") as log:
-        log.write(f"\n$ segforge {' '.join(args_list)}\n")
-        log.flush()
-        done = subprocess.run([sys.executable, "-m", "segforge", *args_list], cwd=REPO_ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f"segforge {args_list[0]} failed (exit {done.returncode}); see {log_path}")
-    return time.perf_counter() - start
+    """Run ``segforge ...`` in a child process with this run's threads; returns its wall seconds."""
+    return run_segforge(args_list, log_path, ARGS.threads)
 
 
 ARGS = None

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ -> the `ben
 
 from bench.budget_eval import dice, read_mask  # noqa: E402
 from bench.mni_dataset import LABELS, MniParams, ensure_mni_dataset  # noqa: E402
-from bench.paths import REPO_ROOT, default_bench_root, default_results_path  # noqa: E402
+from bench.paths import default_bench_root, default_results_path  # noqa: E402
 from bench.report import format_table  # noqa: E402
 from bench.results import ResultsFile, host_facts, make_record  # noqa: E402
+from bench.segforge_cli import run_segforge  # noqa: E402
 
 BENCHMARK = "synthesis"
 
@@ -68,19 +66,6 @@ def dataset_params(smoke: bool) -> MniParams:
     if smoke:  # its own id and name: never rebuilds the full dataset another benchmark uses
         return MniParams(num_train=4, num_test=3, dataset_id=921, name="MNIBrainSmoke", crop=(40, 48, 40))
     return MniParams()
-
-
-def run_segforge(args_list: list[str], log_path: Path, threads: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    with open(log_path, "a") as log:
-        log.write(f"\n$ segforge {' '.join(args_list)}\n")
-        log.flush()
-        done = subprocess.run([sys.executable, "-m", "segforge", *args_list], cwd=REPO_ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f"segforge {args_list[0]} failed (exit {done.returncode}); see {log_path}")
-    return time.perf_counter() - start
 
 
 def foreground_dice(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
