@@ -282,6 +282,45 @@ def test_pacer_caps_validation_and_stops_within_half_a_step_of_the_deadline(monk
         assert trainer.should_stop == (now == 200.0)
 
 
+class TwoRanks:
+    """Broadcasts between two fake DDP ranks: rank 0's calls record what they send, rank 1's receive it in order."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.sent = []
+        self.rank0 = SimpleNamespace(broadcast=lambda obj, src=0: self.sent.append(obj) or obj)
+        self.rank1 = SimpleNamespace(broadcast=lambda obj, src=0: self.sent.pop(0))
+
+
+def test_pacer_ranks_take_rank_0s_split_first_epoch_and_step_counts():
+    """Each rank timed its own set-up and forward pass: a rank with its own first epoch or validation batches would
+    wait in a collective for ever, or train on a different curve. Rank 0 decides; an epoch's step count is
+    broadcast by every rank, also one that measured no step."""
+    from types import SimpleNamespace
+
+    from segforge.training.budget import BudgetPacer, BudgetSplit
+
+    def pacer(forward_s, epoch_s, first_epoch_steps):
+        split = BudgetSplit(budget_s=300, setup_s=10, final_validation_s=20, finish_s=10, training_s=10 * epoch_s,
+                            epoch_s=epoch_s, forward_s=forward_s, windows=10, validation_share=0.1)
+        data = SimpleNamespace(cfg={"iterations_per_epoch": 250, "val_iterations": 25}, batch_size=2)
+        return BudgetPacer(split, SimpleNamespace(elapsed=lambda: 0.0), data, first_epoch_steps)
+
+    ranks = TwoRanks()
+    first, second = pacer(0.25, 40.0, 7), pacer(1.0, 26.0, 3)  # rank 1 is slower
+    first.setup(SimpleNamespace(strategy=ranks.rank0), None, "fit")
+    second.setup(SimpleNamespace(strategy=ranks.rank1), None, "fit")
+    assert second.split == first.split
+    assert second.datamodule.cfg == first.datamodule.cfg == {"iterations_per_epoch": 7, "val_iterations": 8}
+
+    first._seconds, first._steps = 4.0, 2  # 2 s a step: 40 s -> 20 steps; rank 1 timed no step
+    first.on_train_epoch_end(SimpleNamespace(strategy=ranks.rank0), None)
+    second.on_train_epoch_end(SimpleNamespace(strategy=ranks.rank1), None)
+    assert second.datamodule.cfg["iterations_per_epoch"] == first.datamodule.cfg["iterations_per_epoch"] == 20
+    assert not ranks.sent
+
+
 def test_a_2d_configuration_of_3d_data_validates_every_slice():
     assert validation_windows([[80, 96, 80]], [96, 80], 0.5) == 80  # one window per slice, 80 slices
     assert validation_windows([[1, 96, 80]], [96, 80], 0.5) == 1    # a 2D image: one slice

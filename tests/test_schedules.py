@@ -123,3 +123,21 @@ def test_callback_progress_resumes_from_saved_clock():
     steps = ScheduleCallback("poly", 0.9, 0.0, total_steps=1000, max_time_s=None)
     assert steps.progress(500) == pytest.approx(0.5)
     assert lr_factor(steps.progress(500)) == pytest.approx(lr_factor(callback.progress(0)))
+
+
+def test_every_rank_follows_rank_0s_clock():
+    """Under DDP (max_time or a budget) a rank's own clock would give it its own learning rate, and the ranks'
+    weights would drift apart: every rank takes rank 0's elapsed time."""
+    from types import SimpleNamespace
+
+    import torch
+
+    callback = ScheduleCallback("poly", 0.9, 0.0, total_steps=None, max_time_s=3600.0)
+    callback.on_train_start(None, None)  # this rank's clock: about 0 s
+    sent = []
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    rank1 = SimpleNamespace(world_size=2, global_step=3, optimizers=[optimizer],
+                            strategy=SimpleNamespace(broadcast=lambda value, src=0: sent.append(value) or 1800.0))
+    callback.on_train_batch_start(rank1, SimpleNamespace(log=lambda *a, **k: None), None, 0)
+    assert len(sent) == 1 and sent[0] < 60  # it sent its own clock, and took rank 0's: half the time is gone
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_factor(0.5, "poly", 0.9))

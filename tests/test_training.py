@@ -102,6 +102,42 @@ def test_max_time_ends_the_run_cleanly_with_a_checkpoint(planned):
     assert rates[-1] < 0.2 * max(rates)  # the schedule ran over the time budget, not the epoch count
 
 
+@pytest.mark.slow
+def test_ddp_ranks_under_a_budget_agree_although_one_rank_is_slow(planned, tmp_path):
+    """Two gloo ranks, the second sleeping in every step (tests/ddp_rank_probe.py): the time-paced epochs, the
+    validation batches, the stop and the time-based learning rate are rank 0's, so both ranks run the same steps with
+    the same rates and end with the same weights (each rank's own clock made them differ, or could hang the run)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from collections import Counter
+
+    dataset, work = planned
+    probe = Path(__file__).parent / "ddp_rank_probe.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PROBE_DIR": str(tmp_path), "PROBE_SLEEP_S": "0.1"}
+    command = [sys.executable, str(probe), "train", str(dataset), *roots(work, "ddp_budget"), "budget=45s",
+               "configuration=3d_fullres", "budgeting.first_epoch_steps=4", "budgeting.finish_s=2",
+               "final_validation.enabled=false", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+               "data.num_workers=0", "callbacks.progress_plot=false", "logger.tensorboard=false"]
+    with open(tmp_path / "ranks.log", "w") as log:
+        ranks = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        try:
+            code = ranks.wait(timeout=300)  # a hung collective fails the test instead of blocking it
+        finally:
+            if ranks.poll() is None:
+                os.killpg(ranks.pid, signal.SIGKILL)  # both ranks: Lightning's second is in the same session
+    assert code == 0, (tmp_path / "ranks.log").read_text()[-3000:]
+    first, second = (torch.load(tmp_path / f"rank_{r}.pt", weights_only=True) for r in (0, 1))
+    assert first["global_step"] == second["global_step"] == len(first["lr"]) == len(second["lr"])
+    assert Counter(first["epoch_of_step"]) == Counter(second["epoch_of_step"])  # every epoch's steps
+    assert Counter(first["val_batches"]) == Counter(second["val_batches"])
+    assert len(set(first["lr"])) > 1 and first["lr"] == second["lr"]  # the schedule moved with time, on both alike
+    assert first["weights"].keys() == second["weights"].keys()
+    assert all(torch.equal(first["weights"][k], second["weights"][k]) for k in first["weights"])
+
+
 def test_bf16_mixed_trains_on_cpu_and_16_mixed_is_refused(planned, capsys):
     dataset, work = planned
     assert main(["train", str(dataset), *roots(work, "bf16"), *QUICK, "trainer.max_epochs=1",

@@ -111,13 +111,16 @@ class BudgetPacer(L.Callback):
     Validation batches are capped so that a validation takes at most ``validation_share`` of an epoch (a batch costs
     about ``batch_size`` window forwards): Lightning validates once more when training stops, and nnU-Net's 25
     batches of a full-size 3D patch take minutes on a CPU. Training stops when the clock would pass the training
-    time within half of the last step, so that a slow step ends the budget on time on average."""
+    time within half of the last step, so that a slow step ends the budget on time on average.
+
+    Every number that comes from a clock is rank 0's, broadcast (``setup``: the split each rank timed for itself and
+    the first epoch's steps; then the training time, the step counts and the stop): ranks that ran different numbers
+    of steps or validation batches would wait for each other in a collective for ever, or drift apart."""
 
     def __init__(self, split: BudgetSplit, schedule, datamodule, first_epoch_steps: int):
         self.split, self.schedule, self.datamodule = split, schedule, datamodule
-        self.datamodule.cfg["iterations_per_epoch"] = int(first_epoch_steps)
         self._val_cap = int(self.datamodule.cfg["val_iterations"])
-        self.datamodule.cfg["val_iterations"] = self.validation_batches()
+        self._size_first_epoch(int(first_epoch_steps))
         self._last_end: float | None = None
         self._last_step_s = 0.0
         self._seconds, self._steps = 0.0, 0
@@ -129,11 +132,22 @@ class BudgetPacer(L.Callback):
             return self._val_cap
         return int(min(self._val_cap, max(1, self.split.validation_share * self.split.epoch_s // batch_s)))
 
+    def _size_first_epoch(self, first_epoch_steps: int) -> None:
+        self.datamodule.cfg["iterations_per_epoch"] = first_epoch_steps
+        self.datamodule.cfg["val_iterations"] = self.validation_batches()
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        # before any loader is made (and before a resumed run restores its epoch's steps over the first epoch's)
+        split, first_epoch_steps = trainer.strategy.broadcast(
+            (asdict(self.split), int(self.datamodule.cfg["iterations_per_epoch"])), src=0)
+        for name, value in split.items():
+            setattr(self.split, name, value)
+        self._size_first_epoch(int(first_epoch_steps))
+
     def on_train_start(self, trainer, pl_module) -> None:
         late = time.monotonic() - self._created  # set-up after the budget was split comes out of training time
         self.split.setup_s += late
         self.split.training_s = float(trainer.strategy.broadcast(self.split.training_s - late, src=0))
-        self.split.epoch_s = float(trainer.strategy.broadcast(self.split.epoch_s, src=0))
         self.schedule.max_time_s = self.split.training_s
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -150,9 +164,11 @@ class BudgetPacer(L.Callback):
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        steps = int(self.datamodule.cfg["iterations_per_epoch"])
         if self._steps:
             steps = max(1, round(self.split.epoch_s / (self._seconds / self._steps)))
-            self.datamodule.cfg["iterations_per_epoch"] = int(trainer.strategy.broadcast(steps, src=0))
+        # every rank broadcasts, whatever its own count: a collective only some ranks reach never returns
+        self.datamodule.cfg["iterations_per_epoch"] = int(trainer.strategy.broadcast(steps, src=0))
 
     def state_dict(self) -> dict:
         return {"iterations_per_epoch": int(self.datamodule.cfg["iterations_per_epoch"])}

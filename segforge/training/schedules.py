@@ -95,7 +95,11 @@ class ScheduleCallback(L.Callback):
         self._started = time.monotonic()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        factor = lr_factor(self.progress(trainer.global_step), self.schedule, self.poly_exponent, self.warmup_fraction)
+        elapsed = self.elapsed()
+        if self.max_time_s and trainer.world_size > 1:  # rank 0's clock: the ranks' weights stay the same
+            elapsed = float(trainer.strategy.broadcast(elapsed, src=0))
+        progress = training_progress(trainer.global_step, self.total_steps, elapsed, self.max_time_s)
+        factor = lr_factor(progress, self.schedule, self.poly_exponent, self.warmup_fraction)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
