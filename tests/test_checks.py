@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -221,43 +222,113 @@ def _listing_outside(root):
     return "outside.nii.gz"
 
 
+def _json(**overrides):
+    def breaker(root):
+        write_json(root, **overrides)
+        return "dataset.json"
+    return breaker
+
+
+def _json_without(key):
+    def breaker(root):
+        data = json.loads((root / "dataset.json").read_text())
+        del data[key]
+        (root / "dataset.json").write_text(json.dumps(data))
+        return "dataset.json"
+    return breaker
+
+
+def _numtraining_mismatch(root):
+    write_json(root, numTraining=5)
+    return "dataset.json"
+
+
+def _no_channel_suffix(root):
+    image(root, "case_a", 1).rename(root / "imagesTr" / "case_a.nii.gz")
+    return "case_a.nii.gz"
+
+
+def _missing_folder(name):
+    def breaker(root):
+        shutil.rmtree(root / name)
+        return name
+    return breaker
+
+
+JSON_FIX = "write dataset.json as in datasets/README.md"
+GRID_FIX = "export the label on its image's voxel grid"
+# (break the valid dataset, returns the file the problem must name), what the message must say, what the fix must say
 BREAKERS = {
-    "missing dataset.json": _missing_json,
-    "malformed JSON": _malformed_json,
-    "labels as a list": _labels_as_list,
-    "numTraining as string": _num_training_string,
-    "missing channel file": _missing_channel,
-    "label without image": _label_without_image,
-    "image/label size mismatch": _size_mismatch,
-    "spacing mismatch": _spacing_mismatch,
-    "origin mismatch": _origin_mismatch,
-    "direction mismatch": _direction_mismatch,
-    "channel geometry mismatch": _channel_geometry,
-    "channel shape mismatch": _channel_shape,
-    "undeclared label value": _undeclared_value,
-    "fractional label value": _fractional_value,
-    "negative label value": _negative_value,
-    "NaN in label": _nan_label,
-    "NaN in image": _set_voxel(np.nan),
-    "inf in image": _set_voxel(np.inf),
-    "4D image": _four_d,
-    "2D file in 3D dataset": _two_d_in_3d,
-    "truncated .nii.gz": _truncated,
-    "truncated label .nii.gz": _truncated_label,
-    "garbage bytes": _garbage,
-    "symlink outside the dataset": _symlink_outside,
-    "dataset listing escapes the folder": _listing_outside,
+    "missing dataset.json": (_missing_json, "dataset.json is missing", JSON_FIX),
+    "malformed JSON": (_malformed_json, "is not valid JSON", JSON_FIX),
+    "labels as a list": (_labels_as_list, '"labels" is missing or not an object', JSON_FIX),
+    "numTraining as string": (_num_training_string, "\"numTraining\" is '2'; it must be a non-negative integer",
+                              JSON_FIX),
+    "channel_names missing": (_json_without("channel_names"), '"channel_names" is missing or not an object', JSON_FIX),
+    "channel_names as a list": (_json(channel_names=["T1", "T2"]), '"channel_names" is missing or not an object',
+                                JSON_FIX),
+    "channel_names key not an index": (_json(channel_names={"0": "T1", "t2": "T2"}),
+                                       "\"channel_names\" entry 't2': 'T2' must map a channel index", JSON_FIX),
+    "channel_names gap": (_json(channel_names={"0": "T1", "2": "T2"}), '"channel_names" indices must be 0..1, got [0, 2]',
+                          JSON_FIX),
+    "no background label": (_json(labels={"tumour": 1, "edema": 2}), '"labels" needs "background": 0', JSON_FIX),
+    "background not 0": (_json(labels={"background": 1, "a": 2}), '"labels" needs "background": 0', JSON_FIX),
+    "label value twice": (_json(labels={"background": 0, "a": 1, "b": 1}), '"labels" uses a value twice: [0, 1, 1]',
+                          JSON_FIX),
+    "ignore not the highest": (_json(labels={"background": 0, "ignore": 1, "a": 2}),
+                               'the "ignore" label must be a single integer above all others, got 1', JSON_FIX),
+    "unknown file_ending": (_json(file_ending=".jpg"), "\"file_ending\" is '.jpg'; use one of", JSON_FIX),
+    "regions without regions_class_order": (_json(labels={"background": 0, "whole": [1, 2], "core": 2}),
+                                            'region-based labels (lists) need "regions_class_order"', JSON_FIX),
+    "regions_class_order of the wrong length": (
+        _json(labels={"background": 0, "whole": [1, 2], "core": 2}, regions_class_order=[1]),
+        '"regions_class_order" has 1 entries for 2 regions', JSON_FIX),
+    "numTraining mismatch": (_numtraining_mismatch, '"numTraining" is 5 but 2 training case(s) were found', ""),
+    "file without the channel suffix": (_no_channel_suffix, "name lacks the _XXXX channel suffix",
+                                        "rename it CASE_0000.nii.gz (channel 0)"),
+    "imagesTr missing": (_missing_folder("imagesTr"), "folder is missing", "imagesTr"),
+    "labelsTr missing": (_missing_folder("labelsTr"), "folder is missing", "put one label file per case in labelsTr/"),
+    "missing channel file": (_missing_channel, "channel 1 of case case_b is missing",
+                             "add the file; dataset.json declares 2 channel(s)"),
+    "label without image": (_label_without_image, "label without an image: no imagesTr/case_c_0000.nii.gz",
+                            "add the case's images or remove the label"),
+    "image/label size mismatch": (_size_mismatch, "label size (6, 8, 9) (z, y, x) differs from case_a_0000.nii.gz",
+                                  GRID_FIX),
+    "spacing mismatch": (_spacing_mismatch, "spacing (3, 1, 1) vs (2, 1, 1)", GRID_FIX),
+    "origin mismatch": (_origin_mismatch, "origin (0, 5, 0) vs (0, 0, 0)", GRID_FIX),
+    "direction mismatch": (_direction_mismatch, "direction (-1, 0, 0, 0, 1, 0, 0, 0, -1) vs (1, 0, 0", GRID_FIX),
+    "channel geometry mismatch": (_channel_geometry, "channel geometry differs from case_b_0000.nii.gz",
+                                  "resample all channels of a case onto one voxel grid"),
+    "channel shape mismatch": (_channel_shape, "channel size (6, 8, 7) (z, y, x) differs",
+                               "resample all channels of a case onto one voxel grid"),
+    "undeclared label value": (_undeclared_value, "holds label values [7] not declared in dataset.json labels",
+                               'declare them in dataset.json "labels" or relabel the file'),
+    "fractional label value": (_fractional_value, "holds fractional label values [0.5]", "nearest-neighbour"),
+    "negative label value": (_negative_value, "holds negative label values [-1]", '"ignore" label above all others'),
+    "NaN in label": (_nan_label, "holds 1 NaN and 0 infinite voxel(s)", "replace them with finite values"),
+    "NaN in image": (_set_voxel(np.nan), "holds 1 NaN and 0 infinite voxel(s)", "replace them with finite values"),
+    "inf in image": (_set_voxel(np.inf), "holds 0 NaN and 1 infinite voxel(s)", "replace them with finite values"),
+    "4D image": (_four_d, "is 4D", "split it into one 3D file per volume"),
+    "2D file in 3D dataset": (_two_d_in_3d, "is 2D", "resample all channels of a case onto one voxel grid"),
+    "truncated .nii.gz": (_truncated, "the file ends early", "re-copy the file"),
+    "truncated label .nii.gz": (_truncated_label, "truncated or corrupt gzip stream", "re-copy the file"),
+    "garbage bytes": (_garbage, "is not a NIfTI image", "convert the image to NIfTI"),
+    "symlink outside the dataset": (_symlink_outside, "outside the dataset folder",
+                                    "copy the file into the dataset folder instead of linking it"),
+    "dataset listing escapes the folder": (_listing_outside, "refers to '../outside.nii.gz', outside the dataset folder",
+                                           "use paths relative to the dataset folder"),
 }
 
 
-@pytest.mark.parametrize("breaker", BREAKERS.values(), ids=BREAKERS.keys())
-def test_bad_input_is_reported(tmp_path, breaker):
+@pytest.mark.parametrize("breaker,what,fix", BREAKERS.values(), ids=BREAKERS.keys())
+def test_bad_input_is_reported_with_what_is_wrong_and_the_fix(tmp_path, breaker, what, fix):
     root = make_dataset(tmp_path / "ds")
     offending = breaker(root)
     problems = check_dataset(root)
     assert problems, "expected a problem"
-    assert names(problems, offending), format_problems(problems, root)
     assert all(p.message and p.fix for p in problems)
+    named = [p for p in problems if offending in p.path or offending in p.message]
+    assert any(what in p.message and fix in p.fix for p in named), format_problems(problems, root)
 
 
 def test_truncated_uncompressed_nifti(tmp_path):

@@ -300,12 +300,27 @@ def test_oversampling_share_is_the_configured_one(preprocessed):
     assert centre_fg == pytest.approx(0.333 + (1 - 0.333) * base, abs=0.06)
 
 
-def test_ignore_label_is_never_a_sampling_centre():
-    seg = np.zeros((4, 10, 10), np.int16)
-    seg[:, :5] = 9  # the ignore label
-    seg[2, 7, 7] = 1
-    locations = foreground_locations(seg, [1], per_class=100, seed=0)
-    assert set(locations[:, 0].tolist()) == {1}
+def test_ignore_label_is_never_a_sampling_centre(tmp_path):
+    """Preprocessing of a dataset whose box is the ignore label: the stored sampling locations hold the ball only
+    (the ignore value is present in every label map, so only preprocessing's choice of classes keeps it out)."""
+    import json
+
+    from conftest import write_dataset
+    from segforge.cli.main import main
+
+    dataset = write_dataset(tmp_path / "Dataset001_Tiny", num_train=3, num_test=0)
+    meta = json.loads((dataset / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "ball": 1, "ignore": 2}
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    work = tmp_path / "work"
+    assert main(["plan", str(dataset), f"paths.work_root={work}", f"paths.preprocessed_root={work / 'pre'}",
+                 "plan.features_base=4", "plan.configurations=[3d_fullres]", "preprocess.num_workers=1"]) == 0
+    located = sorted((work / "pre").rglob("*_locations.npy"))
+    assert len(located) == 3
+    for path in located:
+        seg = np.load(str(path).replace("_locations.npy", "_seg.npy"))
+        assert (seg == 2).any()  # the ignore value was there to be offered
+        assert set(np.load(path)[:, 0].tolist()) == {1}, path.name
 
 
 @pytest.mark.parametrize("dims,patch", [(3, [4, 8, 8]), (2, [8, 8])])

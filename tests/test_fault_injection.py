@@ -111,14 +111,22 @@ def test_killed_preprocessing_resumes_to_identical_arrays(setting):
             assert json.loads((out / name).read_text()) == json.loads((reference / name).read_text()), name
 
 
-def test_killed_training_resumes_from_its_last_checkpoint_to_the_same_weights(setting):
-    base, dataset, rng = setting
-    work = base / "straight"  # planned and preprocessed by the test above (or now)
+def train_straight(base: Path, dataset: Path) -> list[str]:
+    """The uninterrupted training run (planned and preprocessed by the preprocessing test, or now); its command."""
+    work = base / "straight"
     if not (work / dataset.name / "plans.json").is_file():
         run(["plan", str(dataset), "plan.features_base=4", "plan.configurations=[3d_fullres]", *roots(work)],
             base / "plan.log")
     train = ["train", str(dataset), *roots(work), *TRAIN]
-    run([*train, f"paths.results_root={base / 'res_straight'}"], base / "train_straight.log")
+    if not (base / "res_straight" / dataset.name / "results" / "segment" / "3d_fullres" / "fold_0"
+            / "model_final.pt").is_file():
+        run([*train, f"paths.results_root={base / 'res_straight'}"], base / "train_straight.log")
+    return train
+
+
+def test_killed_training_resumes_from_its_last_checkpoint_to_the_same_weights(setting):
+    base, dataset, rng = setting
+    train = train_straight(base, dataset)
     killed = [*train, f"paths.results_root={base / 'res_killed'}"]
     log = base / "train_killed.log"
     epoch = int(rng.integers(1, 3))  # killed in epoch 2 or 3, at a random moment of it
@@ -144,9 +152,8 @@ def test_killed_training_resumes_from_its_last_checkpoint_to_the_same_weights(se
 
 def test_killed_prediction_continues_to_identical_masks(setting):
     base, dataset, rng = setting
+    train_straight(base, dataset)  # trained by the test above when it ran (this test runs alone too)
     model = base / "res_straight" / dataset.name / "results" / "segment" / "3d_fullres"
-    if not (model / "fold_0" / "model_final.pt").is_file():
-        pytest.skip("needs the model trained by the test above")
     predict = ["predict", "-i", str(dataset / "imagesTs"), "--model", str(model), "predict.mirror=false"]
     run([*predict, "-o", str(base / "masks_straight")], base / "predict_straight.log")
     out = base / "masks_killed"
