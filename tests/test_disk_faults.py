@@ -153,3 +153,32 @@ def test_folders_a_user_cannot_write_are_refused_before_work_starts():
         for path in [base, *base.rglob("*")]:
             os.chmod(path, 0o755)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_stale_temporaries_are_removed_but_another_ranks_write_probe_is_left(tmp_path, monkeypatch):
+    """Under DDP each rank removes the stale ``.tmp-*`` files of a killed run while another may be proving the folder
+    writable: the clean-up leaves probes alone, and a probe removed by someone else is no write failure."""
+    from segforge.io import storage
+
+    fold = tmp_path / "fold_0"
+    (fold / "checkpoints").mkdir(parents=True)
+    stale = [fold / "checkpoints" / ".tmp-4242-last.ckpt", fold / ".tmp-progress.png-x"]
+    for path in stale:
+        path.write_bytes(b"half")
+    (fold / ".tmp-dir-x").mkdir()
+    probe = fold / f"{storage.PROBE_PREFIX}rank1"
+    probe.write_bytes(b"segforge")
+    storage.remove_stale_temporaries(fold)
+    assert not any(p.exists() for p in stale) and not (fold / ".tmp-dir-x").exists()
+    assert probe.exists()
+
+    real_write = os.write
+
+    def write_then_lose_the_probe(fd, data):  # the other rank's clean-up runs between our write and unlink
+        for path in fold.glob(f"{storage.PROBE_PREFIX}*"):
+            if path != probe:
+                path.unlink()
+        return real_write(fd, data)
+
+    monkeypatch.setattr(storage.os, "write", write_then_lose_the_probe)
+    storage.check_writable(fold, what="this run's checkpoints", setting="paths.results_root=DIR")

@@ -34,6 +34,18 @@ def human(size: float) -> str:
     return f"{size} B"  # pragma: no cover
 
 
+PROBE_PREFIX = ".tmp-probe-"  # lives for microseconds; a stale-file clean-up leaves it to its writer
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the ``.tmp-*`` leftovers of a run killed while writing, except write probes: under DDP every rank
+    cleans while the others may be probing the same folder (``check_writable``)."""
+    for stale in Path(folder).rglob(".tmp-*"):
+        if stale.name.startswith(PROBE_PREFIX):
+            continue
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
 def check_writable(folder: Path, needed_bytes: int = 0, *, what: str, setting: str, create: bool = True) -> None:
     """Create ``folder`` if needed, prove a file can be written there, and that ``needed_bytes`` (an estimate of what
     ``what`` will write) fit in its free space with a 10% margin. ``setting`` names the option that moves it.
@@ -45,12 +57,12 @@ def check_writable(folder: Path, needed_bytes: int = 0, *, what: str, setting: s
         else:
             while not folder.exists() and folder.parent != folder:
                 folder = folder.parent
-        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
         try:
             os.write(fd, b"segforge")
         finally:
             os.close(fd)
-            os.unlink(probe)
+            Path(probe).unlink(missing_ok=True)  # another rank's clean-up of stale temporaries may have been first
     except OSError as exc:
         raise StorageError(f"{folder}: cannot write there ({exc.strerror}), so {what} would fail. Fix: make it "
                            f"writable, or choose another folder with {setting}") from exc

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from omegaconf import OmegaConf
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import read_json, stamp, write_json
 from segforge.io.dataset import DatasetSpec
-from segforge.io.storage import check_writable
+from segforge.io.storage import check_writable, remove_stale_temporaries
 from segforge.preprocessing.pipeline import plan_hash
 from segforge.training.budget import (BudgetPacer, BudgetSplit, elapsed_since, forward_seconds,
                                       split_budget, validation_windows)
@@ -147,8 +146,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     task_files = {model_dir / name: text for name, text in task.model_files().items()}
     check_model_folder(model_dir, copies, task_files)
     # temporary files of a run killed while writing (a checkpoint, the plot); no rank writes before all have started
-    for stale in fold_dir.rglob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    remove_stale_temporaries(fold_dir)
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     kwargs = task.network_kwargs()
