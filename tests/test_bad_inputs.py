@@ -558,3 +558,16 @@ def test_weights_recording_windows_that_cannot_be_predicted_together_are_refused
     assert ("fold_0: patch" in printed and "predict.folds" in printed) if tamper == "folds_disagree" else \
         ("model_final.pt: records patch_size" in printed)
     assert not (tmp_path / "out" / "good.nii.gz").exists()
+
+
+def test_predict_on_cuda_without_a_gpu_is_refused_before_any_case(model_3d, tmp_path, capfd, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    images = tmp_path / "in"
+    write_good_3d(images)
+    code = main(["predict", "-i", str(images), "-o", str(tmp_path / "out"), "--model", str(model_3d),
+                 "predict.mirror=false", "predict.device=cuda"])
+    printed = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in printed and "Fix: device=cpu or device=auto" in printed
+    assert not (tmp_path / "out" / "good.nii.gz").exists()

@@ -35,6 +35,13 @@ def select_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` as a tensor on ``device``; to a GPU from pinned memory, asynchronously (pageable memory would be
+    staged through a pinned buffer anyway, and the copy no longer blocks the host)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+
+
 def check_input(model, image: np.ndarray, geometry: Geometry, names: list | None = None,
                 copy: bool = True) -> tuple[np.ndarray, list[str]]:
     """Refuse a case that ``model`` (a Predictor or an Ensemble) cannot predict meaningfully, naming the file to fix:
@@ -187,7 +194,7 @@ class Predictor:
     def _sliding_window(self, data: np.ndarray, device: torch.device) -> torch.Tensor:
         """Averaged probabilities (or logits, see ``average_logits``) ``(channels, z, y, x)`` of a preprocessed
         ``(c, z, y, x)`` case, on the CPU: every network (fold), mirrored per window, Gaussian-weighted windows."""
-        x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
+        x = host_to_device(data, device)
         axes = self.mirror_axes if self.mirror else []
         activation = None if self.average_logits else self._activation
         total = None
@@ -199,17 +206,24 @@ class Predictor:
         return (total / len(self.networks)).cpu()
 
     def _probabilities(self, data: np.ndarray) -> torch.Tensor:
+        return self._on_device_or_cpu(lambda device: self._sliding_window(data, device))
+
+    def _on_device_or_cpu(self, work):
+        """``work(device)`` on the predictor's device; where a case runs the GPU out of memory, that case on the CPU,
+        the next ones on the GPU again."""
         try:
-            return self._sliding_window(data, self.device)
+            return work(self.device)
         except torch.cuda.OutOfMemoryError:
-            # one case too large for the GPU: this case on the CPU, the next ones on the GPU again
-            log.warning("GPU out of memory; predicting this case on the CPU")
-            torch.cuda.empty_cache()
-            try:
-                return self._sliding_window(data, torch.device("cpu"))
-            finally:
-                for network in self.networks:
-                    network.to(self.device)
+            if self.device.type == "cpu":
+                raise
+        # out of the except block: its traceback holds the failed attempt's GPU tensors, empty_cache could not free them
+        log.warning("GPU out of memory; predicting this case on the CPU")
+        torch.cuda.empty_cache()
+        try:
+            return work(torch.device("cpu"))
+        finally:
+            for network in self.networks:
+                network.to(self.device)
 
     def _checked(self, image, geometry: Geometry | None) -> tuple[np.ndarray, Geometry]:
         """The case read from its channel files (or the array given), checked by ``check_input``."""
@@ -283,16 +297,7 @@ class Predictor:
         data, props = preprocess_image(image, geometry, self.plans, self.configuration, copy=not owned)
         del image
         preprocessed = time.perf_counter()
-        try:
-            labels = self._streamed_labels(data, props, self.device)
-        except torch.cuda.OutOfMemoryError:
-            log.warning("GPU out of memory; predicting this case on the CPU")
-            torch.cuda.empty_cache()
-            try:
-                labels = self._streamed_labels(data, props, torch.device("cpu"))
-            finally:
-                for network in self.networks:
-                    network.to(self.device)  # the next case on the GPU again
+        labels = self._on_device_or_cpu(lambda device: self._streamed_labels(data, props, device))
         out = np.zeros(props["shape_before_crop"], labels.dtype)
         out[tuple(slice(a, b) for a, b in props["crop_bbox"])] = labels
         self.last_timings = {"preprocess": preprocessed - start, "network+restore": time.perf_counter() - preprocessed}
@@ -319,7 +324,7 @@ class Predictor:
             rows, weights = index.numpy(), w.numpy()
         axes = self.mirror_axes if self.mirror else []
         activation = None if self.average_logits else self._activation
-        x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
+        x = host_to_device(data, device)
         streams = [sliding_window_slabs(x, network.to(device), self.patch_size, self.step_size,
                                         axes, self.sw_batch_size, self.accumulate, activation)
                    for network in self.networks]
