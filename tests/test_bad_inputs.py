@@ -530,3 +530,44 @@ def test_a_failed_rewrite_keeps_the_finished_mask_from_before(model_3d, tmp_path
     monkeypatch.setattr(folder, "write_image", disk_full)
     assert main(["predict", "-i", str(images), "-o", str(out), "--model", str(model_3d), *FAST]) == 3
     assert (out / "good.nii.gz").read_bytes() == before  # the complete mask of the first run is still there
+
+
+@pytest.mark.parametrize("tamper", ["folds_disagree", "patch_of_another_dimension"])
+def test_weights_recording_windows_that_cannot_be_predicted_together_are_refused(model_3d, tmp_path, capfd, tamper):
+    """Folds trained with different patches are not predicted in step (one would be silently cut to the other's);
+    a recorded patch that does not fit the configuration's dimensions is refused too, naming the file."""
+    import shutil
+
+    import torch
+
+    model = tmp_path / "model"
+    shutil.copytree(model_3d, model)
+    payload = torch.load(model / "fold_0" / "model_final.pt", weights_only=True)
+    if tamper == "folds_disagree":
+        (model / "fold_1").mkdir()
+        payload["patch_size"] = [p // 2 for p in payload["patch_size"]]
+        torch.save(payload, model / "fold_1" / "model_final.pt")
+    else:
+        payload["patch_size"] = payload["patch_size"][1:]
+        torch.save(payload, model / "fold_0" / "model_final.pt")
+    images = tmp_path / "in"
+    write_good_3d(images)
+    code = main(["predict", "-i", str(images), "-o", str(tmp_path / "out"), "--model", str(model), *FAST])
+    printed = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in printed
+    assert ("fold_0: patch" in printed and "predict.folds" in printed) if tamper == "folds_disagree" else \
+        ("model_final.pt: records patch_size" in printed)
+    assert not (tmp_path / "out" / "good.nii.gz").exists()
+
+
+def test_predict_on_cuda_without_a_gpu_is_refused_before_any_case(model_3d, tmp_path, capfd, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    images = tmp_path / "in"
+    write_good_3d(images)
+    code = main(["predict", "-i", str(images), "-o", str(tmp_path / "out"), "--model", str(model_3d),
+                 "predict.mirror=false", "predict.device=cuda"])
+    printed = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in printed and "Fix: device=cpu or device=auto" in printed
+    assert not (tmp_path / "out" / "good.nii.gz").exists()

@@ -273,3 +273,31 @@ def test_a_single_2d_image_streams_along_its_rows_to_the_same_labels():
     assert streamed.shape == reference.shape == (1, 90, 70)
     assert (streamed == reference).mean() > 0.9999, (streamed != reference).sum()
     assert len(np.unique(reference)) > 2
+
+
+class Levels(nn.Module):
+    """Three-class logits with clear margins from an input of -1, 0 and 1 (class 1, 2 and 0): no near-ties."""
+
+    def forward(self, x, cond=None):
+        return torch.cat([4 * x[:, :1], -4 * x[:, :1], torch.full_like(x[:, :1], 0.3)], 1)
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_voxels_only_a_window_corner_covers_are_predicted_alike_in_every_accumulation_precision(dims, monkeypatch):
+    """The Gaussian's corners (~1e-10 of its centre) flush to 0 in float16: a voxel covered by one window's corner
+    only would be 0 / 0. Every precision (auto: made to choose float16) gives finite probabilities summing to 1,
+    and float16 the labels of float32."""
+    from segforge.inference import sliding_window as sw
+
+    monkeypatch.setattr(sw, "AUTO_HALF_BYTES", 0)
+    patch = [8, 16, 16] if dims == 3 else [16, 16]
+    image = torch.from_numpy(np.random.default_rng(5).integers(-1, 2, (1, 12, 23, 21)).astype(np.float32))
+    results = {}
+    for mode in (torch.float32, torch.float16, "auto"):
+        out = sw.sliding_window(image, Levels(), patch, 0.5, (), 2, mode, lambda o: torch.softmax(o, 1), progress=False)
+        assert torch.isfinite(out).all(), mode
+        torch.testing.assert_close(out.sum(0), torch.ones(out.shape[1:]), atol=0.01, rtol=0)  # corners too
+        results[str(mode)] = out.argmax(0)
+    expected = torch.tensor([1, 2, 0])[image[0].long() + 1]  # input -1, 0, 1: class 1, 2, 0 (Levels)
+    for mode, labels in results.items():
+        assert torch.equal(labels, expected), mode

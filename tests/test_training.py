@@ -255,3 +255,46 @@ def test_a_model_folder_never_mixes_plans(planned, capsys):
     assert main(["train", str(dataset), *roots(work, results), *QUICK, "trainer.max_epochs=1", "fold=1"]) == 2
     assert "another plans.json" in capsys.readouterr().err
     assert not (model_dir / "fold_1").exists()
+
+
+def test_the_patch_and_mirror_axes_trained_with_are_what_validation_and_prediction_use(planned, monkeypatch):
+    """data.patch_size and data.augmentation.mirror_axes overrides reach model_final.pt, the final validation and
+    predict; a weights file from before they were recorded predicts with the plan's."""
+    from segforge.inference import predictor as predictor_module
+    from segforge.inference.predictor import Predictor
+
+    windows = []
+    sliding_window = predictor_module.sliding_window
+
+    def recording(image, network, patch, step_size, mirror_axes, *args, **kwargs):
+        windows.append((list(patch), list(mirror_axes)))
+        return sliding_window(image, network, patch, step_size, mirror_axes, *args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "sliding_window", recording)
+    dataset, work = planned  # the plan: patch [12, 32, 32], mirror axes [0, 1, 2]
+    assert main(["train", str(dataset), *roots(work, "overridden"), *QUICK, "trainer.max_epochs=1",
+                 "final_validation.enabled=true", "final_validation.mirror=true", "data.patch_size=[8,16,16]",
+                 "data.augmentation.mirror_axes=[2]"]) == 0
+    fold = fold_dir(work, dataset, "overridden")
+    payload = torch.load(fold / "model_final.pt", weights_only=True)
+    assert payload["patch_size"] == [8, 16, 16] and payload["mirror_axes"] == [2]
+    assert windows and set(map(str, windows)) == {str(([8, 16, 16], [2]))}  # every validation case
+    model = Predictor.from_model_dir(fold.parent, device="cpu")
+    assert (model.patch_size, model.mirror_axes) == ([8, 16, 16], [2])
+
+    for key in ("patch_size", "mirror_axes"):  # an older weights file
+        del payload[key]
+    torch.save(payload, fold / "model_final.pt")
+    model = Predictor.from_model_dir(fold.parent, device="cpu")
+    assert (model.patch_size, model.mirror_axes) == ([12, 32, 32], [0, 1, 2])
+
+
+def test_no_mirroring_in_training_means_none_at_test_time(tmp_path):
+    from segforge.training.data import SegmentationDataModule
+
+    def mirrored(augmentation):
+        module = SegmentationDataModule(tmp_path, ["a"], [], [8, 16, 16], 3, 2, {"augmentation": augmentation}, 0, [0, 1, 2])
+        return module.trained_mirror_axes
+
+    assert mirrored({"mirror_axes": [1, 2]}) == [1, 2] and mirrored({"mirror_prob": 0.5}) == [0, 1, 2]
+    assert mirrored(None) == [] and mirrored({"mirror_prob": 0.0}) == []

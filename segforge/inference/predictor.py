@@ -35,6 +35,13 @@ def select_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` as a tensor on ``device``; to a GPU from pinned memory, asynchronously (pageable memory would be
+    staged through a pinned buffer anyway, and the copy no longer blocks the host)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+
+
 def check_input(model, image: np.ndarray, geometry: Geometry, names: list | None = None,
                 copy: bool = True) -> tuple[np.ndarray, list[str]]:
     """Refuse a case that ``model`` (a Predictor or an Ensemble) cannot predict meaningfully, naming the file to fix:
@@ -84,12 +91,34 @@ def build_network(spec: dict, source) -> torch.nn.Module:
     return networks[target](**kwargs)
 
 
+def trained_windows(payload: dict, plans: dict, source) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(patch size, mirror axes) a weights file's network was trained with; files from before these were recorded:
+    the plan's (of the file's configuration)."""
+    plan_config = plans["configurations"].get(payload["configuration"])
+    if plan_config is None:
+        raise SegforgeError(f"{source}: its configuration {payload['configuration']!r} is not in the model's plans.json. "
+                            "Fix: re-copy the model folder as training wrote it")
+    dims = int(plan_config["dims"])
+    patch = payload.get("patch_size") or plan_config["patch_size"]
+    axes = payload.get("mirror_axes", plan_config.get("mirror_axes", list(range(dims))))
+    if len(patch) != dims or not all(isinstance(p, int) and p > 0 for p in patch) or \
+            not all(isinstance(a, int) and 0 <= a < dims for a in axes):
+        raise SegforgeError(f"{source}: records patch_size {patch} and mirror_axes {axes}, which do not fit the {dims}D "
+                            f"configuration {payload['configuration']}. Fix: re-run training or re-copy the model")
+    return tuple(patch), tuple(axes)
+
+
 class Predictor:
     def __init__(self, plans: dict, dataset_json: dict, configuration: str, networks: list[torch.nn.Module],
                  device: torch.device, step_size: float = 0.5, mirror: bool = True, sw_batch_size: int = 2,
-                 accumulate: str = "auto"):
+                 accumulate: str = "auto", patch_size: list[int] | None = None, mirror_axes: list[int] | None = None):
+        """``patch_size``, ``mirror_axes``: the window and the test-time flips, those the networks were trained with
+        (their weights file records them); default: the plan's."""
         self.plans, self.dataset_json, self.configuration = plans, dataset_json, configuration
         self.plan_config = plans["configurations"][configuration]
+        self.patch_size = list(patch_size or self.plan_config["patch_size"])
+        self.mirror_axes = list(self.plan_config.get("mirror_axes", range(self.plan_config["dims"]))
+                                if mirror_axes is None else mirror_axes)
         self.networks = [n.to(device).eval() for n in networks]
         self.device, self.step_size, self.mirror, self.sw_batch_size = device, step_size, mirror, sw_batch_size
         if accumulate == "auto" and plans.get("aggregate") == "logits":  # nnU-Net models as nnU-Net predicts them
@@ -120,7 +149,7 @@ class Predictor:
             raise SegforgeError(f"{model_dir}: no fold_*/{FINAL_WEIGHTS} found{' for folds ' + str(list(folds)) if folds else ''}. "
                                 "Fix: pass the model folder of a finished `segforge train` run")
         torch_device = select_device(device)
-        networks, configuration = [], None
+        networks, configuration, trained = [], None, {}
         for fold_dir in fold_dirs:
             source = fold_dir / FINAL_WEIGHTS
             try:
@@ -135,7 +164,14 @@ class Predictor:
             network.load_state_dict(payload["state_dict"])
             networks.append(network)
             configuration = payload["configuration"]
-        return cls(plans, dataset_json, configuration, networks, torch_device, step_size, mirror, sw_batch_size, accumulate)
+            trained[fold_dir.name] = trained_windows(payload, plans, source)
+        if len(set(trained.values())) > 1:  # the folds' windows are predicted in step: one patch, one set of flips
+            raise SegforgeError(f"{model_dir}: the folds were trained with different patches or mirror axes "
+                                f"({', '.join(f'{k}: patch {list(p)}, mirror axes {list(m)}' for k, (p, m) in trained.items())}). "
+                                "Fix: predict the folds that agree (predict.folds=[...])")
+        patch_size, mirror_axes = next(iter(trained.values()))
+        return cls(plans, dataset_json, configuration, networks, torch_device, step_size, mirror, sw_batch_size, accumulate,
+                   list(patch_size), list(mirror_axes))
 
     @property
     def average_logits(self) -> bool:
@@ -158,30 +194,36 @@ class Predictor:
     def _sliding_window(self, data: np.ndarray, device: torch.device) -> torch.Tensor:
         """Averaged probabilities (or logits, see ``average_logits``) ``(channels, z, y, x)`` of a preprocessed
         ``(c, z, y, x)`` case, on the CPU: every network (fold), mirrored per window, Gaussian-weighted windows."""
-        patch = list(self.plan_config["patch_size"])
-        dims = self.plan_config["dims"]
-        x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
-        axes = [a for a in self.plan_config.get("mirror_axes", list(range(dims)))] if self.mirror else []
+        x = host_to_device(data, device)
+        axes = self.mirror_axes if self.mirror else []
         activation = None if self.average_logits else self._activation
         total = None
         for network in self.networks:
             network.to(device)
-            out = sliding_window(x, network, patch, self.step_size, axes, self.sw_batch_size, self.accumulate, activation)
+            out = sliding_window(x, network, self.patch_size, self.step_size, axes, self.sw_batch_size, self.accumulate,
+                                 activation)
             total = out if total is None else total.add_(out)
         return (total / len(self.networks)).cpu()
 
     def _probabilities(self, data: np.ndarray) -> torch.Tensor:
+        return self._on_device_or_cpu(lambda device: self._sliding_window(data, device))
+
+    def _on_device_or_cpu(self, work):
+        """``work(device)`` on the predictor's device; where a case runs the GPU out of memory, that case on the CPU,
+        the next ones on the GPU again."""
         try:
-            return self._sliding_window(data, self.device)
+            return work(self.device)
         except torch.cuda.OutOfMemoryError:
-            # one case too large for the GPU: this case on the CPU, the next ones on the GPU again
-            log.warning("GPU out of memory; predicting this case on the CPU")
-            torch.cuda.empty_cache()
-            try:
-                return self._sliding_window(data, torch.device("cpu"))
-            finally:
-                for network in self.networks:
-                    network.to(self.device)
+            if self.device.type == "cpu":
+                raise
+        # out of the except block: its traceback holds the failed attempt's GPU tensors, empty_cache could not free them
+        log.warning("GPU out of memory; predicting this case on the CPU")
+        torch.cuda.empty_cache()
+        try:
+            return work(torch.device("cpu"))
+        finally:
+            for network in self.networks:
+                network.to(self.device)
 
     def _checked(self, image, geometry: Geometry | None) -> tuple[np.ndarray, Geometry]:
         """The case read from its channel files (or the array given), checked by ``check_input``."""
@@ -255,16 +297,7 @@ class Predictor:
         data, props = preprocess_image(image, geometry, self.plans, self.configuration, copy=not owned)
         del image
         preprocessed = time.perf_counter()
-        try:
-            labels = self._streamed_labels(data, props, self.device)
-        except torch.cuda.OutOfMemoryError:
-            log.warning("GPU out of memory; predicting this case on the CPU")
-            torch.cuda.empty_cache()
-            try:
-                labels = self._streamed_labels(data, props, torch.device("cpu"))
-            finally:
-                for network in self.networks:
-                    network.to(self.device)  # the next case on the GPU again
+        labels = self._on_device_or_cpu(lambda device: self._streamed_labels(data, props, device))
         out = np.zeros(props["shape_before_crop"], labels.dtype)
         out[tuple(slice(a, b) for a, b in props["crop_bbox"])] = labels
         self.last_timings = {"preprocess": preprocessed - start, "network+restore": time.perf_counter() - preprocessed}
@@ -289,11 +322,10 @@ class Predictor:
         else:
             index, w = axis_taps(depth_in, target[0], modes[0])
             rows, weights = index.numpy(), w.numpy()
-        dims = self.plan_config["dims"]
-        axes = [a for a in self.plan_config.get("mirror_axes", list(range(dims)))] if self.mirror else []
+        axes = self.mirror_axes if self.mirror else []
         activation = None if self.average_logits else self._activation
-        x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
-        streams = [sliding_window_slabs(x, network.to(device), list(self.plan_config["patch_size"]), self.step_size,
+        x = host_to_device(data, device)
+        streams = [sliding_window_slabs(x, network.to(device), self.patch_size, self.step_size,
                                         axes, self.sw_batch_size, self.accumulate, activation)
                    for network in self.networks]
         labels = None

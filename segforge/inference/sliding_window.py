@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 SLAB = 4  # slices per yielded piece: what the consumer holds at a time, whatever the number of classes
 AUTO_HALF_BYTES = 512 * 2**20  # accumulate="auto": float16 once a float32 buffer would pass this
+CENTRE_WEIGHT = 10.0  # the Gaussian's weight at the window centre (nnU-Net's; it keeps float16 sums precise)
 
 
 def window_starts(size: int, patch: int, step_size: float) -> list[int]:
@@ -36,14 +37,16 @@ def window_starts(size: int, patch: int, step_size: float) -> list[int]:
 
 @lru_cache(maxsize=4)
 def _gaussian(patch: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    """The window weights, one map for every accumulation precision: ``CENTRE_WEIGHT`` at the centre (nnU-Net's
+    scaling), float16 values, none below float16's smallest normal number: the corners (~1e-10 of the centre) would
+    flush to 0 in float16, and a voxel only a corner covers would be 0 / 0."""
     from scipy.ndimage import gaussian_filter
 
     impulse = np.zeros(patch)
     impulse[tuple(p // 2 for p in patch)] = 1
     weights = gaussian_filter(impulse, [p * sigma_scale for p in patch], 0, mode="constant", cval=0)
-    weights /= weights.max()
-    weights[weights == 0] = weights[weights > 0].min()  # never zero: every voxel gets a weight
-    return weights.astype(np.float32)
+    weights *= CENTRE_WEIGHT / weights.max()
+    return np.maximum(weights, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
 
 
 def gaussian_weights(patch, sigma_scale: float = 1 / 8, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -101,9 +104,7 @@ def sliding_window_slabs(image: torch.Tensor, network, patch: list[int], step_si
     else:
         groups = [(z, patch[0]) for z in starts[0]]
     depth = max(d for _, d in groups)
-    # in float16 the weights are scaled to 10 at the centre, as nnU-Net does, for the precision of the sums
-    weights = gaussian_weights(patch, device=image.device, dtype=torch.float32) * (10.0 if accumulate == torch.float16 else 1.0)
-    weights = weights if accumulate == "auto" else weights.to(accumulate)
+    weights = gaussian_weights(patch, device=image.device)  # the same values in every precision (_gaussian)
     first_axis_pad = 0 if lead else pads[2 * (dims - 1)]
     rest = [slice(pads[2 * (dims - 1 - a)], pads[2 * (dims - 1 - a)] + spatial[lead + a]) for a in range(1 - lead, dims)]
     total = counts = None
@@ -149,7 +150,7 @@ def sliding_window_slabs(image: torch.Tensor, network, patch: list[int], step_si
                 if accumulate == "auto":  # float16 where the buffer would be large: probabilities sum safely in it
                     size = out.shape[1] * depth * math.prod(padded_shape[1:]) * 4
                     accumulate = torch.float16 if size > AUTO_HALF_BYTES else torch.float32
-                    weights = weights.to(accumulate)
+                weights = weights.to(accumulate)
                 total = torch.zeros((out.shape[1], depth, *padded_shape[1:]), dtype=accumulate, device=image.device)
                 counts = torch.zeros((depth, *padded_shape[1:]), dtype=accumulate, device=image.device)
             for (z, origin), o in zip(chunk, out):

@@ -50,6 +50,13 @@ class SegmentationDataModule(L.LightningDataModule):
         self.geometry = PatchGeometry.resolve(self.settings or AugmentationSettings(), self.patch_size, mirror_axes)
         self.policy: ThreadPolicy | None = None
 
+    @property
+    def trained_mirror_axes(self) -> list[int]:
+        """The axes training mirrors patches along: none without augmentation or with ``mirror_prob`` 0 (test-time
+        mirroring then averages flips the network never saw)."""
+        mirrored = self.settings is not None and self.settings.mirror_prob > 0
+        return list(self.geometry.mirror_axes) if mirrored else []
+
     # ---- the trainer's side --------------------------------------------------------------------------------
     def _on_cuda(self) -> bool:
         strategy = getattr(self.trainer, "strategy", None) if self.trainer else None

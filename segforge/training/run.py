@@ -169,7 +169,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     total_steps = int(trainer_kwargs["max_epochs"]) * int(cfg.data.iterations_per_epoch)
     split = None
     if budget_s:  # time decides: the schedule spans the training time, epochs are paced by time
-        split = _split_budget(budget_s, started_at, task.window_network(network), task.validation_passes(),
+        split = _split_budget(budget_s, started_at, task.window_network(network),
+                              task.validation_passes(datamodule.trained_mirror_axes),
                               patch_size, data_dir, val_ids, spec, cfg)
         max_time_s, total_steps = split.training_s, None
         trainer_kwargs.update(max_epochs=-1, reload_dataloaders_every_n_epochs=1)
@@ -221,13 +222,16 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
 
     if trainer.is_global_zero:
         network = task.exported(module, network)  # e.g. the denoiser's averaged weights
-        export_weights(fold_dir / FINAL_WEIGHTS, network, kwargs, configuration, plan_config, task.weights_extras(train_ids))
+        trained = {"patch_size": patch_size, "mirror_axes": datamodule.trained_mirror_axes}  # predict uses these
+        export_weights(fold_dir / FINAL_WEIGHTS, network, kwargs, configuration, plan_config, task.weights_extras(train_ids),
+                       **trained)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {"fold": str(cfg.fold), "train_cases": len(train_ids), "val_cases": len(val_ids),
                    "global_step": trainer.global_step, "epochs": trainer.current_epoch, "final_metrics": metrics,
                    "data_policy": datamodule.policy.to_json() if datamodule.policy else None}
         if val_ids and cfg.final_validation.enabled:
-            summary.update(task.final_validation(network, plans, configuration, val_ids, fold_dir, _validation_device(cfg)))
+            summary.update(task.final_validation(network, plans, configuration, val_ids, fold_dir, _validation_device(cfg),
+                                                 **trained))
         if split is not None:
             total = elapsed_since(started_at)
             summary["budget"] = {**split.to_json(), "total_s": round(total, 1), "within_budget": total <= budget_s}
@@ -283,11 +287,15 @@ def _validation_device(cfg) -> torch.device:
 
 
 def export_weights(path: Path, network: torch.nn.Module, kwargs: dict, configuration: str, plan_config: dict,
-                   extras: dict | None = None) -> None:
+                   extras: dict | None = None, patch_size: list[int] | None = None,
+                   mirror_axes: list[int] | None = None) -> None:
     """The weights ``predict`` (``sample``, ``denoise``) loads: tensors and plain values only, loadable with
-    ``weights_only=True``; ``extras``: the task's plain values (e.g. the diffusion process)."""
+    ``weights_only=True``; ``extras``: the task's plain values (e.g. the diffusion process). ``patch_size`` and
+    ``mirror_axes``: what the network was trained with (a ``data.*`` override), else the plan's."""
+    axes = plan_config.get("mirror_axes", list(range(plan_config["dims"]))) if mirror_axes is None else mirror_axes
     payload = stamp("model_weights", {"configuration": configuration, "network": kwargs, **(extras or {}),
-                                      "patch_size": plan_config["patch_size"],
+                                      "patch_size": [int(p) for p in (patch_size or plan_config["patch_size"])],
+                                      "mirror_axes": [int(a) for a in axes],
                                       "state_dict": {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}})
     tmp = path.with_name(f".tmp-{path.name}")
     torch.save(payload, tmp)

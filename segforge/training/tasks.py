@@ -86,18 +86,23 @@ class SegmentTask:
         """A module whose ``forward(window)`` is one sliding-window step of this task (timed for a budget)."""
         return network
 
-    def validation_passes(self) -> int:
-        """How often the final validation evaluates each window (a budget counts its cost): once per mirroring."""
-        return 2 ** len(self.plan_config.get("mirror_axes", [])) if self.cfg.final_validation.mirror else 1
+    def validation_passes(self, mirror_axes: list[int] | None = None) -> int:
+        """How often the final validation evaluates each window (a budget counts its cost): once per mirroring of
+        ``mirror_axes`` (those training used; default the plan's)."""
+        axes = self.plan_config.get("mirror_axes", []) if mirror_axes is None else mirror_axes
+        return 2 ** len(axes) if self.cfg.final_validation.mirror else 1
 
-    def final_validation(self, network, plans: dict, configuration: str, val_ids: list[str], fold_dir: Path, device) -> dict:
+    def final_validation(self, network, plans: dict, configuration: str, val_ids: list[str], fold_dir: Path, device,
+                         patch_size: list[int] | None = None, mirror_axes: list[int] | None = None) -> dict:
+        """The sliding-window validation with the patch and mirror axes training used (default: the plan's)."""
         from segforge.training.validation import validate_fold
 
         final = self.cfg.final_validation
         summary = validate_fold(network, plans, read_json(self.spec.root / "dataset.json"), configuration, self.spec,
                                 val_ids, fold_dir / "validation", device, mirror=bool(final.mirror),
                                 step_size=float(final.step_size),
-                                save_probabilities=bool(final.get("save_probabilities", False)))
+                                save_probabilities=bool(final.get("save_probabilities", False)),
+                                patch_size=patch_size, mirror_axes=mirror_axes)
         log.info("validation of fold %s (%d cases, sliding window): mean foreground Dice %.4f", self.cfg.fold,
                  summary["num_cases"], summary["foreground_mean_dice"])
         return {"validation_mean_dice": summary["foreground_mean_dice"]}
@@ -222,14 +227,16 @@ class DenoiseTask(SegmentTask):
 
         return WindowDenoiser(network, self.process.t_max, self.spec.num_channels)
 
-    def validation_passes(self) -> int:
+    def validation_passes(self, mirror_axes: list[int] | None = None) -> int:
         """Once per noise level of the final validation (one-step denoising, no mirroring)."""
         return len(self.task.final_validation_sigmas)
 
-    def final_validation(self, network, plans: dict, configuration: str, val_ids: list[str], fold_dir: Path, device) -> dict:
+    def final_validation(self, network, plans: dict, configuration: str, val_ids: list[str], fold_dir: Path, device,
+                         patch_size: list[int] | None = None, mirror_axes: list[int] | None = None) -> dict:
         from segforge.inference.generative import validate_denoiser
 
-        summary = validate_denoiser(network, self.process, self.data_dir, val_ids, self.plan_config,
+        windows = {**self.plan_config, "patch_size": list(patch_size or self.plan_config["patch_size"])}  # as trained
+        summary = validate_denoiser(network, self.process, self.data_dir, val_ids, windows,
                                     list(self.task.final_validation_sigmas), fold_dir / "validation", device,
                                     mask_values(self.spec) if self.masks else None, int(self.cfg.seed),
                                     step_size=float(self.cfg.final_validation.step_size))

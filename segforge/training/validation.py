@@ -18,11 +18,14 @@ log = logging.getLogger("segforge")
 
 def validate_fold(network: torch.nn.Module, plans: dict, dataset_json: dict, configuration: str, spec: DatasetSpec,
                   val_ids: list[str], out_dir: Path, device: torch.device, mirror: bool = True,
-                  step_size: float = 0.5, sw_batch_size: int = 2, save_probabilities: bool = False) -> dict:
+                  step_size: float = 0.5, sw_batch_size: int = 2, save_probabilities: bool = False,
+                  patch_size: list[int] | None = None, mirror_axes: list[int] | None = None) -> dict:
+    """``patch_size``, ``mirror_axes``: those the network was trained with (default: the plan's)."""
     from segforge.inference.folder import save_probabilities as save_npz
     from segforge.inference.predictor import Predictor
 
-    predictor = Predictor(plans, dataset_json, configuration, [network], device, step_size, mirror, sw_batch_size)
+    predictor = Predictor(plans, dataset_json, configuration, [network], device, step_size, mirror, sw_batch_size,
+                          patch_size=patch_size, mirror_axes=mirror_axes)
     ending = dataset_json.get("file_ending", ".nii.gz")
     cases = [c for c in spec.cases if c.case_id in set(val_ids)]
     out_dir.mkdir(parents=True, exist_ok=True)
