@@ -106,13 +106,17 @@ def test_window_starts_follow_nnunets_formula(size, patch, step, expected):
     assert window_starts(size, patch, step) == expected
 
 
-@pytest.mark.parametrize("patch", [(16, 24, 20), (64, 64), (7, 9, 11)])
+@pytest.mark.parametrize("patch", [(16, 24, 20), (64, 64), (7, 9, 11), (64, 64, 64)])
 def test_gaussian_importance_map_is_the_closed_form(patch):
+    # nnU-Net's map: exp(-d^2 / (2 sigma^2)) per axis with sigma = patch / 8, 10 at the centre, held in float16
+    # (relative rounding <= 2^-11) and never below float16's smallest normal (a 64^3 corner is 10 * e^-24)
     weights = gaussian_weights(patch).double().numpy()
     sigma = [p / 8 for p in patch]
     centre = [p // 2 for p in patch]
     grids = np.meshgrid(*[np.arange(p) for p in patch], indexing="ij")
-    closed = np.exp(-sum((g - c) ** 2 / (2 * s**2) for g, c, s in zip(grids, centre, sigma)))
-    assert weights[tuple(centre)] == 1.0
-    assert weights.max() == 1.0
-    np.testing.assert_allclose(weights, closed, rtol=1e-5, atol=1e-12)
+    closed = 10 * np.exp(-sum((g - c) ** 2 / (2 * s**2) for g, c, s in zip(grids, centre, sigma)))
+    assert weights[tuple(centre)] == 10.0 and weights.max() == 10.0
+    smallest_normal = float(np.finfo(np.float16).tiny)
+    np.testing.assert_allclose(weights, np.maximum(closed, smallest_normal), rtol=2**-11, atol=0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert (gaussian_weights(patch, dtype=dtype) > 0).all(), dtype
