@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--overlap", action="store_true",
                    help="only the folder stage: 8 CT volumes (512x512x100) through `segforge predict`'s case loop with a "
                         "small stand-in network, one case at a time vs overlapped (predict.overlap); the first --classes")
-    p.add_argument("--features", type=int, default=8, help="--overlap: width of the stand-in network")
+    p.add_argument("--features", type=int, default=4, help="--overlap: width of the stand-in network")
     args = p.parse_args(argv)
     if args.overlap:
         return overlap_stage(args, ResultsFile(args.results or default_results_path()),

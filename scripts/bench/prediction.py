@@ -196,11 +196,22 @@ def stage_segforge_extreme(timer, folder: str, name: str, classes: int, threads:
 
 
 def small_network(classes: int, features: int):
-    """A stand-in segmentation network with the cost of a small real one (three 3x3x3 convolutions), untrained."""
+    """A stand-in segmentation network (two 1x1x1 convolutions, untrained: the windows' cost, not a real network's) with
+    a trained one's kind of output: smooth label maps (class c where the normalised intensity is near a level), so
+    the masks compress as real ones do and export costs what it would."""
+    import torch
     from torch import nn
 
-    return nn.Sequential(nn.Conv3d(1, features, 3, padding=1), nn.ReLU(), nn.Conv3d(features, features, 3, padding=1),
-                         nn.ReLU(), nn.Conv3d(features, classes, 3, padding=1))
+    class StandIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv3d(1, features, 1), nn.ReLU(), nn.Conv3d(features, classes, 1))
+            self.register_buffer("levels", torch.linspace(-1.5, 1.5, classes).reshape(1, -1, 1, 1, 1))
+
+        def forward(self, x):
+            return 1e-3 * self.body(x) - 4.0 * (x[:, :1] - self.levels) ** 2
+
+    return StandIn()
 
 
 def stage_segforge_folder(timer, folder: str, output: str, overlap: bool, threads: int, features: int,
@@ -229,9 +240,8 @@ def stage_segforge_folder(timer, folder: str, output: str, overlap: bool, thread
         return run
 
     # the stages predict_folder binds when it runs: read + preprocess, network + back to the input grid, write
-    folder_module.load_case = timed("load", folder_module.load_case)
-    folder_module.network_case = timed("network", folder_module.network_case)
-    folder_module.export_case = timed("export", folder_module.export_case)
+    stages = {"load": "load_case", "network": "network_case", "export": "export_case"}
+    originals = {stage: getattr(folder_module, name) for stage, name in stages.items()}
     plans = {"channel_names": {"0": "CT"}, "normalization": [{"scheme": "zscore", "use_nonzero_mask": False}],
              "configurations": {"3d_fullres": {"dims": 3, "patch_size": [64, 160, 160],
                                                "target_spacing": [2.5, 0.8, 0.8], "mirror_axes": [0, 1, 2]}}}
@@ -239,8 +249,14 @@ def stage_segforge_folder(timer, folder: str, output: str, overlap: bool, thread
     predictor = Predictor(plans, dataset, "3d_fullres", [small_network(classes, features)], torch.device("cpu"), 0.5,
                           False, 2)
     shutil.rmtree(output, ignore_errors=True)
-    with timer:
-        results = folder_module.predict_folder(predictor, Path(folder), Path(output), overlap=overlap)
+    for stage, name in stages.items():
+        setattr(folder_module, name, timed(stage, originals[stage]))
+    try:
+        with timer:
+            results = folder_module.predict_folder(predictor, Path(folder), Path(output), overlap=overlap)
+    finally:
+        for stage, name in stages.items():
+            setattr(folder_module, name, originals[stage])
     failed = [f"{r.case_id}: {r.error}" for r in results if r.status != "written"]
     if failed:
         raise RuntimeError(f"cases not written: {failed}")
