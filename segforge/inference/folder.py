@@ -1,5 +1,6 @@
 """Predict a folder of cases: find them, take this process's part (``--part k/n``), skip finished outputs
-(``--continue``), predict one case at a time with a bad case reported and skipped, and report.
+(``--continue``), predict the cases (the next one read and the previous one written while the network runs:
+``case_pipeline``) with a bad case reported and skipped, and report.
 
 Each output is written atomically (temporary name, then rename), so an output file that exists is complete; that
 is what makes ``--continue`` safe after a crash. Probabilities (``--save-probabilities``) go beside each mask as
