@@ -5,7 +5,7 @@ the same 512x512x100 CT-shaped volume, with the same weights, step size, mirrori
     python scripts/bench_prediction.py [--mirror] [--threads 2] [--repeat 1] [--force]
     python scripts/bench_prediction.py --memory 4 32          # streamed vs full labels, 512x512x100
     python scripts/bench_prediction.py --extreme --classes 4 32   # 512x512x1000 CT, 4000x4000 RGB slide
-    python scripts/bench_prediction.py --overlap [--repeat 1]   # 8 CTs 512x512x100: sequential vs overlapped
+    python scripts/bench_prediction.py --overlap [--step-size 1]   # 8 CTs 512x512x100: sequential vs overlapped
 
 The model: nnU-Net's own 3d_fullres plan for the ``train30`` dataset with a narrow network (8..64 features, so the
 CPU run fits a session), trained for a few iterations by nnU-Net. Targets: segforge's non-network time at most 0.5x
@@ -170,7 +170,7 @@ def overlap_stage(args, results, bench_root: Path) -> int:
     preset = get_preset("ct100x8")
     images = ensure_dataset(preset, bench_root) / "imagesTr"
     work = bench_root / "work" / "prediction" / "overlap"
-    params = {"threads": args.threads, "features": args.features, "classes": args.classes[0]}
+    params = {"threads": args.threads, "features": args.features, "classes": args.classes[0], "step_size": args.step_size}
     facts = host_facts()
     print(f"{preset.num_cases} volumes {'x'.join(map(str, preset.shape[::-1]))} in {images}\n"
           f"cpus {facts['cpus_usable']}, load {facts['load_avg_1_5_15']}")
@@ -181,7 +181,7 @@ def overlap_stage(args, results, bench_root: Path) -> int:
             samples[overlap].append(run_stage(
                 "bench.prediction:stage_segforge_folder",
                 {"folder": str(images), "output": str(work / name), "overlap": overlap, "threads": args.threads,
-                 "features": args.features, "classes": args.classes[0]},
+                 "features": args.features, "classes": args.classes[0], "step_size": args.step_size},
                 work, name=name, env={"OMP_NUM_THREADS": str(args.threads)}, timeout=3600))
     metrics = {}
     for overlap, name in ((False, "sequential"), (True, "overlapped")):

@@ -215,7 +215,7 @@ def small_network(classes: int, features: int):
 
 
 def stage_segforge_folder(timer, folder: str, output: str, overlap: bool, threads: int, features: int,
-                          classes: int) -> dict:
+                          classes: int, step_size: float = 0.5) -> dict:
     """`segforge predict`'s folder loop (``predict_folder``) over a folder of CT volumes, one case at a time or
     overlapped (``predict.overlap``), with a small stand-in network; busy seconds by stage (summed over cases; in
     the overlapped run the stages run at the same time, so they add up to more than the wall time)."""
@@ -246,8 +246,8 @@ def stage_segforge_folder(timer, folder: str, output: str, overlap: bool, thread
              "configurations": {"3d_fullres": {"dims": 3, "patch_size": [64, 160, 160],
                                                "target_spacing": [2.5, 0.8, 0.8], "mirror_axes": [0, 1, 2]}}}
     dataset = {"labels": {"background": 0, **{f"class{i}": i for i in range(1, classes)}}, "file_ending": ".nii.gz"}
-    predictor = Predictor(plans, dataset, "3d_fullres", [small_network(classes, features)], torch.device("cpu"), 0.5,
-                          False, 2)
+    predictor = Predictor(plans, dataset, "3d_fullres", [small_network(classes, features)], torch.device("cpu"),
+                          step_size, False, 2)
     shutil.rmtree(output, ignore_errors=True)
     for stage, name in stages.items():
         setattr(folder_module, name, timed(stage, originals[stage]))
