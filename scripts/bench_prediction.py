@@ -5,7 +5,7 @@ the same 512x512x100 CT-shaped volume, with the same weights, step size, mirrori
     python scripts/bench_prediction.py [--mirror] [--threads 2] [--repeat 1] [--force]
     python scripts/bench_prediction.py --memory 4 32          # streamed vs full labels, 512x512x100
     python scripts/bench_prediction.py --extreme --classes 4 32   # 512x512x1000 CT, 4000x4000 RGB slide
-    python scripts/bench_prediction.py --overlap [--step-size 1]   # 8 CTs 512x512x100: sequential vs overlapped
+    python scripts/bench_prediction.py --overlap                # 8 CTs 512x512x100: sequential vs overlapped
 
 The model: nnU-Net's own 3d_fullres plan for the ``train30`` dataset with a narrow network (8..64 features, so the
 CPU run fits a session), trained for a few iterations by nnU-Net. Targets: segforge's non-network time at most 0.5x
@@ -34,7 +34,8 @@ BENCHMARK = "prediction"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mirror", action="store_true", help="test-time mirroring (8x the network time) for both tools")
-    p.add_argument("--step-size", type=float, default=0.5)
+    p.add_argument("--step-size", type=float, default=None,
+                   help="sliding-window step (default 0.5; --overlap: 1.0, so that its 16 case predictions fit minutes)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--force", action="store_true")
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
                         "small stand-in network, one case at a time vs overlapped (predict.overlap); the first --classes")
     p.add_argument("--features", type=int, default=4, help="--overlap: width of the stand-in network")
     args = p.parse_args(argv)
+    if args.step_size is None:
+        args.step_size = 1.0 if args.overlap else 0.5
     if args.overlap:
         return overlap_stage(args, ResultsFile(args.results or default_results_path()),
                              (args.bench_root or default_bench_root()).resolve())
