@@ -5,6 +5,7 @@ the same 512x512x100 CT-shaped volume, with the same weights, step size, mirrori
     python scripts/bench_prediction.py [--mirror] [--threads 2] [--repeat 1] [--force]
     python scripts/bench_prediction.py --memory 4 32          # streamed vs full labels, 512x512x100
     python scripts/bench_prediction.py --extreme --classes 4 32   # 512x512x1000 CT, 4000x4000 RGB slide
+    python scripts/bench_prediction.py --overlap                # 8 CTs 512x512x100: sequential vs overlapped
 
 The model: nnU-Net's own 3d_fullres plan for the ``train30`` dataset with a narrow network (8..64 features, so the
 CPU run fits a session), trained for a few iterations by nnU-Net. Targets: segforge's non-network time at most 0.5x
@@ -33,7 +34,8 @@ BENCHMARK = "prediction"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mirror", action="store_true", help="test-time mirroring (8x the network time) for both tools")
-    p.add_argument("--step-size", type=float, default=0.5)
+    p.add_argument("--step-size", type=float, default=None,
+                   help="sliding-window step (default 0.5; --overlap: 1.0, so that its 16 case predictions fit minutes)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--force", action="store_true")
@@ -45,7 +47,16 @@ def main(argv=None) -> int:
                    help="only the extreme volumes: peak RSS of `segforge predict`'s streamed path on ct1000 (512x512x1000) "
                         "and slide4000 (4000x4000 RGB), for the class counts given by --classes")
     p.add_argument("--classes", type=int, nargs="+", default=[4, 32])
+    p.add_argument("--overlap", action="store_true",
+                   help="only the folder stage: 8 CT volumes (512x512x100) through `segforge predict`'s case loop with a "
+                        "small stand-in network, one case at a time vs overlapped (predict.overlap); the first --classes")
+    p.add_argument("--features", type=int, default=4, help="--overlap: width of the stand-in network")
     args = p.parse_args(argv)
+    if args.step_size is None:
+        args.step_size = 1.0 if args.overlap else 0.5
+    if args.overlap:
+        return overlap_stage(args, ResultsFile(args.results or default_results_path()),
+                             (args.bench_root or default_bench_root()).resolve())
     if args.extreme is not None:
         return extreme_stage(args, ResultsFile(args.results or default_results_path()),
                              (args.bench_root or default_bench_root()).resolve())
@@ -149,6 +160,50 @@ def extreme_stage(args, results, bench_root: Path) -> int:
     print(format_table(rows, ["case", "classes", "input MB (float32)", "peak RSS MB", "budget MB (2 GB + 3x input)",
                               "peak/budget", "seconds"]))
     return 0
+
+
+def overlap_stage(args, results, bench_root: Path) -> int:
+    """Wall time and peak RSS of predicting a folder of 8 CT volumes one case at a time and overlapped (each run in
+    a fresh process, the two modes alternating over --repeat); targets: overlapped wall time at most the sequential
+    run's network time + 25 %, peak RSS at most 1.3x the sequential run's; the masks must be identical."""
+    import numpy as np
+
+    from segforge.io.image import read_image
+
+    preset = get_preset("ct100x8")
+    images = ensure_dataset(preset, bench_root) / "imagesTr"
+    work = bench_root / "work" / "prediction" / "overlap"
+    params = {"threads": args.threads, "features": args.features, "classes": args.classes[0], "step_size": args.step_size}
+    facts = host_facts()
+    print(f"{preset.num_cases} volumes {'x'.join(map(str, preset.shape[::-1]))} in {images}\n"
+          f"cpus {facts['cpus_usable']}, load {facts['load_avg_1_5_15']}")
+    samples = {False: [], True: []}
+    for _ in range(args.repeat):
+        for overlap in (False, True):
+            name = "overlapped" if overlap else "sequential"
+            samples[overlap].append(run_stage(
+                "bench.prediction:stage_segforge_folder",
+                {"folder": str(images), "output": str(work / name), "overlap": overlap, "threads": args.threads,
+                 "features": args.features, "classes": args.classes[0], "step_size": args.step_size},
+                work, name=name, env={"OMP_NUM_THREADS": str(args.threads)}, timeout=3600))
+    metrics = {}
+    for overlap, name in ((False, "sequential"), (True, "overlapped")):
+        metrics[name] = summarize(samples[overlap])
+        results.append(make_record(BENCHMARK, "segforge", preset.name, f"folder_{name}", metrics[name], params))
+    seq, ovl = metrics["sequential"], metrics["overlapped"]
+    rows = [[name, f"{m['seconds']:.1f}", f"{m['load_s']:.1f}", f"{m['network_s']:.1f}", f"{m['export_s']:.1f}",
+             f"{m['cpu_seconds']:.0f}", f"{m['other_cpu_seconds'] or 0:.0f}", f"{m['peak_rss_mb']:.0f}"]
+            for name, m in metrics.items()]
+    print(format_table(rows, ["run", "wall s", "read+preprocess s", "network s", "export s", "CPU s",
+                              "others' CPU s", "peak RSS MB"]))
+    same = all(np.array_equal(read_image(work / "sequential" / f.name)[0], read_image(work / "overlapped" / f.name)[0])
+               for f in sorted((work / "sequential").glob("*.nii.gz")))
+    print(format_table([
+        ["overlapped wall / sequential network time", f"{ovl['seconds'] / seq['network_s']:.2f}", "<= 1.25"],
+        ["overlapped wall / sequential wall", f"{ovl['seconds'] / seq['seconds']:.2f}", ""],
+        ["overlapped peak RSS / sequential", f"{ovl['peak_rss_mb'] / seq['peak_rss_mb']:.2f}", "<= 1.3"],
+        ["masks identical", "yes" if same else "NO", "yes"]], ["measure", "value", "target"]))
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -89,6 +89,12 @@ def test_predict_writes_input_geometry_and_learns(trained, tmp_path):
     # 96 steps on an easy dataset: far above what an untrained network scores (~0 for both classes)
     assert summary["foreground_mean_dice"] > 0.6, summary["mean_dice"]
     assert (out / "predict_config.yaml").is_file()
+    # one case at a time (predict.overlap=false): the same masks as the overlapped default
+    assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(tmp_path / "seq"), "--model",
+                 str(trained["model_dir"]), "predict.overlap=false"]) == 0
+    assert yaml.safe_load((tmp_path / "seq" / "predict_config.yaml").read_text())["predict"]["overlap"] is False
+    for mask_path in sorted(out.glob("*.nii.gz")):
+        np.testing.assert_array_equal(read_image(tmp_path / "seq" / mask_path.name)[0], read_image(mask_path)[0])
 
 
 def test_dataset_folder_is_never_written(trained, tmp_path):

@@ -57,6 +57,8 @@ PRESETS = {
     "train30": Preset("train30", 905, 30, (32, 80, 80), (2.5, 0.8, 0.8)),
     # one CT-shaped volume of 512x512x100 (prediction benchmark)
     "ct100": Preset("ct100", 906, 1, (100, 512, 512), (2.5, 0.7, 0.7), shape_jitter=0.0, spacing_jitter=0.0),
+    # a folder of 8 CT-shaped volumes of 512x512x100 (overlapped vs sequential prediction); case 0 is ct100's
+    "ct100x8": Preset("ct100x8", 907, 8, (100, 512, 512), (2.5, 0.7, 0.7), shape_jitter=0.0, spacing_jitter=0.0),
     # one real-size CT (512x512x300): peak memory of preprocessing one case
     "ct512": Preset("ct512", 904, 1, (300, 512, 512), (1.0, 0.7, 0.7), shape_jitter=0.0, spacing_jitter=0.0),
 }

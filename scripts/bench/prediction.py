@@ -193,3 +193,71 @@ def stage_segforge_extreme(timer, folder: str, name: str, classes: int, threads:
         voxels *= n
     return {"classes": classes, "input_mb": channels * voxels * 4 / 2**20, "mask_shape": list(mask.shape),
             "labels_found": int(mask.max())}
+
+
+def small_network(classes: int, features: int):
+    """A stand-in segmentation network (two 1x1x1 convolutions, untrained: the windows' cost, not a real network's) with
+    a trained one's kind of output: smooth label maps (class c where the normalised intensity is near a level), so
+    the masks compress as real ones do and export costs what it would."""
+    import torch
+    from torch import nn
+
+    class StandIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv3d(1, features, 1), nn.ReLU(), nn.Conv3d(features, classes, 1))
+            self.register_buffer("levels", torch.linspace(-1.5, 1.5, classes).reshape(1, -1, 1, 1, 1))
+
+        def forward(self, x):
+            return 1e-3 * self.body(x) - 4.0 * (x[:, :1] - self.levels) ** 2
+
+    return StandIn()
+
+
+def stage_segforge_folder(timer, folder: str, output: str, overlap: bool, threads: int, features: int,
+                          classes: int, step_size: float = 0.5) -> dict:
+    """`segforge predict`'s folder loop (``predict_folder``) over a folder of CT volumes, one case at a time or
+    overlapped (``predict.overlap``), with a small stand-in network; busy seconds by stage (summed over cases; in
+    the overlapped run the stages run at the same time, so they add up to more than the wall time)."""
+    import shutil
+
+    import torch
+
+    from segforge.inference import folder as folder_module
+    from segforge.inference.predictor import Predictor
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    busy = {"load": 0.0, "network": 0.0, "export": 0.0}
+
+    def timed(stage, function):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                busy[stage] += time.perf_counter() - start
+        return run
+
+    # the stages predict_folder binds when it runs: read + preprocess, network + back to the input grid, write
+    stages = {"load": "load_case", "network": "network_case", "export": "export_case"}
+    originals = {stage: getattr(folder_module, name) for stage, name in stages.items()}
+    plans = {"channel_names": {"0": "CT"}, "normalization": [{"scheme": "zscore", "use_nonzero_mask": False}],
+             "configurations": {"3d_fullres": {"dims": 3, "patch_size": [64, 160, 160],
+                                               "target_spacing": [2.5, 0.8, 0.8], "mirror_axes": [0, 1, 2]}}}
+    dataset = {"labels": {"background": 0, **{f"class{i}": i for i in range(1, classes)}}, "file_ending": ".nii.gz"}
+    predictor = Predictor(plans, dataset, "3d_fullres", [small_network(classes, features)], torch.device("cpu"),
+                          step_size, False, 2)
+    shutil.rmtree(output, ignore_errors=True)
+    for stage, name in stages.items():
+        setattr(folder_module, name, timed(stage, originals[stage]))
+    try:
+        with timer:
+            results = folder_module.predict_folder(predictor, Path(folder), Path(output), overlap=overlap)
+    finally:
+        for stage, name in stages.items():
+            setattr(folder_module, name, originals[stage])
+    failed = [f"{r.case_id}: {r.error}" for r in results if r.status != "written"]
+    if failed:
+        raise RuntimeError(f"cases not written: {failed}")
+    return {"overlap": overlap, "cases": len(results), **{f"{stage}_s": seconds for stage, seconds in busy.items()}}

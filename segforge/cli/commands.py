@@ -253,7 +253,8 @@ def run_predict(args, cfg, overrides) -> int:
                  {k: rules[k] for k in ("foreground_largest_component", "classes_largest_component")})
         postprocess = functools.partial(apply_postprocessing, rules=rules)
     results = predict_folder(predictor, input_path, output, resume=args.resume, part=args.part,
-                             with_probabilities=args.save_probabilities, postprocess=postprocess)
+                             with_probabilities=args.save_probabilities, postprocess=postprocess,
+                             overlap=bool(cfg.predict.overlap))
     write_json(output / "dataset.json", predictor.dataset_json)
     save_config(output, "predict", cfg, overrides)
     counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}

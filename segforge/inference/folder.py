@@ -1,5 +1,6 @@
 """Predict a folder of cases: find them, take this process's part (``--part k/n``), skip finished outputs
-(``--continue``), predict one case at a time with a bad case reported and skipped, and report.
+(``--continue``), predict the cases (the next one read and the previous one written while the network runs:
+``case_pipeline``) with a bad case reported and skipped, and report.
 
 Each output is written atomically (temporary name, then rename), so an output file that exists is complete; that
 is what makes ``--continue`` safe after a crash. Probabilities (``--save-probabilities``) go beside each mask as
@@ -14,30 +15,20 @@ import logging
 import re
 import sys
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from segforge.errors import SegforgeError
-from segforge.inference.predictor import check_input
+from segforge.inference.case_pipeline import CaseResult, CaseWork, failed_case, run_cases
+from segforge.inference.predictor import Predictor, check_input
 from segforge.io.artifacts import atomic_write_bytes, write_json
 from segforge.io.dataset import group_channel_files
 from segforge.io.image import SUPPORTED_ENDINGS, file_ending, read_case, write_image
-from segforge.io.storage import StorageError, check_writable, storage_error
+from segforge.io.storage import check_writable
 
 log = logging.getLogger("segforge")
-
-
-@dataclass
-class CaseResult:
-    case_id: str
-    status: str                # written | skipped | failed
-    output: Path | None = None
-    error: str | None = None
-    seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
 
 
 def parse_part(part: str | None) -> tuple[int, int] | None:
@@ -113,23 +104,13 @@ def run_case(case_id: str, outputs: list[Path], work, results: list[CaseResult])
         output, warnings = work()
         results.append(CaseResult(case_id, "written", output, seconds=time.perf_counter() - start, warnings=warnings))
     except Exception as exc:  # one bad case must not stop the others; the reason is reported
-        log.debug("case %s failed", case_id, exc_info=True)
-        created = [p for p in outputs if p not in before and p.exists()]
-        for path in created:
-            path.unlink(missing_ok=True)
-        storage = exc if isinstance(exc, StorageError) else storage_error(exc, created[-1] if created else outputs[0])
-        if storage is exc:
-            raise
-        if storage is not None:
-            raise storage from exc
-        reason = str(exc) if isinstance(exc, SegforgeError) else f"{type(exc).__name__}: {exc}"
-        results.append(CaseResult(case_id, "failed", error=reason, seconds=time.perf_counter() - start))
-        log.error("case %s failed: %s", case_id, reason)
+        results.append(failed_case(case_id, outputs, before, exc, time.perf_counter() - start))
+        log.error("case %s failed: %s", case_id, results[-1].error)
 
 
-def predict_case(predictor, case_id: str, channels: dict[int, Path], folder: Path, target: Path,
-                 with_probabilities: bool, postprocess) -> tuple[Path, list[str]]:
-    """Predict one case of a folder and write its mask to ``target`` (and probabilities beside it)."""
+def load_case(predictor, case_id: str, channels: dict[int, Path], folder: Path, streamed: bool) -> tuple:
+    """Read and check one case of a folder; preprocessed too where the network stage takes it so (one predictor,
+    streamed masks): all that a background loader can do before the network."""
     ending = predictor.dataset_json.get("file_ending", ".nii.gz")
     files = channel_files(case_id, channels, predictor.plans["channel_names"], folder, ending)
     # read and checked here (not by the predictor) so that the warnings reach the report
@@ -137,26 +118,41 @@ def predict_case(predictor, case_id: str, channels: dict[int, Path], folder: Pat
     image, warnings = check_input(predictor, image, geometry, files, copy=False)
     for warning in warnings:
         log.warning("case %s: %s", case_id, warning)
+    if streamed and isinstance(predictor, Predictor):
+        return predictor.prepare(image, geometry, overwrite_input=True), None, warnings
+    return image, geometry, warnings
+
+
+def network_case(predictor, with_probabilities: bool, loaded: tuple) -> tuple:
+    """The label map (and probabilities) of a loaded case, on its input grid."""
+    image, geometry, warnings = loaded
     if with_probabilities:
         probabilities, geometry = predictor.probabilities(image, geometry)
         mask = predictor.labels(probabilities)
     else:  # streamed: never classes x volume in memory
+        probabilities = None
         mask, geometry = predictor.predict(image, geometry, overwrite_input=True)
-    del image
+    return mask, probabilities, geometry, warnings
+
+
+def export_case(target: Path, case_id: str, class_names: list[str], postprocess, predicted: tuple) -> tuple[Path, list[str]]:
+    """Write a predicted case: its mask to ``target`` (postprocessed), its probabilities beside it if any."""
+    mask, probabilities, geometry, warnings = predicted
     if postprocess is not None:
         mask = postprocess(mask)
-    if with_probabilities:
-        save_probabilities(target.with_name(case_id), probabilities, predictor.class_names, geometry)
+    if probabilities is not None:
+        save_probabilities(target.with_name(case_id), probabilities, class_names, geometry)
     write_image(target, mask, geometry)
     return target, warnings
 
 
 def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: bool = False, part: str | None = None,
-                   with_probabilities: bool = False, postprocess=None) -> list[CaseResult]:
+                   with_probabilities: bool = False, postprocess=None, overlap: bool = True) -> list[CaseResult]:
     """Predict the cases of ``input_path`` (this process's part) into ``output_dir``; one result per case.
 
     A case that fails is reported and skipped, leaving none of its outputs (``run_case``); the others go on.
-    ``postprocess``: a function applied to each label map before it is written.
+    ``postprocess``: a function applied to each label map before it is written. ``overlap``: read the next case and
+    write the previous one while the network runs (``case_pipeline``), else one case at a time.
     """
     ending = predictor.dataset_json.get("file_ending", ".nii.gz")
     if ending not in SUPPORTED_ENDINGS:  # it names every output file: nothing else may come from the model folder
@@ -172,24 +168,32 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
     # writable now; the space a mask needs is not known before it is predicted (a full disk is caught at the write)
     check_writable(output_dir, what=f"the masks of {len(chosen)} case(s)", setting="-o OUT")
     remove_stale_temporaries(output_dir, chosen, ending)
-    results: list[CaseResult] = []
+    items: list[CaseWork | CaseResult] = []
+    for case_id in chosen:
+        target = output_dir / f"{case_id}{ending}"
+        if resume and target.is_file() and (not with_probabilities or (output_dir / f"{case_id}.npz").is_file()):
+            items.append(CaseResult(case_id, "skipped", target))  # before any loading: a done case costs nothing
+        else:
+            outputs = [target, *([output_dir / f"{case_id}.npz", output_dir / f"{case_id}.json"] if with_probabilities else [])]
+            items.append(CaseWork(case_id, outputs,
+                                  partial(load_case, predictor, case_id, cases[case_id], folder, not with_probabilities),
+                                  partial(network_case, predictor, with_probabilities),
+                                  partial(export_case, target, case_id, predictor.class_names, postprocess)))
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=len(chosen), desc="predict", unit="case")
-    for i, case_id in enumerate(chosen, 1):
-        target = output_dir / f"{case_id}{ending}"
-        if resume and target.is_file() and (not with_probabilities or (output_dir / f"{case_id}.npz").is_file()):
-            results.append(CaseResult(case_id, "skipped", target))
-        else:
-            outputs = [target, *([output_dir / f"{case_id}.npz", output_dir / f"{case_id}.json"] if with_probabilities else [])]
-            run_case(case_id, outputs, partial(predict_case, predictor, case_id, cases[case_id], folder, target,
-                                               with_probabilities, postprocess), results)
+    finished = []
+
+    def progress(result: CaseResult) -> None:
+        finished.append(result)
         if bar is not None:
             bar.update()
         else:
-            log.info("  [%d/%d] %s: %s", i, len(chosen), case_id, results[-1].status)
+            log.info("  [%d/%d] %s: %s", len(finished), len(chosen), result.case_id, result.status)
+
+    results = run_cases(items, progress, overlap)
     if bar is not None:
         bar.close()
     write_json(output_dir / (f"predict_report_part{part.replace('/', 'of')}.json" if parse_part(part) else "predict_report.json"),

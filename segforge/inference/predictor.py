@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -283,25 +284,36 @@ class Predictor:
 
     def predict(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None,
                 overwrite_input: bool = False) -> tuple[np.ndarray, Geometry]:
-        """A mask on the input's grid: from channel files (a path or a list), or a ``(c, z, y, x)`` array + geometry.
+        """A mask on the input's grid: from channel files (a path or a list), a ``(c, z, y, x)`` array + geometry, or
+        a ``prepare``d case.
 
         Streamed: windows, the way back to the input grid and the labels go slab by slab along the first axis, so the
         memory for classes x volume is never taken (``probabilities`` does take it, to return it). Preprocessing
         works inside the image when it was read here or ``overwrite_input`` allows it (one copy of a 1 GB CT less)."""
-        owned = overwrite_input or not isinstance(image, np.ndarray)
-        image, geometry = self._checked(image, geometry)
-        if list(self.plans.get("transpose_forward") or range(3)) != [0, 1, 2]:
-            probabilities, geometry = self.probabilities(image, geometry)
-            return self.labels(probabilities), geometry
-        start = time.perf_counter()
-        data, props = preprocess_image(image, geometry, self.plans, self.configuration, copy=not owned)
+        case = image if isinstance(image, PreparedCase) else self.prepare(image, geometry, overwrite_input)
         del image
+        if case.data is None:
+            probabilities, geometry = self.probabilities(case.image, case.geometry)
+            return self.labels(probabilities), geometry
+        data, props, geometry = case.data, case.props, case.geometry
         preprocessed = time.perf_counter()
         labels = self._on_device_or_cpu(lambda device: self._streamed_labels(data, props, device))
         out = np.zeros(props["shape_before_crop"], labels.dtype)
         out[tuple(slice(a, b) for a, b in props["crop_bbox"])] = labels
-        self.last_timings = {"preprocess": preprocessed - start, "network+restore": time.perf_counter() - preprocessed}
+        self.last_timings = {"preprocess": case.seconds, "network+restore": time.perf_counter() - preprocessed}
         return out, geometry
+
+    def prepare(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None,
+                overwrite_input: bool = False) -> "PreparedCase":
+        """``predict``'s work before the network: the case read, checked and preprocessed (a background loader does it
+        for the next case while the network runs); ``predict`` takes the result in place of the image."""
+        owned = overwrite_input or not isinstance(image, np.ndarray)
+        image, geometry = self._checked(image, geometry)
+        if list(self.plans.get("transpose_forward") or range(3)) != [0, 1, 2]:  # preprocessed on probabilities' path
+            return PreparedCase(geometry, image=image)
+        start = time.perf_counter()
+        data, props = preprocess_image(image, geometry, self.plans, self.configuration, copy=not owned)
+        return PreparedCase(geometry, data=data, props=props, seconds=time.perf_counter() - start)
 
     @torch.no_grad()
     def _streamed_labels(self, data: np.ndarray, props: dict, device: torch.device) -> np.ndarray:
@@ -351,6 +363,18 @@ class Predictor:
                 for z in [z for z in cache if z < keep_from]:
                     del cache[z]
         return labels[None] if single_image else labels
+
+
+@dataclass
+class PreparedCase:
+    """A case as ``Predictor.prepare`` leaves it for the network: preprocessed ``data`` and the ``props`` to undo it
+    (or, for a plan that reorders axes, the checked ``image``), on the input's ``geometry``."""
+
+    geometry: Geometry
+    image: np.ndarray | None = None
+    data: np.ndarray | None = None
+    props: dict | None = None
+    seconds: float = 0.0
 
 
 class Ensemble:
