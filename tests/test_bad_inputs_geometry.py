@@ -19,6 +19,8 @@ import pytest
 
 from segforge.cli.main import main
 from segforge.io.image import Geometry, ImageReadError, read_case, read_image, write_image
+from test_bad_inputs import (GEOMETRY, GOOD_3D, assert_mask, assert_no_output, model_3d, predict,  # noqa: F401 (fixtures)
+                             reference_3d, write_good_3d)
 from test_checks import GEO, SHAPE, make_dataset, write_json
 
 
@@ -175,6 +177,38 @@ def test_invalid_nifti_spacing_is_refused_by_check_and_predict(tmp_path, capfd, 
     assert f"{value:g}" in printed and "ITK ERROR" not in printed, printed
     with pytest.raises(ImageReadError, match=r"invalid voxel spacing .* Fix: write the true voxel size"):
         read_case([root / "imagesTr" / "case_a_0000.nii.gz", root / "imagesTr" / "case_a_0001.nii.gz"])
+
+
+def _pixdim(value: float):
+    def breaker(folder: Path):
+        set_pixdim(write_good_3d(folder, "bad")[0], 3, value)
+        return "bad_0000.nii.gz", f"has an invalid voxel spacing in its NIfTI header, pixdim (0.9, 0.9, {value:g})"
+    breaker.__name__ = f"pixdim_{value:g}"
+    return breaker
+
+
+def _float64_beyond_float32_case(folder: Path):
+    channel = GOOD_3D[1].astype(np.float64)
+    channel[3, 4, 5] = 1e300
+    write_good_3d(folder, "bad", [GOOD_3D[0], channel])
+    return "bad_0001.nii.gz", "holds finite values up to 1e+300, beyond the float32 range"
+
+
+BAD_PREDICT = [_pixdim(0.0), _pixdim(float("nan")), _pixdim(-3.0), _float64_beyond_float32_case]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("breaker", BAD_PREDICT, ids=[b.__name__.strip("_") for b in BAD_PREDICT])
+def test_bad_spacing_and_values_are_refused_by_predict(model_3d, reference_3d, tmp_path, capfd, breaker):
+    images, out = tmp_path / "in", tmp_path / "out"
+    write_good_3d(images)
+    bad_file, phrase = breaker(images)
+    code, printed, report = predict(model_3d, images, out, capfd)
+    assert code != 0 and "Traceback" not in printed and "RuntimeWarning" not in printed, printed
+    assert_mask(out / "good.nii.gz", reference_3d, GEOMETRY)
+    assert_no_output(out, "bad")
+    error = report["bad"]["error"]
+    assert bad_file in error and phrase in error and "Fix: " in error, error
 
 
 @pytest.mark.parametrize("ending, before, after", [(".mha", "ElementSpacing = 1 1 2", "ElementSpacing = 1 0 2"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,7 +255,7 @@ def group_channel_files(folder: Path, ending: str) -> tuple[dict[str, dict[int, 
 def _name_problems(path: Path, ending: str, folder: str) -> list[Problem]:
     """A file name that cannot be a case's: a control character in it, or another ending (compared exactly: file
     names end in the lower-case file_ending, as in nnU-Net)."""
-    if any(not c.isprintable() for c in path.name):
+    if any(unicodedata.category(c) == "Cc" for c in path.name):  # not undecodable bytes (surrogates): those work
         shown = path.name.encode("unicode_escape", "backslashreplace").decode("ascii")
         return [Problem(repr(str(path)), f"file name {shown!r} holds a control character (newline, tab, ...)",
                         "rename the file without it (CASE_0000" + ending + ")")]
