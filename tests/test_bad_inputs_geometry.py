@@ -285,7 +285,7 @@ def _duplicate_channel_keys(root: Path) -> str:
 def _newline_in_name(root: Path) -> str:
     path = root / "imagesTr" / "case_b_0001.nii.gz"
     path.rename(path.with_name("case_b\n_0001.nii.gz"))
-    return "file name 'case_b\\\\n_0001.nii.gz' holds a control character"
+    return "file name 'case_b\\n_0001.nii.gz' holds a control character"
 
 
 def _float64_beyond_float32(root: Path) -> str:

@@ -257,7 +257,7 @@ def _name_problems(path: Path, ending: str, folder: str) -> list[Problem]:
     names end in the lower-case file_ending, as in nnU-Net)."""
     if any(unicodedata.category(c) == "Cc" for c in path.name):  # not undecodable bytes (surrogates): those work
         shown = path.name.encode("unicode_escape", "backslashreplace").decode("ascii")
-        return [Problem(repr(str(path)), f"file name {shown!r} holds a control character (newline, tab, ...)",
+        return [Problem(repr(str(path)), f"file name '{shown}' holds a control character (newline, tab, ...)",
                         "rename the file without it (CASE_0000" + ending + ")")]
     if not path.name.endswith(ending):
         if path.name.lower().endswith(ending):

@@ -10,6 +10,7 @@ promises.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ def data_roots(roots: list[Path] | None = None) -> list[Path]:
 def check_itk_header(path: Path, roots: list[Path] | None = None) -> Payload | None:
     """Check a MetaIO or NRRD file's header and payload; its ``Payload``, or None for another format.
 
-    ``roots``: folders a symlinked detached data file may point into besides the header's folder (None: $SEGFORGE_RAW)."""
+    ``roots``: folders a symlinked detached data file may point into besides the header's folder (None:
+    ``$SEGFORGE_RAW``)."""
     name = path.name.lower()
     if name.endswith(METAIO_ENDINGS):
         payload = _metaio_payload(path, roots)
@@ -181,7 +183,7 @@ def _metaio_payload(path: Path, roots: list[Path] | None) -> Payload | None:
     item = _METAIO_SIZES.get(fields.get("elementtype", "").upper().removesuffix("_ARRAY"))
     channels = (_integers(path, "ElementNumberOfChannels", fields.get("elementnumberofchannels", "1")) or [1])[0]
     ascii_data = fields.get("binarydata", "true").lower() in ("false", "0")
-    nbytes = None if item is None or not dims or ascii_data else item * channels * _product(dims)
+    nbytes = None if item is None or not dims or ascii_data else item * channels * math.prod(dims)
     if fields.get("elementspacing"):  # ITK refuses 0 with a multi-line error and takes NaN as it is
         check_spacing(path, _floats(path, "ElementSpacing", fields["elementspacing"]), "in its header, ElementSpacing ")
     compressed = fields.get("compresseddata", "false").lower() in ("true", "1")
@@ -200,8 +202,8 @@ def _nrrd_payload(path: Path, roots: list[Path] | None) -> Payload | None:
     if fields.get("spacings"):
         check_spacing(path, _floats(path, "spacings", fields["spacings"]), "in its header, spacings ")
     if fields.get("space directions"):  # one vector per axis ("none" for a non-spatial one): its length is the spacing
-        vectors = [v for v in re.findall(r"\(([^)]*)\)", fields["space directions"])]
-        lengths = [float(np.linalg.norm(_floats(path, "space directions", v.replace(",", " ")))) for v in vectors]
+        lengths = [float(np.linalg.norm(_floats(path, "space directions", v.replace(",", " "))))
+                   for v in re.findall(r"\(([^)]*)\)", fields["space directions"])]
         check_spacing(path, lengths, "in its header, the lengths of the space directions ")
     encoding = fields.get("encoding", "raw").lower()
     if encoding in ("gzip", "gz"):
@@ -215,7 +217,7 @@ def _nrrd_payload(path: Path, roots: list[Path] | None) -> Payload | None:
         return None
     sizes = _integers(path, "sizes", fields.get("sizes"))
     item = _nrrd_item_size(fields.get("type", ""))
-    nbytes = None if item is None or not sizes else item * _product(sizes)
+    nbytes = None if item is None or not sizes else item * math.prod(sizes)
     return Payload(path, data, offset, nbytes, compression, skip_after=max(skip, 0) if compression else 0)
 
 
@@ -232,17 +234,9 @@ def _nrrd_item_size(kind: str) -> int | None:
     return None
 
 
-def _product(values: list[int]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
 def _check_payload(payload: Payload) -> None:
     """A compressed stream must be intact and complete; the data must be as long as the header promises."""
     where = f"its data file {payload.data}" if payload.data != payload.header else "it"
-    shown = payload.data
     if payload.compression:
         kind = "zlib" if payload.compression == "zlib" else "gzip"
         size = checked_gzip_size(payload.data, payload.nbytes, offset=max(payload.offset, 0), kind=kind)
@@ -252,7 +246,7 @@ def _check_payload(payload: Payload) -> None:
     else:
         size = payload.data.stat().st_size - payload.offset
     if payload.nbytes is not None and size < payload.nbytes:
-        raise ImageReadError(f"{shown}: is truncated: {where} holds {max(size, 0)} bytes of voxel data of the "
-                             f"{payload.nbytes} that the header {payload.header.name} promises: the file was cut short, "
-                             f"or its header claims more voxels than it holds. Fix: {RECOPY_FIX}")
+        raise ImageReadError(f"{payload.data}: is truncated: {where} holds {max(size, 0)} bytes of voxel data of the "
+                             f"{payload.nbytes} that the header {payload.header.name} promises: the file was cut "
+                             f"short, or its header claims more voxels than it holds. Fix: {RECOPY_FIX}")
 
