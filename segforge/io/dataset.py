@@ -183,7 +183,7 @@ def parse_dataset_json(root: Path, require_labels: bool = True) -> tuple[dict | 
         if not any(isinstance(v, list) for v in labels.values()) and len(classes) == len(set(classes)) \
                 and classes != list(range(len(classes))):
             # the network has one output per class: value v is output v, so a gap has no output (nnU-Net's rule)
-            named = ", ".join(f'"{k}": {v}' for k, v in sorted(labels.items(), key=lambda kv: str(kv[1]))
+            named = ", ".join(f'"{k}": {v}' for k, v in sorted(labels.items(), key=lambda kv: kv[1])
                               if k != "ignore")
             bad(f'"labels" values must be consecutive 0, 1, ..., {len(classes) - 1}; got {{{named}}} (a gap at '
                 f'{next(i for i, v in enumerate(classes) if v != i)})',

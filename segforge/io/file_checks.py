@@ -67,8 +67,8 @@ def float32_overflow(path, array: np.ndarray) -> str | None:
     None. The message names the file and the largest value."""
     if array.dtype.kind != "f" or array.dtype.itemsize <= 4:
         return None
-    finite = np.isfinite(array)
-    largest = float(np.max(np.abs(array), where=finite, initial=0.0))
+    finite = np.isfinite(array)  # max and min, not abs: no float64 copy of the image
+    largest = max(float(np.max(array, where=finite, initial=0.0)), -float(np.min(array, where=finite, initial=0.0)))
     if largest <= FLOAT32_MAX:
         return None
     return (f"{path}: holds finite values up to {largest:.3g}, beyond the float32 range (+-{FLOAT32_MAX:.3g}) that "
