@@ -333,7 +333,7 @@ def run_evaluate(args, cfg, overrides) -> int:
     if labels is None:
         raise SegforgeError(f"no labels: none of {[str(c) for c in candidates]} exists. Fix: --dataset-json PATH")
     summary = evaluate_folders(pred_dir, ref_dir, labels, pred_dir / "summary.json", float(cfg.nsd_tolerance_mm),
-                               bool(cfg.surface_metrics))
+                               bool(cfg.surface_metrics), float(cfg.geometry_tolerance))
     print(format_summary(summary))
     print(f"summary: {pred_dir / 'summary.json'}")
     return 0

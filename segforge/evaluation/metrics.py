@@ -18,7 +18,7 @@ import numpy as np
 
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import write_json
-from segforge.io.image import file_ending, read_image, strip_ending
+from segforge.io.image import GEOMETRY_TOL, file_ending, read_image, strip_ending
 
 METRICS = ("dice", "iou", "hd95", "nsd")
 
@@ -94,10 +94,13 @@ def label_classes(labels: dict) -> dict:
 
 
 def evaluate_folders(pred_dir: Path, ref_dir, labels: dict, output: Path | None = None, nsd_tolerance_mm: float = 1.0,
-                     surface: bool = True) -> dict:
+                     surface: bool = True, geometry_tolerance: float = GEOMETRY_TOL) -> dict:
     """Metrics per case and class (or region) for every reference that has a prediction; writes ``summary.json``.
 
-    ``ref_dir``: a folder of reference masks, or a mapping of case id to reference file.
+    ``ref_dir``: a folder of reference masks, or a mapping of case id to reference file. A prediction is matched to
+    its reference by name (literally: no pattern), and must lie on the reference's grid: the same shape, and spacing,
+    origin and direction equal within ``geometry_tolerance`` (relative and absolute), as a SimpleITK-based judge
+    compares them; otherwise the evaluation is refused naming the file (a flipped mask would score as if correct).
     """
     classes = label_classes(labels)
     ignore = labels.get("ignore") if isinstance(labels.get("ignore"), int) else None
@@ -108,16 +111,29 @@ def evaluate_folders(pred_dir: Path, ref_dir, labels: dict, output: Path | None 
     if not references:
         raise SegforgeError(f"{ref_dir}: no reference masks found")
     per_case, missing = [], []
+    predictions: dict[str, list[Path]] = {}
+    for p in sorted(Path(pred_dir).iterdir()):
+        if file_ending(p) and not p.name.startswith("."):
+            predictions.setdefault(strip_ending(p), []).append(p)
     for ref_path in references:
-        candidates = [p for p in Path(pred_dir).glob(strip_ending(ref_path) + ".*") if strip_ending(p) == strip_ending(ref_path)
-                      and file_ending(p)]
+        candidates = predictions.get(strip_ending(ref_path), [])
         if not candidates:
             missing.append(ref_path.name)
             continue
-        prediction, _ = read_image(candidates[0])
+        prediction, pred_geo = read_image(candidates[0])
         reference, ref_geo = read_image(ref_path)
         if prediction.shape != reference.shape:
-            raise SegforgeError(f"{candidates[0]}: shape {prediction.shape} differs from reference {ref_path} {reference.shape}")
+            raise SegforgeError(f"{candidates[0]}: shape (z, y, x) {prediction.shape} differs from the reference "
+                                f"{ref_path} {reference.shape}. Fix: predict on the reference's image (segforge "
+                                "predict writes masks on the input's grid), or compare with the matching reference")
+        differing = pred_geo.same_grid(ref_geo, tol=geometry_tolerance)
+        if differing:
+            detail = "; ".join(f"{name} {_fmt(getattr(pred_geo, name))} vs {_fmt(getattr(ref_geo, name))}"
+                               for name in differing)
+            raise SegforgeError(f"{candidates[0]}: its geometry differs from the reference {ref_path} ({detail}; "
+                                f"tolerance {geometry_tolerance:g}): the masks do not lie on the same voxels, so "
+                                "their overlap would mean nothing. Fix: predict on the reference's image (the mask "
+                                "then keeps its geometry), or resample the prediction onto the reference's grid")
         values = metrics_per_class(prediction, reference, list(classes.values()), ignore, ref_geo.spacing,
                                    nsd_tolerance_mm, surface)
         row = {"case": strip_ending(ref_path), "prediction": str(candidates[0]), "reference": str(ref_path)}
@@ -136,6 +152,10 @@ def evaluate_folders(pred_dir: Path, ref_dir, labels: dict, output: Path | None 
     if output is not None:
         write_json(output, summary, kind="summary")
     return summary
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
 def format_summary(summary: dict) -> str:

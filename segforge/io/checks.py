@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from segforge.io.dataset import Case, DatasetSpec, Problem, inside, scan_dataset
-from segforge.io.image import GEOMETRY_TOL, Geometry, ImageReadError, read_image
+from segforge.io.image import GEOMETRY_TOL, Geometry, ImageReadError, float32_overflow, read_image
 
 MAX_LISTED = 10  # values shown per problem before "..."
 REEXPORT_FIX = "re-export the file from the original data (the copy may have been interrupted)"
@@ -77,6 +77,9 @@ def _check_case(root: Path, spec: DatasetSpec, case: Case, roots: list[Path], al
         array, geometry = got
         ndims.append((str(path), geometry.ndim))
         problems += _nonfinite_problems(path, array)
+        overflow = float32_overflow(path, array)
+        if overflow:
+            problems.append(_problem_from_error(path, ImageReadError(overflow)))
         if ref is None:
             ref = (path, array.shape, geometry)
         else:
@@ -102,7 +105,7 @@ def _read(root: Path, path: Path, roots: list[Path], already: set[str],
         return None  # scan_dataset has reported it
     problems += _location_problems(root, path, roots)
     try:
-        return read_image(path)
+        return read_image(path, data_roots=roots)
     except ImageReadError as exc:
         problems.append(_problem_from_error(path, exc))
     except Exception as exc:  # a reader's own failure mode: still a problem with this file, never a crash

@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from segforge.errors import SegforgeError
+from segforge.io.header_checks import detached_data_files
 from segforge.io.image import SUPPORTED_ENDINGS
 
 
@@ -144,6 +146,10 @@ def parse_dataset_json(root: Path, require_labels: bool = True) -> tuple[dict | 
         for key, value in cn.items():
             if not str(key).isdigit() or not isinstance(value, str):
                 bad(f'"channel_names" entry {key!r}: {value!r} must map a channel index string to a name')
+            elif int(key) in channel_names:  # "0" and "00": JSON keeps both, the second would win silently
+                twin = next(k for k in cn if str(k).isdigit() and int(k) == int(key) and k != key)
+                bad(f'"channel_names" has the keys {twin!r} and {key!r} for the same channel {int(key)}',
+                    f'keep one key per channel, written without leading zeros ("{int(key)}")')
             else:
                 channel_names[int(key)] = value
         if channel_names and sorted(channel_names) != list(range(len(channel_names))):
@@ -173,9 +179,24 @@ def parse_dataset_json(root: Path, require_labels: bool = True) -> tuple[dict | 
             others = [v for k, v in labels.items() if k != "ignore" for v in (v if isinstance(v, list) else [v])]
             if not isinstance(ignore, int) or (others and ignore <= max(others)):
                 bad(f'the "ignore" label must be a single integer above all others, got {ignore!r}')
+        classes = sorted(v for k, v in labels.items() if isinstance(v, int) and k != "ignore")
+        if not any(isinstance(v, list) for v in labels.values()) and len(classes) == len(set(classes)) \
+                and classes != list(range(len(classes))):
+            # the network has one output per class: value v is output v, so a gap has no output (nnU-Net's rule)
+            named = ", ".join(f'"{k}": {v}' for k, v in sorted(labels.items(), key=lambda kv: kv[1])
+                              if k != "ignore")
+            bad(f'"labels" values must be consecutive 0, 1, ..., {len(classes) - 1}; got {{{named}}} (a gap at '
+                f'{next(i for i, v in enumerate(classes) if v != i)})',
+                "renumber the labels consecutively in dataset.json and in every label file (e.g. 5 -> 2); "
+                'only "ignore" may sit above the others')
 
     ending = raw.get("file_ending")
-    if not isinstance(ending, str) or ending.lower() not in SUPPORTED_ENDINGS:
+    if isinstance(ending, str) and ending != ending.lower() and ending.lower() in SUPPORTED_ENDINGS:
+        # one rule everywhere: file_ending is lower case and file names end in it exactly (as in nnU-Net); an
+        # upper-case ending has no SimpleITK writer and would fail at the first mask written
+        bad(f'"file_ending" is {ending!r}; file endings are lower case',
+            f'write "file_ending": "{ending.lower()}" and name the files CASE_0000{ending.lower()}')
+    elif not isinstance(ending, str) or ending not in SUPPORTED_ENDINGS:
         bad(f'"file_ending" is {ending!r}; use one of {", ".join(SUPPORTED_ENDINGS)}')
     num_training = raw.get("numTraining")
     if isinstance(num_training, bool) or not isinstance(num_training, int) or num_training < 0:
@@ -214,12 +235,13 @@ def group_channel_files(folder: Path, ending: str) -> tuple[dict[str, dict[int, 
     """Files of ``folder`` grouped by case: ``{case: {channel: path}}`` from ``CASE_XXXX<ending>`` names."""
     channels: dict[str, dict[int, Path]] = {}
     problems = []
+    detached = detached_data_files(Path(folder)) if ending in (".mhd", ".nhdr") else set()
     for path in sorted(Path(folder).iterdir()):
-        if path.name.startswith("."):
-            continue
-        if not path.name.lower().endswith(ending.lower()):
-            problems.append(Problem(str(path), f"does not end in the dataset's file_ending {ending!r}",
-                                    f"convert it to {ending} or remove it from {Path(folder).name}/"))
+        if path.name.startswith(".") or Path(os.path.abspath(path)) in detached:
+            continue  # hidden, or the data file of a header (checked with it)
+        named = _name_problems(path, ending, Path(folder).name)
+        if named:
+            problems += named
             continue
         match = _CHANNEL_RE.match(path.name[: -len(ending)])
         if not match:
@@ -228,6 +250,23 @@ def group_channel_files(folder: Path, ending: str) -> tuple[dict[str, dict[int, 
             continue
         channels.setdefault(match["case"], {})[int(match["channel"])] = path
     return channels, problems
+
+
+def _name_problems(path: Path, ending: str, folder: str) -> list[Problem]:
+    """A file name that cannot be a case's: a control character in it, or another ending (compared exactly: file
+    names end in the lower-case file_ending, as in nnU-Net)."""
+    if any(unicodedata.category(c) == "Cc" for c in path.name):  # not undecodable bytes (surrogates): those work
+        shown = path.name.encode("unicode_escape", "backslashreplace").decode("ascii")
+        return [Problem(repr(str(path)), f"file name '{shown}' holds a control character (newline, tab, ...)",
+                        "rename the file without it (CASE_0000" + ending + ")")]
+    if not path.name.endswith(ending):
+        if path.name.lower().endswith(ending):
+            return [Problem(str(path), f"ends in {path.name[-len(ending):]!r}, not in the dataset's file_ending "
+                                       f"{ending!r} (endings are compared exactly)",
+                            f"rename it to end in {ending}")]
+        return [Problem(str(path), f"does not end in the dataset's file_ending {ending!r}",
+                        f"convert it to {ending} or remove it from {folder}/")]
+    return []
 
 
 def discover_cases(root: Path, fields: dict, images_dir: str, labels_dir: str | None) -> tuple[list[Case], list[Problem]]:
@@ -262,12 +301,13 @@ def discover_cases(root: Path, fields: dict, images_dir: str, labels_dir: str | 
         if not missing:
             cases.append(Case(case_id, [files[c] for c in range(n_channels)], label))
     if labels_dir and (root / labels_dir).is_dir():
+        detached = detached_data_files(root / labels_dir) if ending in (".mhd", ".nhdr") else set()
         for path in sorted((root / labels_dir).iterdir()):
-            if path.name.startswith("."):
+            if path.name.startswith(".") or Path(os.path.abspath(path)) in detached:
                 continue
-            if not path.name.lower().endswith(ending.lower()):
-                problems.append(Problem(str(path), f"does not end in the dataset's file_ending {ending!r}",
-                                        f"convert it to {ending} or remove it from {labels_dir}/"))
+            named = _name_problems(path, ending, labels_dir)
+            if named:
+                problems += named
                 continue
             case_id = path.name[: -len(ending)]
             if case_id not in channels:

@@ -40,6 +40,39 @@ def check_file(path: Path) -> None:
         raise ImageReadError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: is empty (0 bytes). Fix: {RECOPY_FIX}")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise ImageReadError(f"{path}: cannot be opened: permission denied (the file is complete, but this user may "
+                             "not read it). Fix: make it readable (e.g. chmod a+r), or run as its owner") from None
+
+
+def check_spacing(path: Path, spacing, where: str = "") -> None:
+    """A voxel size that is not a positive finite number: SimpleITK reads a NIfTI pixdim of 0, NaN or inf as 1 mm
+    without a word (a mask then comes out at the wrong scale), and a negative one as a long ITK error."""
+    values = [float(v) for v in spacing]
+    if all(np.isfinite(v) and v > 0 for v in values):
+        return
+    raise ImageReadError(f"{path}: has an invalid voxel spacing {where}({', '.join(f'{v:g}' for v in values)}): each "
+                         "must be a positive, finite size in mm. Fix: write the true voxel size into the header "
+                         "(e.g. nibabel header.set_zooms, or SimpleITK image.SetSpacing), or re-export the image")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def float32_overflow(path, array: np.ndarray) -> str | None:
+    """Why a float64 image cannot be computed on in float32 (finite values beyond its range would become inf), or
+    None. The message names the file and the largest value."""
+    if array.dtype.kind != "f" or array.dtype.itemsize <= 4:
+        return None
+    finite = np.isfinite(array)  # max and min, not abs: no float64 copy of the image
+    largest = max(float(np.max(array, where=finite, initial=0.0)), -float(np.min(array, where=finite, initial=0.0)))
+    if largest <= FLOAT32_MAX:
+        return None
+    return (f"{path}: holds finite values up to {largest:.3g}, beyond the float32 range (+-{FLOAT32_MAX:.3g}) that "
+            "segforge computes in. Fix: rescale the image to its physical units (or clip it) when exporting it")
 
 
 def starts_with(head: bytes) -> str:
@@ -150,6 +183,7 @@ def check_nifti(path: Path) -> NiftiLayout | None:
     if not 1 <= dims[0] <= 7 or any(d < 0 for d in dims[1:dims[0] + 1]):
         raise ImageReadError(f"{path}: has an invalid NIfTI header (dim = {dims}). Fix: {RECOPY_FIX}")
     shape = tuple(dims[1:dims[0] + 1])
+    check_spacing(path, [float(v) for v in header["pixdim"][1:min(dims[0], 3) + 1]], "in its NIfTI header, pixdim ")
     if 0 in shape:
         raise ImageReadError(f"{path}: has a zero-size axis (shape {' x '.join(map(str, shape))} in its header): it "
                              "holds no voxels. Fix: re-export the image from the original data (the export that "
@@ -178,20 +212,23 @@ def check_nifti(path: Path) -> NiftiLayout | None:
     return layout
 
 
-def checked_gzip_size(path: Path, expected: int | None = None) -> int:
+def checked_gzip_size(path: Path, expected: int | None = None, offset: int = 0, kind: str = "gzip") -> int:
     """The decompressed size of a gzip file (every member), a bounded chunk at a time; a clear error when the
-    stream ends early or is corrupt."""
+    stream ends early or is corrupt. ``offset``: where the stream starts (after a text header); ``kind``: "gzip",
+    or "zlib" for a zlib stream (MetaIO's CompressedData)."""
     size, finished = 0, False
-    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    wbits = 16 + zlib.MAX_WBITS if kind == "gzip" else zlib.MAX_WBITS
+    decompressor = zlib.decompressobj(wbits)
     try:
         with open(path, "rb") as stream:
+            stream.seek(offset)
             while chunk := stream.read(_CHUNK):
                 pending = chunk
                 while pending:
                     if finished:  # bytes after a complete member: another member, or zero padding
                         if not pending.strip(b"\0"):
                             break
-                        decompressor, finished = zlib.decompressobj(16 + zlib.MAX_WBITS), False
+                        decompressor, finished = zlib.decompressobj(wbits), False
                     size += len(decompressor.decompress(pending, _CHUNK))
                     if decompressor.eof:
                         finished, pending = True, decompressor.unused_data
@@ -200,11 +237,11 @@ def checked_gzip_size(path: Path, expected: int | None = None) -> int:
         if not finished:
             size += len(decompressor.flush())
     except zlib.error as exc:
-        raise ImageReadError(f"{path}: corrupt gzip stream ({exc}): the compressed data is damaged. "
+        raise ImageReadError(f"{path}: corrupt {kind} stream ({exc}): the compressed data is damaged. "
                              f"Fix: {RECOPY_FIX}") from None
     if not finished:
         promised = f" of the {expected} its header promises" if expected else ""
-        raise ImageReadError(f"{path}: truncated or corrupt gzip stream: the file ends early, after {size} "
+        raise ImageReadError(f"{path}: truncated or corrupt {kind} stream: the file ends early, after {size} "
                              f"decompressed bytes{promised} (an interrupted copy or download?). Fix: {RECOPY_FIX}")
     return size
 

@@ -25,8 +25,9 @@ import numpy as np
 
 from segforge.errors import SegforgeError
 from segforge.io.file_checks import (RECOPY_FIX, ImageReadError, NONFINITE_MAX_FRACTION, check_file,  # noqa: F401
-                                     check_nifti, checked_gzip_size, is_utf8, itk_name, replace_nonfinite,
-                                     restore_nonfinite, starts_with)
+                                     check_nifti, check_spacing, checked_gzip_size, float32_overflow, is_utf8,
+                                     itk_name, replace_nonfinite, restore_nonfinite, starts_with)
+from segforge.io.header_checks import check_itk_header
 
 ITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NATURAL_2D_ENDINGS = (".png", ".tif", ".tiff", ".bmp")
@@ -82,16 +83,20 @@ def strip_ending(path: str | os.PathLike) -> str:
     return name[: len(name) - len(ending)] if ending else name
 
 
-def read_image(path: str | os.PathLike, backend: str = "auto") -> tuple[np.ndarray, Geometry]:
+def read_image(path: str | os.PathLike, backend: str = "auto",
+               data_roots: list[Path] | None = None) -> tuple[np.ndarray, Geometry]:
     """Read one single-channel image as a ``(z, y, x)`` array with its geometry.
 
     ``backend`` is ``auto`` (SimpleITK for medical formats, scikit-image for PNG/TIFF), ``sitk`` or ``nibabel``.
     Raises ``ImageReadError`` naming the file when it is missing, empty, unreadable, truncated, corrupt, not an image
     of its kind, without voxels or not 2D/3D. NaN and inf are returned as they are in the file (SimpleITK alone
     would turn them into 0 in a NIfTI file); what to do with them is the caller's decision (``replace_nonfinite``).
+    ``data_roots``: folders a detached data file of an .mhd/.nhdr may point into through a symlink, besides its
+    header's folder (None: ``$SEGFORGE_RAW``, if set).
     """
     path = Path(path)
     check_file(path)
+    check_itk_header(path, data_roots)
     ending = file_ending(path)
     if backend == "auto":
         backend = "skimage" if ending in NATURAL_2D_ENDINGS else "sitk"
@@ -116,6 +121,7 @@ def read_image(path: str | os.PathLike, backend: str = "auto") -> tuple[np.ndarr
     if array.size == 0:  # e.g. an .mha with DimSize 0 (a NIfTI one is caught from its header)
         raise ImageReadError(f"{path}: has a zero-size axis (shape (z, y, x) {' x '.join(map(str, array.shape))}): "
                              "it holds no voxels. Fix: re-export the image from the original data")
+    check_spacing(path, geometry.spacing, "(z, y, x) ")
     return array, geometry
 
 
@@ -251,6 +257,13 @@ def _read_natural_2d(path: Path) -> tuple[np.ndarray, Geometry]:
     if signatures and not head.startswith(signatures):
         raise ImageReadError(f"{path}: is not a {kind} image: it starts with {starts_with(head)}, not the {kind} "
                              f"signature. Fix: check that this is the right file; save the image as {kind}")
+    if kind == "PNG" and head[12:16] == b"IHDR":  # colour type: byte 25, the 10th of the IHDR data
+        with open(path, "rb") as stream:
+            ihdr = stream.read(26)
+        if len(ihdr) == 26 and ihdr[25] == 3:
+            raise ImageReadError(f"{path}: is a palette (indexed-colour) PNG: its pixels are indices into a colour "
+                                 "table, not grey levels. Fix: save it as a grey-level PNG (e.g. PIL "
+                                 "Image.open(f).convert('L'), or for a label map write the index values as 8-bit grey)")
     if kind == "PNG" and b"IEND" not in tail:  # every complete PNG ends with its IEND chunk
         raise ImageReadError(f"{path}: truncated PNG (the file ends early, before the PNG end marker IEND; an "
                              f"interrupted copy or download?). Fix: {RECOPY_FIX}")
@@ -288,6 +301,9 @@ def read_case(paths: list[Path]) -> tuple[np.ndarray, Geometry]:
             raise ImageReadError(f"{path}: its grid differs from {Path(paths[0]).name}, another channel of the case "
                                  f"({what}). Fix: resample all channels of a case onto one grid (same size, spacing, "
                                  "origin and direction), e.g. register them to channel 0")
+        overflow = float32_overflow(path, array)
+        if overflow:  # the cast would turn them into inf, with a numpy warning
+            raise ImageReadError(overflow)
         arrays.append(array.astype(np.float32, copy=False))
     # one channel: a view, not a copy (a 512x512x300 CT is 300 MB as float32)
     return (arrays[0][None] if len(arrays) == 1 else np.stack(arrays)), geometry
