@@ -74,6 +74,11 @@ def test_the_plan_chooses_the_precision_per_device(monkeypatch, setting, cuda, e
     assert precision == expected and why
 
 
+def test_an_unknown_planned_precision_names_the_setting():
+    with pytest.raises(ValueError, match="plan.memory.precision='fp8'.*bf16-mixed"):
+        planned_precision(rules(precision="fp8"))
+
+
 def test_plans_json_records_the_precision_and_traces_memory_at_it(monkeypatch):
     traced = []
     real = budget_module.traced_peak_bytes
@@ -123,7 +128,8 @@ def shrink_card(plans: dict) -> dict:
     return plans
 
 
-def test_an_override_that_outgrows_the_plans_memory_is_warned_with_the_peak_and_the_fix(caplog):
+def test_an_override_that_outgrows_the_plans_memory_is_warned_with_the_peak_and_the_fix(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("segforge"), "propagate", True)  # main() may have set up segforge's log
     plans = shrink_card(json.loads(json.dumps(make_plans(fingerprint(), rules(precision="16-mixed")))))
     with caplog.at_level(logging.WARNING, logger="segforge.planning.precision"):
         assert check_step_memory(plans, "3d_fullres", "bf16-mixed") is None  # the same 2-byte step: nothing to trace
@@ -133,6 +139,10 @@ def test_an_override_that_outgrows_the_plans_memory_is_warned_with_the_peak_and_
     assert f"{peak / GIB:.2f} GiB" in message and "trainer.precision=32-true" in message
     assert "segforge plan data/Dataset051_Prec plan.memory.precision=32-true" in message
     batch = plans["configurations"]["3d_fullres"]["batch_size"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="segforge.planning.precision"):  # a larger batch at the plan's precision
+        check_step_memory(plans, "3d_fullres", "16-mixed", 4 * batch)
+    assert "trainer.precision=16-mixed, batch %d" % (4 * batch) in caplog.records[-1].getMessage()
     if batch > 1:  # the largest batch that fits at 32-true is named, and it does fit
         smaller = int(message.split("data.batch_size=")[1])
         assert 1 <= smaller < batch
@@ -173,7 +183,7 @@ def test_plan_verify_measures_each_step_at_the_planned_precision(tiny_dataset, t
     assert "verify 3d_fullres at bf16-mixed" in capsys.readouterr().out
 
 
-def test_training_warns_when_its_precision_override_outgrows_the_plan(tmp_path, caplog):
+def test_training_warns_when_its_precision_override_outgrows_the_plan(tmp_path, capsys):
     """Through the CLI: a plan fitted at 16-mixed, trained at 32-true on a card it no longer fits: warned, and the
     run records the precision it trained at."""
     from conftest import write_dataset
@@ -185,11 +195,11 @@ def test_training_warns_when_its_precision_override_outgrows_the_plan(tmp_path, 
                  "plan.memory.precision=16-mixed"]) == 0
     plans_path = work / dataset.name / "plans.json"
     plans_path.write_text(json.dumps(shrink_card(json.loads(plans_path.read_text()))))  # a hand edit: the card is smaller (preprocessed data stays valid)
-    with caplog.at_level(logging.WARNING, logger="segforge.planning.precision"):
-        assert main(["train", str(dataset), *paths, "trainer.precision=32-true", "trainer.accelerator=cpu",
-                     "+trainer.max_steps=1", "data.iterations_per_epoch=1", "data.val_iterations=1",
-                     "final_validation.enabled=false", "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 0
-    assert any("trainer.precision=32-true" in r.getMessage() and "plan.memory.precision=32-true" in r.getMessage()
-               for r in caplog.records)
+    capsys.readouterr()
+    assert main(["train", str(dataset), *paths, "trainer.precision=32-true", "trainer.accelerator=cpu",
+                 "+trainer.max_steps=1", "data.iterations_per_epoch=1", "data.val_iterations=1",
+                 "final_validation.enabled=false", "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 0
+    warning = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("trainer.precision=32-true"))
+    assert "predicted to peak at" in warning and "plan.memory.precision=32-true" in warning  # segforge's log: stderr
     fold = work / "res" / dataset.name / "results" / "segment" / "3d_fullres" / "fold_0"
     assert json.loads((fold / "training_summary.json").read_text())["precision"] == "32-true"

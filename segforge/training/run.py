@@ -138,7 +138,9 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     log.info("precision %s: %s", trainer_kwargs["precision"], why)
     check_precision(trainer_kwargs)
     if requested != "plan" or cfg.data.batch_size:  # an override: does the step still fit the plan's memory?
-        check_step_memory(plans, configuration, trainer_kwargs["precision"], cfg.data.batch_size, str(spec.root))
+        # a batch override alone is checked at the plan's precision (a CPU's 32-true is not the planned card's)
+        check_step_memory(plans, configuration, requested if requested != "plan" else plan_config["memory"]["precision"],
+                          cfg.data.batch_size, str(spec.root))
 
     task = make_task(cfg, spec, plan_config, data_dir, manifest, plans)
     model_dir = workspace.model_dir(task.name, configuration)
