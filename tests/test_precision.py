@@ -142,7 +142,9 @@ def test_an_override_that_outgrows_the_plans_memory_is_warned_with_the_peak_and_
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="segforge.planning.precision"):  # a larger batch at the plan's precision
         check_step_memory(plans, "3d_fullres", "16-mixed", 4 * batch)
-    assert "trainer.precision=16-mixed, batch %d" % (4 * batch) in caplog.records[-1].getMessage()
+    message_batch = caplog.records[-1].getMessage()
+    assert f"trainer.precision=16-mixed, batch {4 * batch}" in message_batch and "re-plan" not in message_batch
+    assert batch <= int(message_batch.split("data.batch_size=")[1]) < 4 * batch  # at least the plan's own batch fits
     if batch > 1:  # the largest batch that fits at 32-true is named, and it does fit
         smaller = int(message.split("data.batch_size=")[1])
         assert 1 <= smaller < batch

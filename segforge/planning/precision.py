@@ -95,10 +95,10 @@ def check_step_memory(plans: dict, configuration: str, precision: str, batch_siz
     single = traced_peak_bytes(replace(spec, batch_size=1)) if batch > 1 else peak
     per_sample = (peak - single) / (batch - 1) if batch > 1 else peak
     fitting = 1 + int((budget.peak_limit_bytes - single) // max(per_sample, 1)) if budget.fits(single) else 0
-    smaller = f", or data.batch_size={min(fitting, batch - 1)}" if fitting else ""
+    fixes = ([] if same_bytes else [f"re-plan at this precision (`segforge plan {dataset} plan.memory.precision={traced}`)"]) \
+        + ([f"data.batch_size={min(fitting, batch - 1)}"] if fitting else [])
     log.warning("trainer.precision=%s, batch %d: the %s step is predicted to peak at %.2f GiB, over the %.2f GiB the "
-                "plan's memory budget allows (%s GB card, traced at %s, batch %d). Fix: re-plan at this precision "
-                "(`segforge plan %s plan.memory.precision=%s`)%s", precision, batch, configuration, peak / GIB,
-                budget.peak_limit_bytes / GIB, memory["gpu_memory_gb"], memory["precision"], conf["batch_size"],
-                dataset, traced, smaller)
+                "plan's memory budget allows (a %g GB card; the plan traced %s at batch %d). Fix: %s", precision, batch,
+                configuration, peak / GIB, budget.peak_limit_bytes / GIB, memory["gpu_memory_gb"], memory["precision"],
+                conf["batch_size"], ", or ".join(fixes))
     return peak
