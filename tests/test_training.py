@@ -143,7 +143,7 @@ def test_bf16_mixed_trains_on_cpu_and_16_mixed_is_refused(planned, capsys):
     assert main(["train", str(dataset), *roots(work, "bf16"), *QUICK, "trainer.max_epochs=1",
                  "trainer.precision=bf16-mixed"]) == 0
     summary = json.loads((fold_dir(work, dataset, "bf16") / "training_summary.json").read_text())
-    assert np.isfinite(summary["final_metrics"]["train_loss_epoch"])
+    assert np.isfinite(summary["final_metrics"]["train_loss_epoch"]) and summary["precision"] == "bf16-mixed"
     assert main(["train", str(dataset), *roots(work, "fp16"), *QUICK, "trainer.precision=16-mixed"]) == 2
     assert "bf16-mixed" in capsys.readouterr().err
     assert not (work / "fp16").exists()

@@ -180,11 +180,13 @@ def _verify_memory(plans: dict, ws: Workspace) -> None:
 
     rows = {}
     for name in plans["configurations"]:
-        predicted = plans["configurations"][name]["memory"]["predicted_peak_bytes"]
-        measured = cuda_peak_bytes(spec_from_plan(plans, name))
-        rows[name] = {"predicted_peak_bytes": predicted, "measured_peak_bytes": measured, "ratio": measured / predicted}
-        print(f"verify {name}: predicted {predicted / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB "
-              f"(measured/predicted {measured / predicted:.3f})")
+        memory = plans["configurations"][name]["memory"]
+        predicted = memory["predicted_peak_bytes"]
+        measured = cuda_peak_bytes(spec_from_plan(plans, name))  # at the precision the plan traced
+        rows[name] = {"precision": memory["precision"], "predicted_peak_bytes": predicted,
+                      "measured_peak_bytes": measured, "ratio": measured / predicted}
+        print(f"verify {name} at {memory['precision']}: predicted {predicted / 2**30:.2f} GiB, measured "
+              f"{measured / 2**30:.2f} GiB (measured/predicted {measured / predicted:.3f})")
     write_json(ws.work_dir / "memory_verification.json", {"configurations": rows})
 
 

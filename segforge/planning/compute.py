@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from segforge.planning.memory import StepSpec, _build, step_batch, step_loss
+from segforge.planning.precision import cuda_supports_bf16
 
 # Training step = forward + backward (about twice the forward): 3 forward passes' worth of multiply-adds, 2 FLOPs each.
 FLOPS_PER_MAC_STEP = 6.0
@@ -190,12 +191,15 @@ def choose_for_budget(candidates: list[Candidate], budget: ComputeBudget, timer:
 
 def choose_precision(spec: StepSpec, device: torch.device, measure: Callable[[StepSpec], float],
                      wanted: str = "auto", gain: float = 0.9) -> tuple[str, str]:
-    """(precision, why): ``wanted`` unless auto; on CUDA 16-mixed; on a CPU bf16 autocast only where it is measured
-    faster (by ``gain``), since CPUs without bf16 units run it slower than float32."""
+    """(precision, why): ``wanted`` unless auto; on CUDA bf16-mixed where the GPU has bf16 units, else 16-mixed; on a
+    CPU bf16 autocast only where it is measured faster (by ``gain``), since CPUs without bf16 units run it slower
+    than float32."""
     if wanted != "auto":
         return wanted, "set by plan.compute.precision"
     if device.type == "cuda":
-        return "16-mixed", "CUDA: float16 autocast"
+        if cuda_supports_bf16():
+            return "bf16-mixed", "CUDA with bf16 units: bfloat16 autocast"
+        return "16-mixed", "CUDA without bf16 units: float16 autocast"
     full = measure(replace(spec, precision="32-true"))
     # CPUs without bf16 units run autocast through slow reference kernels (100x slower seen): stop timing early
     half = measure(replace(spec, precision="bf16-mixed"), give_up_after=10 * full)

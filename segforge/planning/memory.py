@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import OmegaConf
@@ -125,18 +125,22 @@ class StepSpec:
 
 
 def spec_from_plan(plans: dict, configuration: str, batch_size: int | None = None) -> StepSpec:
-    """The training step one configuration of plans.json describes (hand edits included)."""
+    """The training step one configuration of plans.json describes (hand edits included); a denoising plan's
+    (its ``rules.denoiser_step``) is the denoising step."""
     from segforge.io.dataset import count_outputs
 
     conf = plans["configurations"][configuration]
     network, memory = conf["network"], conf["memory"]
-    return StepSpec(
+    # the denoiser's fields beyond the plan's own network entry (norm, deep supervision) and memory (optimizer)
+    denoiser = {k: v for k, v in ((plans.get("rules") or {}).get("denoiser_step") or {}).items()
+                if k not in ("norm", "deep_supervision", "optimizer")}
+    return replace(StepSpec(
         spatial_dims=conf["dims"], in_channels=len(plans["channel_names"]), num_classes=count_outputs(plans["labels"]),
         patch_size=tuple(conf["patch_size"]), batch_size=int(batch_size or conf["batch_size"]),
         features_per_stage=tuple(network["features_per_stage"]), kernel_sizes=tuple(tuple(k) for k in network["kernel_sizes"]),
         strides=tuple(tuple(s) for s in network["strides"]), conv_per_stage=int(network["conv_per_stage"]),
         norm=network["norm"], deep_supervision=bool(network["deep_supervision"]), precision=memory["precision"],
-        optimizer=memory["optimizer"])
+        optimizer=memory["optimizer"]), **denoiser)
 
 
 _LOSS_CFG = {"dice_weight": 1.0, "ce_weight": 1.0, "batch_dice": False}

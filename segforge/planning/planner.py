@@ -26,6 +26,7 @@ from segforge.planning.budget import (
     describe,
 )
 from segforge.planning.memory import StepSpec
+from segforge.planning.precision import planned_precision
 from segforge.preprocessing.resample import DEFAULT_RESAMPLING, resampling_modes
 
 log = logging.getLogger(__name__)
@@ -259,9 +260,11 @@ def resampling_rules(rules) -> dict:
 
 
 def budget_configuration(spacing: list[float], median_shape: list[float], full: Fit, rules, in_channels: int,
-                         num_classes: int, num_cases: int, budget_s: float, slices_per_case: float = 1.0) -> dict:
+                         num_classes: int, num_cases: int, budget_s: float, slices_per_case: float = 1.0,
+                         gpu_precision: tuple[str, str] = ("16-mixed", "")) -> dict:
     """A configuration sized for ``budget_s`` seconds of training on the device at hand (``compute.py``), at the
-    full-resolution spacing (it shares that configuration's preprocessed data) and within its memory fit."""
+    full-resolution spacing (it shares that configuration's preprocessed data) and within its memory fit;
+    ``gpu_precision``: (precision, why) of the GPU a stated throughput (``compute.tflops``) is for."""
     from segforge.inference.sliding_window import window_starts
     from segforge.planning.compute import (
         Candidate,
@@ -291,8 +294,8 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
                     features_per_stage=tuple(features_per_stage(len(probe_topo["strides"]), 16, 160)),
                     optimizer=str(compute.optimizer))
     if compute.tflops:
-        precision = "16-mixed" if str(compute.precision) == "auto" else str(compute.precision)
-        precision_reason = "stated throughput (plan.compute.tflops): " + ("mixed precision" if precision != "32-true" else "float32")
+        precision, why = gpu_precision if str(compute.precision) == "auto" else (str(compute.precision), "plan.compute.precision")
+        precision_reason = f"stated throughput (plan.compute.tflops): {why}"
     else:
         precision, precision_reason = choose_precision(probe, device, measure, str(compute.precision))
     cap = int(rules.features_max_2d if dims == 2 else rules.features_max_3d)
@@ -318,7 +321,7 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
     fit = Fit(0, spec, oracle(spec), memory_budget(rules).fits(oracle(spec)))
     entry = configuration_entry(fit, spacing, median_shape, memory_rules, oracle)
     entry["data_identifier"] = "3d_fullres" if dims == 3 else "2d"
-    entry["precision"] = precision
+    entry["precision"], entry["precision_reason"] = precision, precision_reason
     entry["sized_for"] = {
         "device": device.type, "budget_s": float(budget_s), "throughput": "stated" if compute.tflops else "measured",
         "tflops": float(compute.tflops) if compute.tflops else round(step_flops(spec) / chosen["step_s"] / 1e12, 4),
@@ -332,7 +335,11 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
 
 def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
     """plans.json's payload from a fingerprint and the ``plan`` config group; with ``budget_s``, also a
-    configuration sized for that many seconds of training on this device (``3d_budget``, or ``2d_budget``)."""
+    configuration sized for that many seconds of training on this device (``3d_budget``, or ``2d_budget``).
+    Each configuration records its precision and why; its memory is traced at it."""
+    given = rules
+    gpu_precision = planned_precision(rules)
+    rules = OmegaConf.merge(rules, {"memory": {"precision": gpu_precision[0]}})
     cases = fingerprint["cases"]
     spacings = [c["spacing"] for c in cases]
     # a denoising plan keeps whole images (no crop to the nonzero box): their shapes are what the network sees
@@ -374,10 +381,13 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
         base_fit = fit_configuration(base_spacing, base_shape, rules, in_channels, num_classes, dataset_voxels, oracle)
         configurations[f"{'2d' if dims_2d else '3d'}_budget"] = budget_configuration(
             base_spacing, base_shape, base_fit, rules, in_channels, num_classes, len(cases), budget_s,
-            slices_per_case=median_shape[0] if dims_2d else 1)
+            slices_per_case=median_shape[0] if dims_2d else 1, gpu_precision=gpu_precision)
     if not configurations:
         raise ValueError(f"no configuration of {wanted} applies to this dataset "
                          f"({'2D' if is_2d_data else '3D'} images; 2D data takes configurations=[2d])")
+    for conf in configurations.values():  # the GPU configurations (a budget one has its own)
+        conf.setdefault("precision", gpu_precision[0])
+        conf.setdefault("precision_reason", gpu_precision[1])
     median_relative_size = float(np.median([c["relative_size_after_crop"] for c in cases]))
     return {
         "dataset_name": fingerprint["dataset_name"],
@@ -392,5 +402,5 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
         "resampling": resampling_rules(rules.get("resampling")),
         "configurations": configurations,
         "memory_traces": oracle.traces,
-        "rules": OmegaConf.to_container(rules, resolve=True) if isinstance(rules, DictConfig) else dict(rules),
+        "rules": OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given),
     }

@@ -28,6 +28,7 @@ from segforge.errors import SegforgeError
 from segforge.io.artifacts import read_json, stamp, write_json
 from segforge.io.dataset import DatasetSpec
 from segforge.io.storage import check_writable, remove_stale_temporaries
+from segforge.planning.precision import check_step_memory, training_precision
 from segforge.preprocessing.pipeline import plan_hash
 from segforge.training.budget import (BudgetPacer, BudgetSplit, elapsed_since, forward_seconds,
                                       split_budget, validation_windows)
@@ -130,9 +131,15 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     train_ids, val_ids, splits = fold_case_ids(workspace, manifest["cases"], cfg.fold, int(cfg.num_folds), int(cfg.seed),
                                                cfg.get("split_groups"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_kwargs.get("precision") == "plan":  # the plan's measured choice (budget configurations), else float32
-        trainer_kwargs["precision"] = plan_config.get("precision", "32-true")
+    requested = str(trainer_kwargs.get("precision"))
+    on_gpu = torch.cuda.is_available() and str(trainer_kwargs.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    trainer_kwargs["precision"], why = training_precision(requested, plan_config, on_gpu)
+    log.info("precision %s: %s", trainer_kwargs["precision"], why)
     check_precision(trainer_kwargs)
+    if requested != "plan" or cfg.data.batch_size:  # an override: does the step still fit the plan's memory?
+        # a batch override alone is checked at the plan's precision (a CPU's 32-true is not the planned card's)
+        check_step_memory(plans, configuration, requested if requested != "plan" else plan_config["memory"]["precision"],
+                          cfg.data.batch_size, str(spec.root))
 
     task = make_task(cfg, spec, plan_config, data_dir, manifest, plans)
     model_dir = workspace.model_dir(task.name, configuration)
@@ -227,6 +234,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
                        **trained)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {"fold": str(cfg.fold), "train_cases": len(train_ids), "val_cases": len(val_ids),
+                   "precision": trainer_kwargs["precision"],
                    "global_step": trainer.global_step, "epochs": trainer.current_epoch, "final_metrics": metrics,
                    "data_policy": datamodule.policy.to_json() if datamodule.policy else None}
         if val_ids and cfg.final_validation.enabled:
