@@ -363,7 +363,7 @@ def run_export_model(args, cfg, overrides) -> int:
 def run_import_model(args, cfg, overrides) -> int:
     from segforge.io.model_archive import import_model
 
-    folder = import_model(Path(args.archive), Path(args.destination))
+    folder = import_model(Path(args.archive), Path(args.destination), cfg.max_expansion, cfg.max_bytes)
     print(f"model folder: {folder}\npredict with: segforge predict -i IMAGES -o OUT --model {folder}")
     return 0
 
