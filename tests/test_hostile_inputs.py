@@ -28,3 +28,27 @@ def test_step_sizes_in_zero_one_cover_the_axis():
     for step in (1.0, 0.5, 0.01):
         starts = window_starts(40, 16, step)
         assert starts[0] == 0 and starts[-1] == 40 - 16 and max(b - a for a, b in zip(starts, starts[1:])) <= 16 * step + 1
+
+
+@pytest.mark.parametrize("mismatch", ["num_folds", "split_groups", "not_a_list"])
+def test_an_existing_splits_json_that_contradicts_the_settings_is_refused(tmp_path, mismatch):
+    import json
+    from types import SimpleNamespace
+
+    from segforge.training.run import fold_case_ids
+
+    ids = [f"patient{p}_scan{s}" for p in range(4) for s in range(2)]
+    splits_path = tmp_path / "splits.json"
+    # 2 folds, patient0's scans on both sides of fold 0
+    splits = [{"train": ids[1:4], "val": [ids[0]] + ids[4:]}, {"train": [ids[0]] + ids[4:], "val": ids[1:4]}]
+    splits_path.write_text(json.dumps(splits if mismatch != "not_a_list" else {"train": ids}))
+    workspace = SimpleNamespace(splits_path=splits_path)
+    num_folds, groups = (5, None) if mismatch == "num_folds" else (2, r"^(patient\d+)_")
+    with pytest.raises(SegforgeError) as info:
+        fold_case_ids(workspace, ids, 0, num_folds, seed=0, group_pattern=groups)
+    message = str(info.value)
+    assert str(splits_path) in message and "Fix:" in message
+    assert {"num_folds": "num_folds=5", "split_groups": "'patient0' (split_groups=", "not_a_list": "one per fold"}[
+        mismatch] in message
+    if mismatch != "not_a_list":  # the file is used where it agrees with the settings
+        assert fold_case_ids(workspace, ids, 1, 2, seed=0)[1] == ids[1:4]

@@ -37,7 +37,7 @@ from segforge.training.data import SegmentationDataModule
 from segforge.training.finetune import FINAL_WEIGHTS, load_initial_weights
 from segforge.training.requeue import RequeueOnSignal, slurm_requeue_wanted
 from segforge.training.schedules import ScheduleCallback, parse_duration
-from segforge.training.splits import make_splits
+from segforge.training.splits import check_splits, make_splits
 from segforge.training.tasks import label_setup, make_task, segmentation_network_kwargs  # noqa: F401  (re-exported)
 from segforge.workspace import Workspace
 
@@ -52,11 +52,11 @@ def fold_case_ids(workspace: Workspace, case_ids: list[str], fold, num_folds: in
     if str(fold) == "all":
         return sorted(case_ids), [], None
     if workspace.splits_path.is_file():
-        splits = read_json(workspace.splits_path)
-        unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
-        if unknown:
-            raise SegforgeError(f"{workspace.splits_path} names case(s) not in the dataset: {unknown[:5]}. "
-                                "Fix: correct the file, or delete it to have a new split made")
+        try:
+            splits = check_splits(read_json(workspace.splits_path), workspace.splits_path, case_ids, num_folds,
+                                  group_pattern)
+        except ValueError as exc:
+            raise SegforgeError(f"{exc}") from exc
     else:
         try:
             splits = make_splits(case_ids, num_folds, seed, group_pattern)
