@@ -52,3 +52,29 @@ def test_an_existing_splits_json_that_contradicts_the_settings_is_refused(tmp_pa
         mismatch] in message
     if mismatch != "not_a_list":  # the file is used where it agrees with the settings
         assert fold_case_ids(workspace, ids, 1, 2, seed=0)[1] == ids[1:4]
+
+
+class _CountedLookups(dict):
+    """A plans ``configurations`` mapping that fails the test instead of letting a lookup loop run forever."""
+
+    def __getitem__(self, key):
+        self.lookups = getattr(self, "lookups", 0) + 1
+        assert self.lookups < 1000, "configuration_of looped"
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("chain", [{"a": "a"}, {"a": "b", "b": "c", "c": "a"}, {"a": "missing"}])
+def test_nnunet_plans_whose_inheritance_cycles_or_dangles_are_refused(chain):
+    from segforge.inference.nnunet_model import configuration_of
+
+    configurations = _CountedLookups({name: {"inherits_from": parent, name: 1} for name, parent in chain.items()})
+    with pytest.raises(SegforgeError, match="plans.json: configuration 'a' inherits from .*Fix: correct `inherits_from`"):
+        configuration_of({"configurations": configurations}, "a")
+
+
+def test_nnunet_inheritance_fills_in_the_parents():
+    from segforge.inference.nnunet_model import configuration_of
+
+    plans = {"configurations": {"a": {"inherits_from": "b", "x": 1}, "b": {"inherits_from": "c", "x": 2, "y": 2},
+                                "c": {"z": 3, "y": 3}}}
+    assert configuration_of(plans, "a") == {"x": 1, "y": 2, "z": 3}
