@@ -78,3 +78,45 @@ def test_nnunet_inheritance_fills_in_the_parents():
     plans = {"configurations": {"a": {"inherits_from": "b", "x": 1}, "b": {"inherits_from": "c", "x": 2, "y": 2},
                                 "c": {"z": 3, "y": 3}}}
     assert configuration_of(plans, "a") == {"x": 1, "y": 2, "z": 3}
+
+
+def _session_members(sid: int) -> list[int]:
+    import os
+    from pathlib import Path
+
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z" and int(stat.parent.name) != os.getpid():
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_pool_workers_forkserver_and_tracker_die_with_a_sigkilled_parent(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import time\nfrom segforge.parallel import progress_map\n"
+              "for _ in progress_map(time.sleep, [(300,), (300,)], 2, 'sleep'):\n    pass\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_session_members(parent.pid)) < 4 and time.monotonic() < deadline:  # parent, forkserver, 2 workers
+            time.sleep(0.2)
+        assert len(_session_members(parent.pid)) >= 4, "the pool did not start"
+        os.kill(parent.pid, signal.SIGKILL)  # the parent only, as the OOM killer or a scheduler would
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while _session_members(parent.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _session_members(parent.pid) == []
+    finally:
+        for pid in _session_members(parent.pid):  # what the old code left running
+            os.kill(pid, signal.SIGKILL)
