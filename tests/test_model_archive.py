@@ -155,3 +155,57 @@ def test_a_malformed_archive_is_refused_in_words(tmp_path, case, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"segforge import-model: error: {archive}: ") and ("refused" in err or "not a segforge" in err)
     assert "Traceback" not in err and not dest.exists() and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("damage", ["no_state_dict", "unknown_configuration", "features_changed", "not_a_dict"])
+def test_predict_refuses_an_inconsistent_weights_file_in_words(trained, tmp_path, damage, capsys):
+    import shutil
+
+    import torch
+
+    dataset, model = trained
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = copy / "fold_0" / "model_final.pt"
+    payload = torch.load(weights, weights_only=True)
+    if damage == "no_state_dict":
+        del payload["state_dict"]
+    elif damage == "unknown_configuration":
+        payload["configuration"] = "3d_lowres"
+    elif damage == "features_changed":
+        payload["network"] = {**payload["network"],
+                              "features_per_stage": [2 * f for f in payload["network"]["features_per_stage"]]}
+    else:
+        payload = {"kind": "model_weights", "schema_version": 1, "network": [1, 2]}
+    torch.save(payload, weights)
+    out = tmp_path / "out"
+    assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "--model", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segforge predict: error: {weights}: ") and "Fix: re-run training or re-copy" in err
+    assert "Traceback" not in err and not list(out.glob("*.nii.gz"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickled"])
+def test_resume_from_an_unreadable_last_ckpt_is_refused_before_any_work(trained, tmp_path, damage, capsys):
+    """(Here for the trained fixture: a resumable run folder without training another.)"""
+    import pickle
+    import shutil
+
+    from conftest import tree_hash
+
+    dataset, model = trained
+    work = tmp_path / "work"
+    shutil.copytree(model.parents[3], work)
+    last = work / dataset.name / "results" / "segment" / "3d_fullres" / "fold_0" / "checkpoints" / "last.ckpt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    else:
+        last.write_bytes(pickle.dumps({"state_dict": {}, "loops": object.__new__(zipfile.ZipInfo)}))
+    before = tree_hash(work)
+    assert main(["train", str(dataset), f"paths.work_root={work}", "optim=adamw_cosine", "trainer.max_epochs=3",
+                 "data.iterations_per_epoch=4", "data.val_iterations=1", "trainer.accelerator=cpu",
+                 "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segforge train: error: {last}: cannot be read as a checkpoint") and "Traceback" not in err
+    assert "best.ckpt" in err and "nothing was run" in err
+    assert tree_hash(work) == before

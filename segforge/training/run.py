@@ -85,6 +85,21 @@ def latest_checkpoint(fold_dir: Path) -> str | None:
     return str(max(candidates, key=progress)) if candidates else None
 
 
+def check_resumable(path: Path) -> None:
+    """Refuse, before any work, a checkpoint a resume cannot read: cut short (a full disk, a copy stopped midway) or
+    holding pickled objects (``weights_only`` loading refuses them), naming the file and the way out."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        best = path.parent / "best.ckpt"
+        way_out = (f"`cp {best} {path}` to resume from the best epoch instead, or " if best.is_file() and best != path
+                   else "")
+        raise SegforgeError(f"{path}: cannot be read as a checkpoint ({str(exc).splitlines()[0][:200]}): it is cut short "
+                            "or holds pickled objects, so training cannot resume from it; nothing was run. Fix: "
+                            f"{way_out}delete it (and the fold folder {path.parent.parent}) to train the fold afresh, or "
+                            "choose another fold or paths.results_root") from exc
+
+
 def check_model_folder(model_dir: Path, copies: dict[Path, Path], contents: dict[Path, str] | None = None) -> None:
     """The folds of a model folder share its plans.json and dataset.json (and the task's files, e.g. diffusion.json):
     refuse to add one made from others."""
@@ -143,6 +158,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         raise SegforgeError(f"{fold_dir} already holds a run. Fix: resume=auto to continue it, or choose another fold "
                             "or paths.results_root (segforge never overwrites a run)")
     resume_from = latest_checkpoint(fold_dir) if str(cfg.resume) in ("auto", "True", "true") else None
+    if resume_from:
+        check_resumable(Path(resume_from))
     copies = {model_dir / "plans.json": workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}
     task_files = {model_dir / name: text for name, text in task.model_files().items()}
     check_model_folder(model_dir, copies, task_files)
