@@ -120,3 +120,45 @@ def test_pool_workers_forkserver_and_tracker_die_with_a_sigkilled_parent(tmp_pat
     finally:
         for pid in _session_members(parent.pid):  # what the old code left running
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("override, names", [
+    ("trainer.max_epochs=${oc.env:SEGFORGE_TEST_UNSET}", "Environment variable 'SEGFORGE_TEST_UNSET' not found"),
+    ("trainer.max_epochs=${nope.key}", "Interpolation key 'nope.key' not found"),
+    ("trainer.foo=1", "+trainer.foo=1"),
+])
+def test_an_override_hydra_or_omegaconf_refuses_is_one_line_naming_it(tmp_path, override, names, capsys):
+    assert main(["train", str(tmp_path / "absent"), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segforge train: error: bad override {override}: ") and names in err and "Fix: " in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+trainer.foo=1", "trainer.foo: not an option of Lightning's Trainer"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs='abc': must be a whole number >= 1"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0: must be a whole number >= 1"),
+    ("optim.lr=-1", "optim.lr=-1: must be a number > 0"),
+    ("optim.lr=nan", "optim.lr=nan: must be a number > 0"),
+    ("data.patch_size=[8,8]", "data.patch_size=[8, 8]: must be null (the plan's [8, 16, 16]) or 3 whole numbers"),
+    ("data.batch_size=0.5", "data.batch_size=0.5: must be null"),
+])
+def test_train_settings_of_the_wrong_type_or_range_are_refused_before_any_work(override, message):
+    from omegaconf import OmegaConf
+
+    from segforge.cli.main import compose_config
+    from segforge.training.settings import check_train_settings
+
+    cfg = compose_config("train", [override])
+    with pytest.raises(SegforgeError, match="^" + __import__("re").escape(message)):
+        check_train_settings(cfg, OmegaConf.to_container(cfg.trainer, resolve=True), {"dims": 3, "patch_size": [8, 16, 16]})
+    check_train_settings(compose_config("train", []), OmegaConf.to_container(compose_config("train", []).trainer),
+                         {"dims": 3, "patch_size": [8, 16, 16]})  # the defaults pass
+
+
+def test_a_dataset_json_nested_too_deeply_is_a_problem_not_a_crash(tmp_path):
+    from segforge.io.dataset import parse_dataset_json
+
+    (tmp_path / "dataset.json").write_text("[" * 100_000 + "]" * 100_000)
+    fields, problems = parse_dataset_json(tmp_path)
+    assert fields is None and "nested too deeply" in problems[0].message

@@ -37,6 +37,7 @@ from segforge.training.data import SegmentationDataModule
 from segforge.training.finetune import FINAL_WEIGHTS, load_initial_weights
 from segforge.training.requeue import RequeueOnSignal, slurm_requeue_wanted
 from segforge.training.schedules import ScheduleCallback, parse_duration
+from segforge.training.settings import check_train_settings
 from segforge.training.splits import check_splits, make_splits
 from segforge.training.tasks import label_setup, make_task, segmentation_network_kwargs  # noqa: F401  (re-exported)
 from segforge.workspace import Workspace
@@ -149,6 +150,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     if trainer_kwargs.get("precision") == "plan":  # the plan's measured choice (budget configurations), else float32
         trainer_kwargs["precision"] = plan_config.get("precision", "32-true")
     check_precision(trainer_kwargs)
+    check_train_settings(cfg, trainer_kwargs, plan_config)
 
     task = make_task(cfg, spec, plan_config, data_dir, manifest, plans)
     model_dir = workspace.model_dir(task.name, configuration)
