@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from segforge import __version__
 from segforge.errors import SegforgeError
+from segforge.io.artifacts import commit_temporary
 from segforge.io.storage import check_writable
 
 MANIFEST = "manifest.json"
@@ -117,7 +118,7 @@ def export_model(model_dir: Path, archive: Path, folds: list | None = None) -> d
             for name in members:
                 zf.write(model_dir / name, name)
             zf.writestr(MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, archive)
+        commit_temporary(tmp, archive)
     finally:
         tmp.unlink(missing_ok=True)
     return manifest

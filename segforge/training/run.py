@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from segforge.errors import SegforgeError
-from segforge.io.artifacts import read_json, stamp, write_json
+from segforge.io.artifacts import atomic_path, read_json, stamp, write_json
 from segforge.io.dataset import DatasetSpec
 from segforge.io.storage import check_writable
 from segforge.preprocessing.pipeline import plan_hash
@@ -310,6 +310,5 @@ def export_weights(path: Path, network: torch.nn.Module, kwargs: dict, configura
     payload = stamp("model_weights", {"configuration": configuration, "network": kwargs, **(extras or {}),
                                       "patch_size": plan_config["patch_size"],
                                       "state_dict": {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}})
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
