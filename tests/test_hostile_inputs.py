@@ -142,6 +142,8 @@ def test_an_override_hydra_or_omegaconf_refuses_is_one_line_naming_it(tmp_path, 
     ("optim.lr=nan", "optim.lr=nan: must be a number > 0"),
     ("data.patch_size=[8,8]", "data.patch_size=[8, 8]: must be null (the plan's [8, 16, 16]) or 3 whole numbers"),
     ("data.batch_size=0.5", "data.batch_size=0.5: must be null"),
+    ("num_folds=abc", "num_folds='abc': must be a whole number >= 2"),
+    ("fold=x", "fold='x': must be a whole number >= 0 or all"),
 ])
 def test_train_settings_of_the_wrong_type_or_range_are_refused_before_any_work(override, message):
     from omegaconf import OmegaConf

@@ -144,13 +144,13 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     if manifest is None or manifest["plan_hash"] != plan_hash(plans, configuration):
         raise SegforgeError(f"{data_dir}: preprocessed data is missing or from another plan. "
                             f"Fix: run `segforge preprocess {spec.root}`")
+    check_train_settings(cfg, OmegaConf.to_container(cfg.trainer, resolve=True), plan_config)
     train_ids, val_ids, splits = fold_case_ids(workspace, manifest["cases"], cfg.fold, int(cfg.num_folds), int(cfg.seed),
                                                cfg.get("split_groups"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kwargs.get("precision") == "plan":  # the plan's measured choice (budget configurations), else float32
         trainer_kwargs["precision"] = plan_config.get("precision", "32-true")
     check_precision(trainer_kwargs)
-    check_train_settings(cfg, trainer_kwargs, plan_config)
 
     task = make_task(cfg, spec, plan_config, data_dir, manifest, plans)
     model_dir = workspace.model_dir(task.name, configuration)

@@ -32,6 +32,9 @@ def check_train_settings(cfg, trainer_kwargs: dict, plan_config: dict) -> None:
                             f"its arguments, e.g. max_epochs, max_steps, precision, gradient_clip_val). Fix: remove "
                             f"the override +trainer.{unknown[0]}=..., or spell the option as Lightning does")
     checks = [
+        ("fold", cfg.get("fold"), cfg.get("fold") == "all" or _whole(cfg.get("fold"), 0), "a whole number >= 0 or all"),
+        ("num_folds", cfg.get("num_folds"), _whole(cfg.get("num_folds"), 2), "a whole number >= 2"),
+        ("seed", cfg.get("seed"), _whole(cfg.get("seed"), 0), "a whole number >= 0"),
         ("trainer.max_epochs", trainer_kwargs.get("max_epochs"), _whole(trainer_kwargs.get("max_epochs"), 1),
          "a whole number >= 1"),
         ("optim.lr", cfg.optim.get("lr"), _positive_number(cfg.optim.get("lr")), "a number > 0"),
