@@ -209,3 +209,27 @@ def test_resume_from_an_unreadable_last_ckpt_is_refused_before_any_work(trained,
     assert err.startswith(f"segforge train: error: {last}: cannot be read as a checkpoint") and "Traceback" not in err
     assert "best.ckpt" in err and "nothing was run" in err
     assert tree_hash(work) == before
+
+
+def test_import_flushes_every_member_and_folder_and_honours_the_umask(tmp_path, monkeypatch):
+    import os
+
+    from segforge.io.model_archive import import_model
+
+    archive = fake_archive(tmp_path / "m.zip", {**BASIC, "fold_0/validation/summary.json": b"{}"})
+    synced, real_fsync = set(), os.fsync
+
+    def recording_fsync(fd):
+        info = os.fstat(fd)
+        synced.add((info.st_dev, info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    previous = os.umask(0o027)
+    try:
+        dest = import_model(archive, tmp_path / "models" / "dest", max_expansion=20)
+    finally:
+        os.umask(previous)
+    paths = [dest.parent, dest, *dest.rglob("*")]
+    assert [str(p) for p in paths if (p.stat().st_dev, p.stat().st_ino) not in synced] == []
+    assert {p.stat().st_mode & 0o777 for p in dest.rglob("*") if p.is_file()} == {0o640}

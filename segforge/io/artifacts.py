@@ -7,6 +7,7 @@ which command produces a current one. No pickle anywhere: JSON, YAML, ``.npy`` a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -65,18 +66,23 @@ def create_temporary(path: Path, name: str | None = None) -> Path:
 
 
 def commit_temporary(tmp: Path, path: Path) -> None:
-    """Flush ``tmp`` to the disk, rename it to ``path``, and flush the folder's entry: after a crash or power cut
-    the folder holds the old file or the complete new one, never an empty or partial file under the final name."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Flush ``tmp`` (a file, or a folder's entries) to the disk, rename it to ``path``, and flush the folder's entry:
+    after a crash or power cut the folder holds the old file or the complete new one, never an empty or partial file
+    under the final name."""
+    if os.name == "posix" or not Path(tmp).is_dir():
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     os.replace(tmp, path)
     if os.name == "posix":  # a folder cannot be opened for fsync on Windows (its renames are durable as they are)
         fd = os.open(Path(path).parent, os.O_RDONLY)
         try:
             os.fsync(fd)
+        except OSError as exc:  # some network and FUSE file systems cannot fsync a folder: the file is safe already
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+                raise
         finally:
             os.close(fd)
 

@@ -219,6 +219,8 @@ def import_model(archive: Path, destination: Path, max_expansion: float = 20, ma
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with open(target, "xb") as handle:
                         _stream_member(zf, name, files[name], handle)
+                        handle.flush()
+                        os.fsync(handle.fileno())
                 except SegforgeError as exc:
                     raise SegforgeError(f"{archive}: {exc}") from exc
                 except OSError as exc:
@@ -226,8 +228,18 @@ def import_model(archive: Path, destination: Path, max_expansion: float = 20, ma
                         raise
                     raise SegforgeError(f"{archive}: member {name[:80]!r} cannot be unpacked as a file "
                                         f"({exc.strerror}); refused (not an archive export-model writes)") from exc
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, destination)
+        with open(tmp / MANIFEST, "x") as handle:
+            handle.write(json.dumps(manifest, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if os.name == "posix":  # the entries of the sub-folders (fold_0/...), deepest first; commit flushes tmp's own
+            for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        commit_temporary(tmp, destination)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return destination
