@@ -3,9 +3,12 @@
 An archive holds what prediction needs and what says how the model was made: plans.json, dataset.json,
 postprocessing.json (if any), and per chosen fold ``model_final.pt`` with its config.yaml, overrides.yaml,
 network.yaml, training_summary.json and validation summary; plus ``manifest.json`` with the SHA-256 and size of every
-file. Import checks, before anything is written, that every member is listed with its exact hash and size, that
-no name is absolute or climbs out of the folder, and that nothing unlisted is there; a tampered archive is refused.
-Both directions write under a temporary name and rename, and never overwrite an existing file or folder.
+file. Import checks, before anything is written, that the manifest has that shape, that every member is listed with
+its exact size, that no name is absolute, climbs out of the folder or is both a file and a folder, that nothing
+unlisted is there, that the members unpack to at most ``max_expansion`` times the archive (a zip bomb) and fit in the
+free space; it then streams each member to a temporary folder, checking its SHA-256 as it writes (never a member
+whole in memory). A tampered archive is refused. Both directions write under a temporary name, flush and rename, and
+never overwrite an existing file or folder.
 """
 
 from __future__ import annotations
