@@ -47,7 +47,10 @@ def _worker_init(owner_pid: int, poll_s: float) -> None:
         import signal
 
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # a libc without prctl: the watch below still ends the worker
+            pass
     if sys.platform != "win32":  # the owner is not the worker's parent, so poll it (os.kill(pid, 0) is a signal on Windows)
         threading.Thread(target=_exit_when_gone, args=(owner_pid, poll_s), daemon=True,
                          name="segforge-owner-watch").start()
