@@ -210,3 +210,52 @@ def test_save_npy_atomic_interrupted_keeps_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     np.testing.assert_array_equal(np.load(path), np.ones(3))
     assert os.listdir(tmp_path) == ["case.npy"]
+
+
+def _write_with(writer: str, path: Path) -> None:
+    import torch
+
+    from segforge.io.artifacts import save_npy_atomic, write_json
+    from segforge.io.image import Geometry, write_image
+    from segforge.training.callbacks import AtomicCheckpointIO
+    from segforge.training.run import export_weights
+
+    if writer == "write_json":
+        write_json(path, {"a": 1})
+    elif writer == "save_npy_atomic":
+        save_npy_atomic(path, np.arange(3))
+    elif writer == "export_weights":
+        export_weights(path, torch.nn.Linear(2, 2), {}, "3d_fullres", {"patch_size": [2, 2, 2]})
+    elif writer == "checkpoint":
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    else:
+        write_image(path, np.zeros((2, 3, 4), np.float32), Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                                                                     (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)))
+
+
+@pytest.mark.parametrize("writer, name", [("write_json", "plans.json"), ("save_npy_atomic", "case.npy"),
+                                          ("export_weights", "model_final.pt"), ("checkpoint", "last.ckpt"),
+                                          ("write_image", "case.nii.gz")])
+def test_every_writer_flushes_file_and_folder_and_honours_the_umask(tmp_path, monkeypatch, writer, name):
+    """Durable (a power cut leaves the old file or the whole new one: the file and then its folder entry are
+    fsynced) and readable by whom the umask allows (temporary files were created 0600)."""
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        info = os.fstat(fd)
+        synced.append((info.st_dev, info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    path = tmp_path / "out" / name
+    path.parent.mkdir()
+    previous = os.umask(0o027)
+    try:
+        _write_with(writer, path)
+    finally:
+        os.umask(previous)
+    file_info, folder_info = path.stat(), path.parent.stat()
+    assert (file_info.st_dev, file_info.st_ino) in synced, "the file was not fsynced"
+    assert (folder_info.st_dev, folder_info.st_ino) in synced, "its folder was not fsynced after the rename"
+    assert file_info.st_mode & 0o777 == 0o640
+    assert leftovers(path.parent) == []

@@ -72,3 +72,164 @@ def test_a_tampered_archive_is_refused(trained, tmp_path, tamper, capsys):
     assert "refused" in capsys.readouterr().err
     assert not target.exists() and not (tmp_path / "escape.txt").exists()
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def fake_archive(path: Path, members: dict, manifest=None, compression=zipfile.ZIP_DEFLATED) -> Path:
+    """A zip laid out like export-model's, with ``members`` (name: bytes) and their manifest (or ``manifest``)."""
+    import hashlib
+    import json
+
+    files = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in members.items()}
+    if manifest is None:
+        manifest = {"kind": "model_archive", "schema_version": 1, "files": files}
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        zf.writestr("manifest.json", json.dumps(manifest))
+    return path
+
+
+BASIC = {"plans.json": b"{}", "fold_0/model_final.pt": b"weights"}
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path, capsys):
+    archive = fake_archive(tmp_path / "bomb.zip", {**BASIC, "fold_0/config.yaml": bytes(8 * 2**20)})
+    assert archive.stat().st_size < 2**17
+    dest = tmp_path / "dest"
+    assert main(["import-model", str(archive), str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert "refused (a zip bomb?)" in err and "max_bytes=" in err and "Traceback" not in err
+    assert not dest.exists() and [p.name for p in tmp_path.iterdir()] == ["bomb.zip"]
+
+
+def test_members_are_streamed_not_read_whole(tmp_path):
+    import tracemalloc
+
+    from segforge.io.model_archive import import_model
+
+    size = 16 * 2**20
+    archive = fake_archive(tmp_path / "big.zip", {**BASIC, "fold_0/config.yaml": bytes(size)})
+    tracemalloc.start()
+    try:
+        import_model(archive, tmp_path / "dest", max_expansion=20, max_bytes=2 * size)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (tmp_path / "dest" / "fold_0" / "config.yaml").stat().st_size == size
+    assert peak < size / 4  # never the member whole in memory (it was read twice: 2 x size)
+
+
+def test_import_checks_free_space_first(tmp_path, monkeypatch, capsys):
+    import shutil as shutil_module
+
+    from segforge.io import storage
+
+    archive = fake_archive(tmp_path / "m.zip", BASIC)
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda _: usage._replace(free=3))
+    assert main(["import-model", str(archive), str(tmp_path / "dest")]) == 3
+    assert "needs about" in capsys.readouterr().err and not (tmp_path / "dest").exists()
+
+
+@pytest.mark.parametrize("case", ["file_shadows_folder", "long_name", "manifest_list", "bytes_not_a_number",
+                                  "files_not_a_dict", "dot_segment"])
+def test_a_malformed_archive_is_refused_in_words(tmp_path, case, capsys):
+    members, manifest = dict(BASIC), None
+    if case == "file_shadows_folder":
+        members["fold_0/validation"] = b"a file where a folder must be"
+        members["fold_0/validation/summary.json"] = b"{}"
+    elif case == "long_name":
+        members["fold_0/" + "x" * 300] = b"long"
+    elif case == "manifest_list":
+        manifest = ["plans.json"]
+    elif case == "bytes_not_a_number":
+        manifest = {"kind": "model_archive", "schema_version": 1,
+                    "files": {name: {"sha256": "0" * 64, "bytes": "many"} for name in members}}
+    elif case == "files_not_a_dict":
+        manifest = {"kind": "model_archive", "schema_version": 1, "files": list(members)}
+    elif case == "dot_segment":
+        members["fold_0/./config.yaml"] = b"x"
+    archive = fake_archive(tmp_path / "bad.zip", members, manifest)
+    dest = tmp_path / "dest"
+    assert main(["import-model", str(archive), str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segforge import-model: error: {archive}: ") and ("refused" in err or "not a segforge" in err)
+    assert "Traceback" not in err and not dest.exists() and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("damage", ["no_state_dict", "unknown_configuration", "features_changed", "not_a_dict"])
+def test_predict_refuses_an_inconsistent_weights_file_in_words(trained, tmp_path, damage, capsys):
+    import shutil
+
+    import torch
+
+    dataset, model = trained
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = copy / "fold_0" / "model_final.pt"
+    payload = torch.load(weights, weights_only=True)
+    if damage == "no_state_dict":
+        del payload["state_dict"]
+    elif damage == "unknown_configuration":
+        payload["configuration"] = "3d_lowres"
+    elif damage == "features_changed":
+        payload["network"] = {**payload["network"],
+                              "features_per_stage": [2 * f for f in payload["network"]["features_per_stage"]]}
+    else:
+        payload = {"kind": "model_weights", "schema_version": 1, "network": [1, 2]}
+    torch.save(payload, weights)
+    out = tmp_path / "out"
+    assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "--model", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segforge predict: error: {weights}: ") and "Fix: re-run training or re-copy" in err
+    assert "Traceback" not in err and not list(out.glob("*.nii.gz"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickled"])
+def test_resume_from_an_unreadable_last_ckpt_is_refused_before_any_work(trained, tmp_path, damage, capsys):
+    """(Here for the trained fixture: a resumable run folder without training another.)"""
+    import pickle
+    import shutil
+
+    from conftest import tree_hash
+
+    dataset, model = trained
+    work = tmp_path / "work"
+    shutil.copytree(model.parents[3], work)
+    last = work / dataset.name / "results" / "segment" / "3d_fullres" / "fold_0" / "checkpoints" / "last.ckpt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    else:
+        last.write_bytes(pickle.dumps({"state_dict": {}, "loops": object.__new__(zipfile.ZipInfo)}))
+    before = tree_hash(work)
+    assert main(["train", str(dataset), f"paths.work_root={work}", "optim=adamw_cosine", "trainer.max_epochs=3",
+                 "data.iterations_per_epoch=4", "data.val_iterations=1", "trainer.accelerator=cpu",
+                 "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segforge train: error: {last}: cannot be read as a checkpoint") and "Traceback" not in err
+    assert "best.ckpt" in err and "nothing was run" in err
+    assert tree_hash(work) == before
+
+
+def test_import_flushes_every_member_and_folder_and_honours_the_umask(tmp_path, monkeypatch):
+    import os
+
+    from segforge.io.model_archive import import_model
+
+    archive = fake_archive(tmp_path / "m.zip", {**BASIC, "fold_0/validation/summary.json": b"{}"})
+    synced, real_fsync = set(), os.fsync
+
+    def recording_fsync(fd):
+        info = os.fstat(fd)
+        synced.add((info.st_dev, info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    previous = os.umask(0o027)
+    try:
+        dest = import_model(archive, tmp_path / "models" / "dest", max_expansion=20)
+    finally:
+        os.umask(previous)
+    paths = [dest.parent, dest, *dest.rglob("*")]
+    assert [str(p) for p in paths if (p.stat().st_dev, p.stat().st_ino) not in synced] == []
+    assert {p.stat().st_mode & 0o777 for p in dest.rglob("*") if p.is_file()} == {0o640}

@@ -232,6 +232,7 @@ def run_predict(args, cfg, overrides) -> int:
     from segforge.inference.folder import parse_part, predict_folder
     from segforge.inference.postprocessing import apply_postprocessing, load_rules
     from segforge.inference.predictor import Ensemble, Predictor
+    from segforge.inference.sliding_window import check_step_size
 
     input_path, output = Path(args.input), Path(args.output)
     if not input_path.exists():
@@ -243,7 +244,7 @@ def run_predict(args, cfg, overrides) -> int:
 
     check_writable(output, what="prediction", setting="-o OUT", create=False)  # an unwritable -o fails before any model is loaded
     folds = list(cfg.predict.folds) if cfg.predict.folds is not None else None
-    predictors = [Predictor.from_model_dir(model, folds=folds, device=cfg.predict.device, step_size=float(cfg.predict.step_size),
+    predictors = [Predictor.from_model_dir(model, folds=folds, device=cfg.predict.device, step_size=check_step_size(cfg.predict.step_size),
                                            mirror=bool(cfg.predict.mirror), sw_batch_size=int(cfg.predict.sw_batch_size),
                                            accumulate=str(cfg.predict.accumulate))
                   for model in args.model]
@@ -288,10 +289,12 @@ def _report(output: Path, results, what: str) -> int:
 
 def run_sample(args, cfg, overrides) -> int:
     from segforge.inference.generate import sample_from_masks, sample_images
+    from segforge.inference.sliding_window import check_step_size
 
     model = _generation(args, cfg)
     output, gen = Path(args.output), cfg.generate
-    common = dict(steps=cfg.steps, sampler=cfg.sampler, seed=int(cfg.seed), step_size=float(gen.step_size),
+    common = dict(steps=cfg.steps, sampler=cfg.sampler, seed=int(cfg.seed),
+                  step_size=check_step_size(gen.step_size, "generate.step_size"),
                   sw_batch_size=int(gen.sw_batch_size))
     if args.masks:
         if not Path(args.masks).exists():
@@ -309,6 +312,7 @@ def run_sample(args, cfg, overrides) -> int:
 
 def run_denoise(args, cfg, overrides) -> int:
     from segforge.inference.generate import denoise_folder
+    from segforge.inference.sliding_window import check_step_size
 
     if Path(args.input).exists() and Path(args.output).resolve() == Path(args.input).resolve():
         raise SegforgeError(f"{args.output}: output folder is the input folder (inputs are never overwritten). "
@@ -317,7 +321,8 @@ def run_denoise(args, cfg, overrides) -> int:
     gen = cfg.generate
     intensity_range = list(cfg.intensity_range) if cfg.intensity_range is not None else None
     results = denoise_folder(model, Path(args.input), Path(args.output), float(cfg.sigma), str(cfg.sigma_units),
-                             intensity_range, int(cfg.steps), cfg.sampler, int(cfg.seed), float(gen.step_size),
+                             intensity_range, int(cfg.steps), cfg.sampler, int(cfg.seed),
+                             check_step_size(gen.step_size, "generate.step_size"),
                              int(gen.sw_batch_size))
     save_config(Path(args.output), "denoise", cfg, overrides)
     return _report(Path(args.output), results, "denoised case(s)")
@@ -366,7 +371,7 @@ def run_export_model(args, cfg, overrides) -> int:
 def run_import_model(args, cfg, overrides) -> int:
     from segforge.io.model_archive import import_model
 
-    folder = import_model(Path(args.archive), Path(args.destination))
+    folder = import_model(Path(args.archive), Path(args.destination), cfg.max_expansion, cfg.max_bytes)
     print(f"model folder: {folder}\npredict with: segforge predict -i IMAGES -o OUT --model {folder}")
     return 0
 

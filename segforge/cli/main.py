@@ -112,11 +112,32 @@ def compose_config(config_name: str, overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from omegaconf import OmegaConf
+
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=config_name):
-            return compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides)
+        OmegaConf.to_container(cfg, resolve=True)  # an interpolation that cannot resolve fails now, not mid-run
+        return cfg
     except (HydraException, OmegaConfBaseException) as exc:
-        raise SegforgeError(f"bad override in {overrides}: {exc}") from exc
+        raise SegforgeError(override_error(exc, overrides)) from exc
+
+
+def override_error(exc: Exception, overrides: list[str]) -> str:
+    """One line naming the override Hydra or OmegaConf refused, what is wrong and the fix."""
+    key = str(getattr(exc, "full_key", None) or "")
+    text = str(getattr(exc, "msg", None) or exc).split("\nConfig search path")[0]  # Hydra's search path says nothing to a user
+    detail = "; ".join(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
+        ("full_key:", "object_type=", "reference_type=")))
+    named = [o for o in overrides if (key and o.lstrip("+~").split("=", 1)[0] == key) or
+             (not key and f"'{o.lstrip('+~').split('=', 1)[0]}'" in text) or o in text]
+    if "Interpolation" in type(exc).__name__ or "interpolation" in text.lower():
+        fix = ("set the environment variable, or give a default: ${oc.env:NAME,DEFAULT}" if "Environment variable" in text
+               else "refer to a setting that exists (`--cfg job` prints them)")
+    else:
+        fix = "correct it (`--cfg job` prints every setting; a new key needs a leading +)"
+    where = named[0] if named else (key or ", ".join(overrides) or "the config")
+    return f"bad override {where}: {detail}. Fix: {fix}"
 
 
 def split_overrides(args: argparse.Namespace) -> list[str]:

@@ -27,7 +27,7 @@ from torch import nn
 from segforge.diffusion.process import PROCESS_FILE
 from segforge.errors import SegforgeError
 from segforge.inference.sliding_window import sliding_window
-from segforge.io.artifacts import check_header, read_json, write_json
+from segforge.io.artifacts import read_json, write_json
 from segforge.training.finetune import FINAL_WEIGHTS
 
 log = logging.getLogger("segforge")
@@ -120,7 +120,7 @@ class DenoisingModel:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, fold=None, device: str = "auto") -> "DenoisingModel":
-        from segforge.inference.predictor import build_network, select_device
+        from segforge.inference.predictor import load_network, read_weights, select_device
         from segforge.nn.denoiser import Denoiser
 
         model_dir = Path(model_dir)
@@ -136,11 +136,7 @@ class DenoisingModel:
             raise SegforgeError(f"{model_dir}: no fold_*/{FINAL_WEIGHTS}{f' for fold {fold}' if fold is not None else ''}. "
                                 "Fix: pass the model folder of a finished `segforge train DATASET task=denoise` run")
         source = folds[0] / FINAL_WEIGHTS
-        try:
-            payload = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise SegforgeError(f"{source}: cannot load weights ({exc}). Fix: re-run training or re-copy the model") from exc
-        check_header(payload, "model_weights", str(source))
+        payload = read_weights(source)
         if not isinstance(payload, dict) or payload.get("task") != "denoise" or "diffusion" not in payload:
             task = payload.get("task", "segment") if isinstance(payload, dict) else type(payload).__name__
             raise SegforgeError(f"{source}: is not a denoising model (task {task!r}). Fix: "
@@ -149,23 +145,13 @@ class DenoisingModel:
             raise SegforgeError(f"{model_dir / PROCESS_FILE}: differs from the process {source} was trained with "
                                 f"({json.dumps(payload['diffusion'])}); the model is refused. Fix: restore the file "
                                 "from the training run")
-        missing = [key for key in ("network", "state_dict", "configuration", "sampling") if key not in payload]
         sampling = payload.get("sampling")
-        if not missing and not (isinstance(sampling, dict) and {"sampler", "steps"} <= set(sampling)):
-            missing = ["sampling.sampler", "sampling.steps"]
-        if not missing and payload["configuration"] not in plans.get("configurations", {}):
-            missing = [f"configuration {payload['configuration']!r} in plans.json"]
-        if missing:
-            raise SegforgeError(f"{source}: incomplete denoising weights (no {', '.join(map(str, missing))}). Fix: "
+        if not (isinstance(sampling, dict) and {"sampler", "steps"} <= set(sampling)):
+            raise SegforgeError(f"{source}: incomplete denoising weights (no sampling.sampler, sampling.steps). Fix: "
                                 "re-run training or re-copy the model folder")
-        network = build_network(payload["network"], source)
+        network = load_network(payload, plans, source, "denoising")
         if not isinstance(network, Denoiser):
             raise SegforgeError(f"{source}: its network is not a denoiser. Fix: use a model trained with task=denoise")
-        try:
-            network.load_state_dict(payload["state_dict"])
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            raise SegforgeError(f"{source}: the weights do not fit the network they describe ({str(exc)[:300]}). "
-                                "Fix: re-run training or re-copy the model folder") from exc
         return cls(model_dir, plans, dataset_json, payload, network, process, select_device(device))
 
     def model_fn(self, cond: torch.Tensor | None = None, step_size: float = 0.5, sw_batch_size: int = 2,

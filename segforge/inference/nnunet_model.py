@@ -56,10 +56,16 @@ def configuration_of(plans: dict, name: str) -> dict:
     configurations = plans["configurations"]
     if name not in configurations:
         raise SegforgeError(f"configuration {name!r} is not in the nnU-Net plans; it has {sorted(configurations)}")
-    conf = dict(configurations[name])
+    conf, chain = dict(configurations[name]), [name]
     while "inherits_from" in conf:
-        parent = configurations[conf.pop("inherits_from")]
-        conf = {**parent, **conf}
+        parent_name = conf.pop("inherits_from")
+        if parent_name in chain or parent_name not in configurations:
+            what = "a cycle" if parent_name in chain else f"{parent_name!r}, which is not in the plans"
+            raise SegforgeError(f"plans.json: configuration {name!r} inherits from {what} "
+                                f"({' -> '.join(map(repr, [*chain, parent_name]))}). Fix: correct `inherits_from` "
+                                "in the model folder's plans.json (copy it again from nnU-Net's results folder)")
+        chain.append(parent_name)
+        conf = {**configurations[parent_name], **conf}
     return conf
 
 

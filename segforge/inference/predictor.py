@@ -65,6 +65,35 @@ def check_input(model, image: np.ndarray, geometry: Geometry, names: list | None
     return replace_nonfinite(image, names, copy=copy)
 
 
+def read_weights(source: Path) -> dict:
+    """The payload of a ``model_final.pt`` (loaded as data only), refused in words when unreadable or not segforge's."""
+    try:
+        payload = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SegforgeError(f"{source}: cannot load weights ({exc}). Fix: re-run training or re-copy the model") from exc
+    check_header(payload, "model_weights", str(source))
+    return payload
+
+
+def load_network(payload: dict, plans: dict, source: Path, what: str = "segmentation") -> torch.nn.Module:
+    """The network ``payload`` (of the weights file ``source``) describes, with its weights loaded. A file that lacks
+    a key, names a configuration the model's plans.json lacks, or holds weights of other shapes (e.g. a changed
+    ``features_per_stage``) is refused, naming the file and the fix (predict and denoise word these alike)."""
+    missing = [key for key in ("network", "state_dict", "configuration") if key not in payload]
+    if not missing and payload["configuration"] not in plans.get("configurations", {}):
+        missing = [f"configuration {payload['configuration']!r} in plans.json"]
+    if missing:
+        raise SegforgeError(f"{source}: incomplete {what} weights (no {', '.join(map(str, missing))}). Fix: "
+                            "re-run training or re-copy the model folder")
+    try:
+        network = build_network(payload["network"], source)
+        network.load_state_dict(payload["state_dict"])
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        raise SegforgeError(f"{source}: the weights do not fit the network they describe ({str(exc)[:300]}). "
+                            "Fix: re-run training or re-copy the model folder") from exc
+    return network
+
+
 def build_network(spec: dict, source) -> torch.nn.Module:
     """The network a weights file describes, built from an allow-list, never through a class path taken from the
     file: a model folder from elsewhere is data, and ``_target_`` (at any depth) would otherwise name any callable."""
@@ -153,16 +182,11 @@ class Predictor:
         networks, configuration, trained = [], None, {}
         for fold_dir in fold_dirs:
             source = fold_dir / FINAL_WEIGHTS
-            try:
-                payload = torch.load(source, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise SegforgeError(f"{source}: cannot load weights ({exc}). Fix: re-run training or re-copy the model") from exc
-            check_header(payload, "model_weights", str(source))
+            payload = read_weights(source)
             if payload.get("task", "segment") != "segment":  # e.g. a denoiser: it takes a time, predicts no classes
                 raise SegforgeError(f"{source}: is a {payload['task']} model, not a segmentation model. Fix: use "
                                     "`segforge sample` / `segforge denoise` with it, or a model trained with task=segment")
-            network = build_network(payload["network"], source)
-            network.load_state_dict(payload["state_dict"])
+            network = load_network(payload, plans, source)
             networks.append(network)
             configuration = payload["configuration"]
             trained[fold_dir.name] = trained_windows(payload, plans, source)

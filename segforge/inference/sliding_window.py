@@ -26,8 +26,24 @@ AUTO_HALF_BYTES = 512 * 2**20  # accumulate="auto": float16 once a float32 buffe
 CENTRE_WEIGHT = 10.0  # the Gaussian's weight at the window centre (nnU-Net's; it keeps float16 sums precise)
 
 
+def check_step_size(step_size, setting: str = "predict.step_size") -> float:
+    """``step_size`` as a float in (0, 1]; else a SegforgeError naming ``setting``. Above 1 windows would leave gaps
+    (voxels no window covers, predicted as background without a word); 0 or less never advances."""
+    from segforge.errors import SegforgeError
+
+    try:
+        value = float(step_size)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(step_size, bool) or not 0 < value <= 1:
+        raise SegforgeError(f"{setting}={step_size}: the sliding-window step must be a fraction of the patch in (0, 1] "
+                            f"(1: windows touch, 0.5: they overlap by half). Fix: {setting}=0.5")
+    return value
+
+
 def window_starts(size: int, patch: int, step_size: float) -> list[int]:
     """Window origins along one axis: evenly spread from 0 to ``size - patch``, at most ``step_size * patch`` apart."""
+    step_size = check_step_size(step_size, "step_size")
     if size <= patch:
         return [0]
     steps = int(math.ceil((size - patch) / (patch * step_size))) + 1

@@ -7,9 +7,11 @@ which command produces a current one. No pickle anywhere: JSON, YAML, ``.npy`` a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,24 +54,63 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the complete new one, never a part."""
+def create_temporary(path: Path, name: str | None = None) -> Path:
+    """A new empty file beside ``path`` (``name``, default ``.tmp-NAME-RANDOM``) for a writer to fill, created with the
+    mode any new file gets here (0o666 less the umask; ``mkstemp``'s 0600 made every artifact unreadable to the
+    colleagues the umask lets in)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    tmp = path.with_name(name or f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the kernel applies the umask
+    return tmp
+
+
+def commit_temporary(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` (a file, or a folder's entries) to the disk, rename it to ``path``, and flush the folder's entry:
+    after a crash or power cut the folder holds the old file or the complete new one, never an empty or partial file
+    under the final name."""
+    if os.name == "posix" or not Path(tmp).is_dir():
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, path)
+    if os.name == "posix":  # a folder cannot be opened for fsync on Windows (its renames are durable as they are)
+        fd = os.open(Path(path).parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # some network and FUSE file systems cannot fsync a folder: the file is safe already
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+                raise
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path, name: str | None = None):
+    """The temporary path (see ``create_temporary``) that a writer fills with ``path``'s new content: committed
+    (``commit_temporary``) when the block completes, removed when it fails; a storage failure (full disk, quota,
+    permissions) is re-raised as a worded ``StorageError``. Every segforge writer goes through here."""
+    path = Path(path)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        tmp = create_temporary(path, name)
+        yield tmp
+        commit_temporary(tmp, path)
     except BaseException as exc:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
         error = storage_error(exc, path)
         if error is None:
             raise
         raise error from exc
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the complete new one, never a part."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -124,17 +165,5 @@ def check_header(data: dict, kind: str, source: str) -> None:
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     """``np.save`` through a temporary file and a rename (the result is memory-mappable and pickle-free)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        error = storage_error(exc, path)
-        if error is None:
-            raise
-        raise error from exc
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)

@@ -131,6 +131,9 @@ def parse_dataset_json(root: Path, require_labels: bool = True) -> tuple[dict | 
         raw = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return None, [Problem(str(path), f"is not valid JSON ({exc})", DATASET_JSON_FIX)]
+    except RecursionError:  # e.g. 100,000 nested brackets: Python's parser gives up
+        return None, [Problem(str(path), "is nested too deeply to read (no dataset.json needs more than a few levels)",
+                              DATASET_JSON_FIX)]
     if not isinstance(raw, dict):
         return None, [Problem(str(path), "must hold a JSON object", DATASET_JSON_FIX)]
     problems = []

@@ -315,6 +315,8 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) 
     The file appears complete or not at all: it is written under a temporary name in the same folder and
     renamed into place.
     """
+    from segforge.io.artifacts import commit_temporary
+
     path = Path(path)
     ending = file_ending(path)
     if not ending:
@@ -336,7 +338,7 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) 
         else:
             _write_sitk(tmp, array, geometry)
         _verify_written(tmp, path, array)
-        os.replace(tmp, path)
+        commit_temporary(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -347,6 +349,8 @@ def _write_header_and_data(path: Path, array: np.ndarray, geometry: Geometry) ->
     folder, checked, and moved out data first, header last (a header that exists points at complete data)."""
     import shutil
 
+    from segforge.io.artifacts import commit_temporary
+
     folder = path.with_name(f".tmp-{os.getpid()}-{path.name}.d")
     folder.mkdir(exist_ok=True)
     try:
@@ -355,8 +359,8 @@ def _write_header_and_data(path: Path, array: np.ndarray, geometry: Geometry) ->
         _verify_written(inner, path, array)
         for data in folder.iterdir():
             if data.name != path.name:
-                os.replace(data, path.parent / data.name)
-        os.replace(inner, path)
+                commit_temporary(data, path.parent / data.name)
+        commit_temporary(inner, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

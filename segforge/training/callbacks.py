@@ -15,8 +15,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from segforge.io.artifacts import atomic_write_bytes, atomic_write_text
-from segforge.io.storage import storage_error
+from segforge.io.artifacts import atomic_path, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("segforge")
 
@@ -26,18 +25,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        try:
+        with atomic_path(path, f".tmp-{os.getpid()}-{path.name}") as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        except Exception as exc:
-            error = storage_error(exc, path)
-            if error is None:
-                raise
-            raise error from exc
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 class BestCheckpoint(L.Callback):
@@ -136,10 +125,9 @@ def plot_progress(history: list[dict], path: Path) -> None:
     axes[2].set_ylabel("epoch time (s)")
     axes[2].set_xlabel("epoch")
     figure.tight_layout()
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    figure.savefig(tmp, format="png", dpi=80)
+    with atomic_path(path, f".tmp-{os.getpid()}-{path.name}") as tmp:
+        figure.savefig(tmp, format="png", dpi=80)
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 class RunFolderWriter(L.Callback):

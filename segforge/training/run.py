@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from segforge.errors import SegforgeError
-from segforge.io.artifacts import read_json, stamp, write_json
+from segforge.io.artifacts import atomic_path, read_json, stamp, write_json
 from segforge.io.dataset import DatasetSpec
 from segforge.io.storage import check_writable, remove_stale_temporaries
 from segforge.planning.precision import check_step_memory, training_precision
@@ -37,7 +37,8 @@ from segforge.training.data import SegmentationDataModule
 from segforge.training.finetune import FINAL_WEIGHTS, load_initial_weights
 from segforge.training.requeue import RequeueOnSignal, slurm_requeue_wanted
 from segforge.training.schedules import ScheduleCallback, parse_duration
-from segforge.training.splits import make_splits
+from segforge.training.settings import check_train_settings
+from segforge.training.splits import check_splits, make_splits
 from segforge.training.tasks import label_setup, make_task, segmentation_network_kwargs  # noqa: F401  (re-exported)
 from segforge.workspace import Workspace
 
@@ -52,11 +53,11 @@ def fold_case_ids(workspace: Workspace, case_ids: list[str], fold, num_folds: in
     if str(fold) == "all":
         return sorted(case_ids), [], None
     if workspace.splits_path.is_file():
-        splits = read_json(workspace.splits_path)
-        unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
-        if unknown:
-            raise SegforgeError(f"{workspace.splits_path} names case(s) not in the dataset: {unknown[:5]}. "
-                                "Fix: correct the file, or delete it to have a new split made")
+        try:
+            splits = check_splits(read_json(workspace.splits_path), workspace.splits_path, case_ids, num_folds,
+                                  group_pattern)
+        except ValueError as exc:
+            raise SegforgeError(f"{exc}") from exc
     else:
         try:
             splits = make_splits(case_ids, num_folds, seed, group_pattern)
@@ -83,6 +84,21 @@ def latest_checkpoint(fold_dir: Path) -> str | None:
         return step, path.name.startswith("hpc_ckpt_"), path.stat().st_mtime_ns
 
     return str(max(candidates, key=progress)) if candidates else None
+
+
+def check_resumable(path: Path) -> None:
+    """Refuse, before any work, a checkpoint a resume cannot read: cut short (a full disk, a copy stopped midway) or
+    holding pickled objects (``weights_only`` loading refuses them), naming the file and the way out."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        best = path.parent / "best.ckpt"
+        way_out = (f"`cp {best} {path}` to resume from the best epoch instead, or " if best.is_file() and best != path
+                   else "")
+        raise SegforgeError(f"{path}: cannot be read as a checkpoint ({str(exc).splitlines()[0][:200]}): it is cut short "
+                            "or holds pickled objects, so training cannot resume from it; nothing was run. Fix: "
+                            f"{way_out}delete it (and the fold folder {path.parent.parent}) to train the fold afresh, or "
+                            "choose another fold or paths.results_root") from exc
 
 
 def check_model_folder(model_dir: Path, copies: dict[Path, Path], contents: dict[Path, str] | None = None) -> None:
@@ -128,6 +144,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     if manifest is None or manifest["plan_hash"] != plan_hash(plans, configuration):
         raise SegforgeError(f"{data_dir}: preprocessed data is missing or from another plan. "
                             f"Fix: run `segforge preprocess {spec.root}`")
+    check_train_settings(cfg, OmegaConf.to_container(cfg.trainer, resolve=True), plan_config)
     train_ids, val_ids, splits = fold_case_ids(workspace, manifest["cases"], cfg.fold, int(cfg.num_folds), int(cfg.seed),
                                                cfg.get("split_groups"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -149,6 +166,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         raise SegforgeError(f"{fold_dir} already holds a run. Fix: resume=auto to continue it, or choose another fold "
                             "or paths.results_root (segforge never overwrites a run)")
     resume_from = latest_checkpoint(fold_dir) if str(cfg.resume) in ("auto", "True", "true") else None
+    if resume_from:
+        check_resumable(Path(resume_from))
     copies = {model_dir / "plans.json": workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}
     task_files = {model_dir / name: text for name, text in task.model_files().items()}
     check_model_folder(model_dir, copies, task_files)
@@ -305,6 +324,5 @@ def export_weights(path: Path, network: torch.nn.Module, kwargs: dict, configura
                                       "patch_size": [int(p) for p in (patch_size or plan_config["patch_size"])],
                                       "mirror_axes": [int(a) for a in axes],
                                       "state_dict": {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}})
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)

@@ -43,3 +43,28 @@ def make_splits(case_ids: list[str], num_folds: int, seed: int, group_pattern: s
             min(folds, key=len).extend(groups[key])
     return [{"train": sorted(c for j, f in enumerate(folds) if j != k for c in f), "val": sorted(folds[k])}
             for k in range(num_folds)]
+
+
+def check_splits(splits, source, case_ids: list[str], num_folds: int, group_pattern: str | None = None) -> list[dict]:
+    """An existing ``splits.json`` (``source``) once it agrees with the settings it replaces: ``num_folds`` folds of
+    known cases, and with ``group_pattern`` no group on both sides of a fold. Else a ``ValueError`` naming the file,
+    the setting and the fix (the run's config.yaml records these settings as applied, so they must be true)."""
+    fix = f"Fix: correct {source}, or delete it to have a split made from the settings"
+    if not isinstance(splits, list) or not all(
+            isinstance(s, dict) and all(isinstance(s.get(k), list) and all(isinstance(c, str) for c in s[k])
+                                        for k in ("train", "val")) for s in splits):
+        raise ValueError(f"{source}: is not a list of {{\"train\": [case ids], \"val\": [case ids]}}, one per fold. {fix}")
+    if len(splits) != num_folds:
+        raise ValueError(f"{source}: holds {len(splits)} fold(s), but num_folds={num_folds}. Fix: num_folds="
+                         f"{len(splits)} to train on the file's folds, or delete it to have {num_folds} folds made")
+    unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
+    if unknown:
+        raise ValueError(f"{source} names case(s) not in the dataset: {unknown[:5]}. {fix}")
+    if group_pattern:
+        group_of = {case: key for key, cases in case_groups(case_ids, group_pattern).items() for case in cases}
+        for k, fold in enumerate(splits):
+            both = sorted({group_of[c] for c in fold["train"]} & {group_of[c] for c in fold["val"]})
+            if both:
+                raise ValueError(f"{source}: fold {k} has group {both[0]!r} (split_groups={group_pattern!r}) on both "
+                                 f"the training and the validation side. {fix}")
+    return splits
