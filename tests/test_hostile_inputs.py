@@ -136,8 +136,8 @@ def test_an_override_hydra_or_omegaconf_refuses_is_one_line_naming_it(tmp_path, 
 
 @pytest.mark.parametrize("override, message", [
     ("+trainer.foo=1", "trainer.foo: not an option of Lightning's Trainer"),
-    ("trainer.max_epochs=abc", "trainer.max_epochs='abc': must be a whole number >= 1"),
-    ("trainer.max_epochs=0", "trainer.max_epochs=0: must be a whole number >= 1"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs='abc': must be a whole number >= 1, or -1"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0: must be a whole number >= 1, or -1"),
     ("optim.lr=-1", "optim.lr=-1: must be a number > 0"),
     ("optim.lr=nan", "optim.lr=nan: must be a number > 0"),
     ("data.patch_size=[8,8]", "data.patch_size=[8, 8]: must be null (the plan's [8, 16, 16]) or 3 whole numbers"),
@@ -156,6 +156,8 @@ def test_train_settings_of_the_wrong_type_or_range_are_refused_before_any_work(o
         check_train_settings(cfg, OmegaConf.to_container(cfg.trainer, resolve=True), {"dims": 3, "patch_size": [8, 16, 16]})
     check_train_settings(compose_config("train", []), OmegaConf.to_container(compose_config("train", []).trainer),
                          {"dims": 3, "patch_size": [8, 16, 16]})  # the defaults pass
+    unlimited = compose_config("train", ["trainer.max_epochs=-1", "trainer.max_time=00:01:00:00"])
+    check_train_settings(unlimited, OmegaConf.to_container(unlimited.trainer), {"dims": 3, "patch_size": [8, 16, 16]})
 
 
 def test_a_dataset_json_nested_too_deeply_is_a_problem_not_a_crash(tmp_path):
