@@ -70,8 +70,9 @@ def load_settings(mode: str, sets: list[str]) -> dict:
 class Report:
     """Measurements by stage and the checks on them; ``ok`` when every check passed."""
 
-    def __init__(self, mode: str, settings: dict):
+    def __init__(self, mode: str, settings: dict, path: Path):
         self.data = {"mode": mode, "settings": settings, "host": host_facts(), "stages": {}, "checks": []}
+        self.path = path  # rewritten at every check: a run killed at a time limit leaves what it measured
 
     def stage(self, name: str) -> dict:
         return self.data["stages"].setdefault(name, {})
@@ -88,6 +89,7 @@ class Report:
             else:
                 passed = (low is None or value >= low) and (high is None or value <= high)
         self.data["checks"].append({"name": name, "value": value, "limit": limit, "kind": kind, "passed": passed})
+        self.write()
 
     def failed(self, stage: str, exc: Exception) -> None:
         message = str(exc).strip()[-3000:]
@@ -99,11 +101,11 @@ class Report:
     def ok(self) -> bool:
         return all(c["passed"] is not False for c in self.data["checks"])
 
-    def write(self, path: Path) -> None:
+    def write(self) -> None:
         self.data["passed"] = self.ok
-        tmp = path.with_name(f".tmp-{path.name}")
+        tmp = self.path.with_name(f".tmp-{self.path.name}")
         tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        os.replace(tmp, self.path)
 
     def table(self) -> str:
         def fmt(v):
@@ -308,13 +310,14 @@ def main(argv=None) -> int:
         out = args.out.resolve()
         out.mkdir(parents=True, exist_ok=True)
         work = prepare_work(out)
-        report = Report(mode, settings)
+        report = Report(mode, settings, out / "gpu_check.json")
         os.environ["PYTHONPATH"] = os.pathsep.join([str(SCRIPTS_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         run(args, report, settings, work)  # segforge train loads bench.gpu_stages.StepTimer from scripts/
     except UsageError as exc:
         print(f"gpu_check: {exc}", file=sys.stderr)
         return 2
-    report.write(out / "gpu_check.json")
+    report.data["finished"] = True
+    report.write()
     print(f"\ngpu_check ({mode}, {report.data.get('device')}): {out / 'gpu_check.json'}")
     print(report.table())
     print("PASSED" if report.ok else "FAILED: see the checks above and the logs in " + str(work / "logs"))
