@@ -312,7 +312,10 @@ def main(argv=None) -> int:
         work = prepare_work(out)
         report = Report(mode, settings, out / "gpu_check.json")
         os.environ["PYTHONPATH"] = os.pathsep.join([str(SCRIPTS_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-        run(args, report, settings, work)  # segforge train loads bench.gpu_stages.StepTimer from scripts/
+        try:
+            run(args, report, settings, work)  # segforge train loads bench.gpu_stages.StepTimer from scripts/
+        except (StageError, OSError, ValueError) as exc:  # the device query or the datasets: nothing to measure
+            report.failed("setup", exc)
     except UsageError as exc:
         print(f"gpu_check: {exc}", file=sys.stderr)
         return 2
