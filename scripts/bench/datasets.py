@@ -43,6 +43,7 @@ class Preset:
     shape_jitter: float = 0.15           # each axis scaled by U(1 - j, 1 + j)
     spacing_jitter: float = 0.08
     seed: int = 0
+    dims: int = 3                        # 2: each case is the middle slice of its volume, written as a 2D image
 
     @property
     def folder_name(self) -> str:
@@ -61,6 +62,14 @@ PRESETS = {
     "ct100x8": Preset("ct100x8", 907, 8, (100, 512, 512), (2.5, 0.7, 0.7), shape_jitter=0.0, spacing_jitter=0.0),
     # one real-size CT (512x512x300): peak memory of preprocessing one case
     "ct512": Preset("ct512", 904, 1, (300, 512, 512), (1.0, 0.7, 0.7), shape_jitter=0.0, spacing_jitter=0.0),
+    # scripts/gpu_check.py: CT series at half the in-plane resolution (256x256 at 1.4 mm, 100 slices), so that a
+    # CPU float32 reference of the 512x512x100 ct100 volume with the network planned for a large card fits minutes
+    "gpu3d": Preset("gpu3d", 907, 12, (100, 256, 256), (2.5, 1.4, 1.4)),
+    # scripts/gpu_check.py --quick: the one volume it predicts
+    "tinyct": Preset("tinyct", 908, 1, (16, 32, 32), (2.5, 0.8, 0.8), shape_jitter=0.0, spacing_jitter=0.0),
+    # scripts/gpu_check.py: 2D CT slices of 512x512 at 0.7 mm (the 2d configuration planned for a large card)
+    "gpu2d": Preset("gpu2d", 909, 24, (8, 512, 512), (2.5, 0.7, 0.7), dims=2),
+    "tiny2d": Preset("tiny2d", 910, 6, (8, 48, 48), (2.5, 0.8, 0.8), dims=2),  # gpu_check.py --quick
 }
 
 
@@ -143,9 +152,22 @@ def _write(path: Path, array: np.ndarray, spacing) -> None:
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
+def _write_slice(path: Path, plane, spacing) -> None:
+    from segforge.io.image import FAKE_Z_SPACING, Geometry, write_image
+
+    geometry = Geometry(spacing=(FAKE_Z_SPACING, *map(float, spacing[1:])), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0),
+                        ndim=2)
+    write_image(path, plane[None], geometry)
+
+
 def write_case(preset: Preset, index: int, folder: str) -> None:
     image, label, spacing = make_case(preset, index)
     case = f"case_{index:04d}"
+    if preset.dims == 2:
+        middle = image.shape[0] // 2
+        _write_slice(Path(folder) / "imagesTr" / f"{case}_0000.nii.gz", image[middle], spacing)
+        _write_slice(Path(folder) / "labelsTr" / f"{case}.nii.gz", label[middle], spacing)
+        return
     _write(Path(folder) / "imagesTr" / f"{case}_0000.nii.gz", image, spacing)
     _write(Path(folder) / "labelsTr" / f"{case}.nii.gz", label, spacing)
 
@@ -157,7 +179,9 @@ def dataset_json(preset: Preset) -> dict:
         "numTraining": preset.num_cases,
         "file_ending": ".nii.gz",
         "name": preset.folder_name,
-        "bench_preset": {**asdict(preset), "generator_version": GENERATOR_VERSION},
+        # dims only when 2D: the folders of the 3D presets made before that field existed stay valid
+        "bench_preset": {**{k: v for k, v in asdict(preset).items() if k != "dims" or v != 3},
+                         "generator_version": GENERATOR_VERSION},
     }
 
 

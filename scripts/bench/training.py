@@ -31,7 +31,7 @@ def _batch(batch_size: int, in_channels: int, num_classes: int, patch: list[int]
     return image, label
 
 
-def _nnunet_trainer(dataset_id: int, configuration: str):
+def _nnunet_trainer(dataset_id: int, configuration: str, device: str = "cpu"):
     import torch
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -41,17 +41,18 @@ def _nnunet_trainer(dataset_id: int, configuration: str):
     plans = json.loads((folder / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())
     plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds (nnunetv2 2.6+)
-    trainer = nnUNetTrainer(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
+    trainer = nnUNetTrainer(plans, configuration, 0, dataset_json, device=torch.device(device))
     trainer.initialize()
     return trainer
 
 
-def stage_nnunet_step(timer, dataset_id: int, configuration: str, steps: int, threads: int) -> dict:
+def stage_nnunet_step(timer, dataset_id: int, configuration: str, steps: int, threads: int, device: str = "cpu") -> dict:
+    """nnU-Net's own ``train_step`` (on CUDA with its float16 autocast and grad scaler; on a CPU in float32)."""
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
-    trainer = _nnunet_trainer(dataset_id, configuration)
+    trainer = _nnunet_trainer(dataset_id, configuration, device)
     config = trainer.configuration_manager
     image, label = _batch(config.batch_size, trainer.num_input_channels, trainer.label_manager.num_segmentation_heads,
                           list(config.patch_size))
@@ -59,7 +60,7 @@ def stage_nnunet_step(timer, dataset_id: int, configuration: str, steps: int, th
                F.interpolate(label.float(), scale_factor=list(scale), mode="nearest-exact").long()
                for scale in trainer._get_deep_supervision_scales()]
     batch = {"data": image, "target": targets}
-    for _ in range(2):
+    for _ in range(2 if device == "cpu" else 5):  # on a GPU also cuDNN's autotuning
         trainer.train_step(batch)
     with timer:
         for _ in range(steps):

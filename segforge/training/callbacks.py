@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from segforge.errors import SegforgeError
 from segforge.io.artifacts import atomic_path, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("segforge")
@@ -27,6 +28,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         with atomic_path(path, f".tmp-{os.getpid()}-{path.name}") as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def extra_callbacks(specs) -> list:
+    """``callbacks.extra``: the user's own Lightning callbacks, each ``{_target_: module.Class, key: value, ...}``
+    (e.g. ``scripts/gpu_check.py``'s step timer); a target that cannot be made is a user error naming it."""
+    from hydra.utils import instantiate
+
+    made = []
+    for spec in specs or []:
+        target = spec.get("_target_") if hasattr(spec, "get") else None
+        try:
+            callback = instantiate(spec) if target else None
+        except Exception as exc:  # Hydra wraps import and argument errors alike
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise SegforgeError(f"callbacks.extra: cannot make {target} ({reason}). Fix: an importable class "
+                                "(its module on PYTHONPATH) and only the arguments it takes") from exc
+        if not isinstance(callback, L.Callback):
+            raise SegforgeError(f"callbacks.extra: {target or spec} is not a Lightning callback. Fix: each entry is "
+                                "{_target_: module.Class, ...} naming a lightning.pytorch.Callback subclass")
+        made.append(callback)
+    return made
 
 
 class BestCheckpoint(L.Callback):

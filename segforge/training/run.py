@@ -32,7 +32,8 @@ from segforge.planning.precision import check_step_memory, training_precision
 from segforge.preprocessing.pipeline import plan_hash
 from segforge.training.budget import (BudgetPacer, BudgetSplit, elapsed_since, forward_seconds,
                                       split_budget, validation_windows)
-from segforge.training.callbacks import AtomicCheckpointIO, BestCheckpoint, EpochProgress, RunFolderWriter
+from segforge.training.callbacks import (AtomicCheckpointIO, BestCheckpoint, EpochProgress, RunFolderWriter,
+                                         extra_callbacks)
 from segforge.training.data import SegmentationDataModule
 from segforge.training.finetune import FINAL_WEIGHTS, load_initial_weights
 from segforge.training.requeue import RequeueOnSignal, slurm_requeue_wanted
@@ -220,6 +221,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     if cfg.callbacks.early_stopping_patience and val_ids:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor=task.monitor, mode="max", check_on_train_epoch_end=False,
                                                            patience=int(cfg.callbacks.early_stopping_patience)))
+    callbacks += extra_callbacks(cfg.callbacks.get("extra"))
     if split is not None:
         sized = plan_config.get("sized_for", {})
         # the plan's step time only where it was measured on this kind of device (not a stated GPU throughput)
