@@ -220,6 +220,10 @@ def run_train(args, cfg, overrides) -> int:
     root = resolve_dataset(args.dataset, cfg.paths.raw_root)
     _refuse_unlabelled(root, cfg)
     spec = load_dataset(root, require_labels=labels_wanted(cfg, root))
+    ws = Workspace.from_config(cfg.paths, spec.name)
+    for folder, setting in ((ws.work_dir, "work_root"), (ws.preprocessed_dir, "preprocessed_root"),
+                            (ws.results_dir, "results_root")):  # splits.json, the data read, the run folder
+        check_not_inside(folder, spec.root, "dataset folder", fix=f"set paths.{setting}=DIR to a folder outside it")
     fold_dir = train(cfg, spec, overrides, started_at=getattr(args, "started_at", None))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"model folder: {fold_dir.parent}\nrun folder:   {fold_dir}")

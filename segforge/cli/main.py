@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = implied_overrides(args.command, split_overrides(args))
         cfg = compose_config(CONFIG_OF.get(args.command, args.command), overrides)
+        from segforge.cli.targets import check_targets
+
+        check_targets(cfg, CONFIG_DIR)  # a `_target_` typed on the command line names no arbitrary callable
         if args.cfg:
             from omegaconf import OmegaConf
 

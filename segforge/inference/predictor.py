@@ -57,9 +57,10 @@ def check_input(model, image: np.ndarray, geometry: Geometry, names: list | None
     return replace_nonfinite(image, names, copy=copy)
 
 
-def build_network(spec: dict, source) -> torch.nn.Module:
-    """The network a weights file describes, built from an allow-list, never through a class path taken from the
-    file: a model folder from elsewhere is data, and ``_target_`` (at any depth) would otherwise name any callable."""
+def build_network(spec: dict, source, fix: str = "use a model trained by segforge") -> torch.nn.Module:
+    """The network a weights file (or the ``model`` config of a training run) describes, built from an allow-list,
+    never through a class path taken from it: a model folder from elsewhere is data, and ``_target_`` (at any depth)
+    would otherwise name any callable. ``fix``: what the message tells the user to do."""
     from segforge.nn.denoiser import Denoiser
     from segforge.nn.unet import UNet
 
@@ -68,7 +69,7 @@ def build_network(spec: dict, source) -> torch.nn.Module:
     target = kwargs.pop("_target_", None)
     if target not in networks:
         raise SegforgeError(f"{source}: network class {target!r} is not one of segforge's networks "
-                            f"({', '.join(networks)}); the file is refused. Fix: use a model trained by segforge")
+                            f"({', '.join(networks)}); the file is refused. Fix: {fix}")
 
     def plain(value) -> bool:
         if isinstance(value, dict):
@@ -80,8 +81,11 @@ def build_network(spec: dict, source) -> torch.nn.Module:
     bad = [key for key, value in kwargs.items() if not plain(value)]
     if bad:
         raise SegforgeError(f"{source}: network arguments {bad} are not plain values; the file is refused. "
-                            "Fix: use a model trained by segforge")
-    return networks[target](**kwargs)
+                            f"Fix: {fix}")
+    try:
+        return networks[target](**kwargs)
+    except TypeError as exc:  # an argument the class does not take (e.g. `+model.foo=1`)
+        raise SegforgeError(f"{source}: {target} refuses its arguments ({exc}). Fix: {fix}") from exc
 
 
 class Predictor:
