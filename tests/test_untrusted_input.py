@@ -129,3 +129,122 @@ def test_train_never_writes_into_the_dataset_folder(planned, setting, capfd):
     assert code == 2 and "Traceback" not in printed, printed
     assert "is inside the dataset folder" in printed and f"Fix: set paths.{setting}=DIR" in printed
     assert tree_hash(dataset) == before
+
+
+# --- predict -o: never into a dataset, never over files segforge did not write; sidecars apart from cases ----------
+
+FAST = ["predict.mirror=false", "predict.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def model(planned) -> Path:
+    """A model folder as `train` leaves it, with the planned network's seeded random weights (not trained)."""
+    import shutil
+
+    from segforge.inference.predictor import build_network
+    from segforge.training.run import FINAL_WEIGHTS, export_weights, network_kwargs
+
+    dataset, work = planned
+    plans = json.loads((work / dataset.name / "plans.json").read_text())
+    plan_config = plans["configurations"]["3d_fullres"]
+    kwargs = network_kwargs(compose_config("train", []), plan_config, 1, 3)
+    torch.manual_seed(0)
+    folder = work / "model" / "3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    shutil.copy(work / dataset.name / "plans.json", folder / "plans.json")
+    shutil.copy(dataset / "dataset.json", folder / "dataset.json")
+    export_weights(folder / "fold_0" / FINAL_WEIGHTS, build_network(kwargs, "test"), kwargs, "3d_fullres", plan_config)
+    return folder
+
+
+def predict(model: Path, images: Path, out: Path, capfd, *extra: str) -> tuple[int, str]:
+    code = main(["predict", "-i", str(images), "-o", str(out), "--model", str(model), *FAST, *extra])
+    printed = "".join(capfd.readouterr())
+    assert "Traceback" not in printed, printed
+    return code, printed
+
+
+@pytest.mark.parametrize("where", [".", "labelsTs", "imagesTr", "predictions"])
+def test_predict_never_writes_into_a_dataset_folder(planned, model, where, capfd):
+    """`-o DATASET` replaced its dataset.json, `-o DATASET/labelsTs` its reference labels."""
+    dataset, _ = planned
+    before = tree_hash(dataset)
+    code, printed = predict(model, dataset / "imagesTs", dataset / where, capfd)
+    assert code == 2 and "is inside the dataset folder" in printed and "Fix: choose an -o folder outside it" in printed
+    assert tree_hash(dataset) == before
+
+
+def test_predict_refuses_a_folder_holding_files_it_did_not_write(planned, model, tmp_path, capfd):
+    dataset, _ = planned
+    foreign = tmp_path / "listing"  # a dataset that lists its cases in dataset.json, no imagesTr/
+    foreign.mkdir()
+    (foreign / "dataset.json").write_text(json.dumps({"labels": {"background": 0}, "dataset": {}}))
+    labels = tmp_path / "my_labels"  # reference labels copied out of a dataset
+    labels.mkdir()
+    (labels / "case005.nii.gz").write_bytes((dataset / "labelsTs" / "case005.nii.gz").read_bytes())
+    for out, message in ((foreign, "holds a dataset.json that segforge did not write"),
+                         (labels, "holds 1 image file(s) segforge did not write (e.g. case005.nii.gz)")):
+        before = tree_hash(out)
+        code, printed = predict(model, dataset / "imagesTs", out, capfd)
+        assert code == 2 and message in printed and "Fix: choose a new or empty -o folder" in printed, printed
+        assert tree_hash(out) == before
+
+
+def test_predict_writes_again_into_its_own_folder_also_after_a_kill(planned, model, tmp_path, capfd, monkeypatch):
+    """A re-run and `--continue` keep working: the folder is marked before the first mask (a killed run's too)."""
+    import shutil
+
+    import segforge.inference.folder as folder
+
+    dataset, _ = planned
+    images, out = tmp_path / "in", tmp_path / "out"
+    images.mkdir()
+    for case in ("a", "b"):
+        shutil.copy(dataset / "imagesTs" / "case005_0000.nii.gz", images / f"{case}_0000.nii.gz")
+    real = folder.predict_case
+
+    def killed_at_b(predictor, case_id, *args):
+        if case_id == "b":
+            raise KeyboardInterrupt  # as a kill: no report, no dataset.json
+        return real(predictor, case_id, *args)
+
+    monkeypatch.setattr(folder, "predict_case", killed_at_b)
+    code, _ = predict(model, images, out, capfd)
+    assert code == 130 and (out / "a.nii.gz").is_file() and not (out / "dataset.json").exists()
+    monkeypatch.undo()
+    code, printed = predict(model, images, out, capfd, "--continue")
+    assert code == 0 and "1 mask(s) written, 1 already there" in printed, printed
+    code, printed = predict(model, images, out, capfd)
+    assert code == 0 and "2 mask(s) written" in printed, printed
+
+
+def test_a_refused_prediction_leaves_no_folder(model, tmp_path, capfd):
+    (tmp_path / "empty").mkdir()
+    code, printed = predict(model, tmp_path / "empty", tmp_path / "out", capfd)
+    assert code == 2 and "no images ending in .nii.gz" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_cases_named_like_the_folders_own_files_overwrite_nothing(planned, model, tmp_path, capfd):
+    """`dataset_0000.nii.gz` with --save-probabilities wrote its probabilities' JSON as dataset.json (then replaced
+    by the sidecar, or the other way round); likewise predict_report and evaluate's summary."""
+    import shutil
+
+    dataset, _ = planned
+    images, refs, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
+    images.mkdir()
+    refs.mkdir()
+    cases = ("dataset", "predict_report", "summary", "predict_config")
+    for case in cases:
+        shutil.copy(dataset / "imagesTs" / "case005_0000.nii.gz", images / f"{case}_0000.nii.gz")
+        shutil.copy(dataset / "labelsTs" / "case005.nii.gz", refs / f"{case}.nii.gz")
+    code, printed = predict(model, images, out, capfd, "--save-probabilities")
+    assert code == 0, printed
+    assert main(["evaluate", str(out), str(refs)]) == 0
+    assert json.loads((out / "dataset.json").read_text()) == json.loads((model / "dataset.json").read_text())
+    assert sorted(c["case"] for c in json.loads((out / "predict_report.json").read_text())["cases"]) == sorted(cases)
+    assert sorted(c["case"] for c in json.loads((out / "summary.json").read_text())["cases"]) == sorted(cases)
+    assert "predict:" in (out / "predict_config.yaml").read_text()
+    for case in cases:
+        meta = json.loads((out / f"{case}.probabilities.json").read_text())
+        assert meta["channels"] == ["background", "ball", "box"] and (out / f"{case}.npz").is_file()

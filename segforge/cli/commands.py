@@ -241,8 +241,10 @@ def run_predict(args, cfg, overrides) -> int:
     if input_path.is_dir() and output.resolve() == input_path.resolve():
         raise SegforgeError(f"{output}: output folder is the input folder. Fix: choose another -o folder")
     parse_part(args.part)  # a malformed --part fails before any model is loaded
+    from segforge.inference.output_folder import check_output_folder, is_prediction_folder, release_unused
     from segforge.io.storage import check_writable
 
+    check_output_folder(output)  # never a dataset's folder, nor one holding files segforge did not write
     check_writable(output, what="prediction", setting="-o OUT", create=False)  # an unwritable -o fails before any model is loaded
     folds = list(cfg.predict.folds) if cfg.predict.folds is not None else None
     predictors = [Predictor.from_model_dir(model, folds=folds, device=cfg.predict.device, step_size=float(cfg.predict.step_size),
@@ -256,10 +258,16 @@ def run_predict(args, cfg, overrides) -> int:
         log.info("postprocessing from %s: %s", Path(args.model[0]) / "postprocessing.json",
                  {k: rules[k] for k in ("foreground_largest_component", "classes_largest_component")})
         postprocess = functools.partial(apply_postprocessing, rules=rules)
-    results = predict_folder(predictor, input_path, output, resume=args.resume, part=args.part,
-                             with_probabilities=args.save_probabilities, postprocess=postprocess)
+    existed, fresh = output.exists(), not is_prediction_folder(output)
+    save_config(output, "predict", cfg, overrides)  # before the first mask: it marks the folder as segforge's
+    try:
+        results = predict_folder(predictor, input_path, output, resume=args.resume, part=args.part,
+                                 with_probabilities=args.save_probabilities, postprocess=postprocess)
+    except SegforgeError:
+        if fresh:  # refused before any case (e.g. no images): nothing left behind
+            release_unused(output, existed)
+        raise
     write_json(output / "dataset.json", predictor.dataset_json)
-    save_config(output, "predict", cfg, overrides)
     counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
     print(f"{output}: {counts['written']} mask(s) written, {counts['skipped']} already there, {counts['failed']} failed")
     for r in results:
