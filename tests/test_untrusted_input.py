@@ -95,6 +95,8 @@ def test_an_argument_the_network_does_not_take_is_a_message(planned, capfd):
     "+callbacks.x._target_=lightning.pytorch.callbacks.model_checkpoint.Tensor",  # torch's class, re-exported there
     "+logger.x._target_=lightning.fabric.utilities.cloud_io._load",  # a function of Lightning, not a class
     "+callbacks.x={_target_:lightning.pytorch.callbacks.LambdaCallback,on_fit_start:{_target_:os.system}}",  # nested
+    """+callbacks.x='${oc.create:"{_target_: os.system}"}'""",     # made by an interpolation when resolved
+    "+callbacks.x._target_=lightning.pytorch.cli.LightningCLI",     # builds classes from arguments of its own
 ])
 def test_a_target_outside_what_segforge_instantiates_is_refused(override, capfd):
     code = main(["train", "somewhere", "--cfg", "job", override])
@@ -171,6 +173,17 @@ def test_predict_never_writes_into_a_dataset_folder(planned, model, where, capfd
     before = tree_hash(dataset)
     code, printed = predict(model, dataset / "imagesTs", dataset / where, capfd)
     assert code == 2 and "is inside the dataset folder" in printed and "Fix: choose an -o folder outside it" in printed
+    assert tree_hash(dataset) == before
+
+
+@pytest.mark.parametrize("command", [["sample", "n=1"], ["denoise", "-i", "IN"]])
+def test_generated_images_never_go_into_a_dataset_folder(planned, tmp_path, command, capfd):
+    dataset, _ = planned
+    before = tree_hash(dataset)
+    args = [str(tmp_path) if a == "IN" else a for a in command]
+    code = main([args[0], "--model", str(tmp_path / "some_model"), "-o", str(dataset / "imagesTr"), *args[1:]])
+    printed = "".join(capfd.readouterr())
+    assert code == 2 and "Traceback" not in printed and "is inside the dataset folder" in printed, printed
     assert tree_hash(dataset) == before
 
 

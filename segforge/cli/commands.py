@@ -279,8 +279,10 @@ def run_predict(args, cfg, overrides) -> int:
 def _generation(args, cfg):
     """The denoising model of `sample`/`denoise`, after the output folder proved writable."""
     from segforge.inference.generative import DenoisingModel
+    from segforge.inference.output_folder import check_not_in_dataset
     from segforge.io.storage import check_writable
 
+    check_not_in_dataset(Path(args.output))
     check_writable(Path(args.output), what="generated images", setting="-o OUT", create=False)
     gen = cfg.generate
     return DenoisingModel.from_model_dir(Path(args.model), fold=gen.fold, device=str(gen.device))

@@ -58,14 +58,20 @@ def _allowed_class(target: str, packages: tuple[str, ...]) -> bool:
         found = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError, ValueError):
         return False
-    return isinstance(found, type) and within(found.__module__)  # a class, defined there (not re-exported os.*)
+    # a class defined there (not one re-exported from elsewhere), and no command-line parser that builds classes
+    # from its own arguments (LightningCLI)
+    return isinstance(found, type) and within(found.__module__) and ".cli" not in f".{found.__module__}."
 
 
 def check_targets(cfg, config_dir: Path) -> None:
     """Refuse a ``_target_`` in ``cfg`` that neither the packaged configs in ``config_dir`` name nor an instantiated
     group allows (module docstring)."""
     known = packaged_targets(Path(config_dir))
-    for where, target in _targets(OmegaConf.to_container(cfg, resolve=False)):
+    try:  # resolved, so that an interpolation (`${oc.create:...}`, `${oc.env:X}`) hides no `_target_`
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an override that does not resolve is reported where it is used; nothing resolves it here
+        tree = OmegaConf.to_container(cfg, resolve=False)
+    for where, target in _targets(tree):
         setting = f"{where}._target_" if where else "_target_"
         if isinstance(target, str) and target in known:
             continue
@@ -74,10 +80,10 @@ def check_targets(cfg, config_dir: Path) -> None:
             packages = INSTANTIATED_GROUPS[group]
             if isinstance(target, str) and _allowed_class(target, packages):
                 continue
-            raise SegforgeError(f"{setting}={target}: {group}.* entries may only name a class of "
-                                f"{', '.join(packages)}; segforge instantiates nothing else from the command line. "
-                                f"Fix: give such a class (e.g. lightning.pytorch.callbacks.StochasticWeightAveraging), "
-                                "or remove the override")
+            raise SegforgeError(f"{setting}={target}: {group}.* entries may only name a class defined in "
+                                f"{', '.join(packages)} (no command-line parser such as LightningCLI); segforge "
+                                "instantiates nothing else from the command line. Fix: give such a class (e.g. "
+                                "lightning.pytorch.callbacks.StochasticWeightAveraging), or remove the override")
         raise SegforgeError(f"{setting}={target}: segforge instantiates no class named on the command line outside "
                             f"{', '.join(INSTANTIATED_GROUPS)}; model.* and every other setting take plain values "
                             "(the network comes from segforge's own list). Fix: remove the override")

@@ -6,7 +6,8 @@
 before their extension and a case's files always do, so no case name can take one. ``predict_config.yaml`` is
 written before the first mask: it marks the folder as segforge's, so that a re-run or ``--continue`` after a kill
 may write there again. Any other existing folder that holds a ``dataset.json`` or image files is refused: they may be
-a dataset's (its ``dataset.json``, its images or reference labels) and would be replaced.
+a dataset's (its ``dataset.json``, its images or reference labels) and would be replaced. ``sample`` and
+``denoise`` refuse an ``-o`` inside a dataset folder too.
 """
 
 from __future__ import annotations
@@ -35,14 +36,20 @@ def dataset_folder_of(path: Path) -> Path | None:
     return None
 
 
-def check_output_folder(output: Path) -> None:
-    """Refuse ``-o`` inside a dataset folder, or an existing folder segforge did not predict into that holds a
-    ``dataset.json`` or image files (module docstring)."""
+def check_not_in_dataset(output: Path) -> None:
+    """Refuse an ``-o`` folder (of predict, sample, denoise) that is a dataset folder or inside one."""
     real = Path(os.path.realpath(output))
     dataset = dataset_folder_of(real)
     if dataset is not None:
         check_not_inside(real, dataset, "dataset folder", fix="choose an -o folder outside it (its dataset.json, "
                          "images and labels would be replaced)")
+
+
+def check_output_folder(output: Path) -> None:
+    """Refuse ``-o`` inside a dataset folder, or an existing folder segforge did not predict into that holds a
+    ``dataset.json`` or image files (module docstring)."""
+    check_not_in_dataset(output)
+    real = Path(os.path.realpath(output))
     if not real.is_dir() or is_prediction_folder(real):
         return
     if (real / "dataset.json").exists():
