@@ -166,12 +166,16 @@ def predict(model: Path, images: Path, out: Path, capfd, *extra: str) -> tuple[i
     return code, printed
 
 
-@pytest.mark.parametrize("where", [".", "labelsTs", "imagesTr", "predictions"])
-def test_predict_never_writes_into_a_dataset_folder(planned, model, where, capfd):
+@pytest.mark.parametrize("where", [".", "labelsTs", "imagesTr", "predictions", "link to labelsTs"])
+def test_predict_never_writes_into_a_dataset_folder(planned, model, where, tmp_path, capfd):
     """`-o DATASET` replaced its dataset.json, `-o DATASET/labelsTs` its reference labels."""
     dataset, _ = planned
     before = tree_hash(dataset)
-    code, printed = predict(model, dataset / "imagesTs", dataset / where, capfd)
+    out = dataset / where
+    if where.startswith("link"):
+        out = tmp_path / "masks"
+        out.symlink_to(dataset / "labelsTs")
+    code, printed = predict(model, dataset / "imagesTs", out, capfd)
     assert code == 2 and "is inside the dataset folder" in printed and "Fix: choose an -o folder outside it" in printed
     assert tree_hash(dataset) == before
 

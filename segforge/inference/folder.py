@@ -184,7 +184,8 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
         if resume and target.is_file() and (not with_probabilities or (output_dir / f"{case_id}.npz").is_file()):
             results.append(CaseResult(case_id, "skipped", target))
         else:
-            outputs = [target, *([output_dir / f"{case_id}.npz", output_dir / f"{case_id}.probabilities.json"] if with_probabilities else [])]
+            outputs = [target, *([output_dir / f"{case_id}.npz", output_dir / f"{case_id}.probabilities.json"]
+                                 if with_probabilities else [])]
             run_case(case_id, outputs, partial(predict_case, predictor, case_id, cases[case_id], folder, target,
                                                with_probabilities, postprocess), results)
         if bar is not None:

@@ -69,7 +69,7 @@ def build_network(spec: dict, source, fix: str = "use a model trained by segforg
     target = kwargs.pop("_target_", None)
     if target not in networks:
         raise SegforgeError(f"{source}: network class {target!r} is not one of segforge's networks "
-                            f"({', '.join(networks)}); the file is refused. Fix: {fix}")
+                            f"({', '.join(networks)}); refused. Fix: {fix}")
 
     def plain(value) -> bool:
         if isinstance(value, dict):
@@ -80,7 +80,7 @@ def build_network(spec: dict, source, fix: str = "use a model trained by segforg
 
     bad = [key for key, value in kwargs.items() if not plain(value)]
     if bad:
-        raise SegforgeError(f"{source}: network arguments {bad} are not plain values; the file is refused. "
+        raise SegforgeError(f"{source}: network arguments {bad} are not plain values; refused. "
                             f"Fix: {fix}")
     try:
         return networks[target](**kwargs)
