@@ -77,8 +77,8 @@ class Workspace:
         return self.model_dir(task, configuration) / f"fold_{fold}"
 
 
-def check_not_inside(output: Path, protected: Path, what: str) -> None:
+def check_not_inside(output: Path, protected: Path, what: str,
+                     fix: str = "choose a work root or output folder elsewhere") -> None:
     """Refuse to write ``output`` inside ``protected`` (the dataset folder is read-only for segforge)."""
-    if Path(os.path.abspath(output)).is_relative_to(Path(os.path.abspath(protected))):
-        raise SegforgeError(f"{output}: is inside the {what} {protected}, which segforge never writes to. "
-                            "Fix: choose a work root or output folder elsewhere")
+    if Path(os.path.realpath(output)).is_relative_to(Path(os.path.realpath(protected))):  # through symlinks too
+        raise SegforgeError(f"{output}: is inside the {what} {protected}, which segforge never writes to. Fix: {fix}")

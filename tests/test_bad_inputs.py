@@ -383,7 +383,7 @@ def test_a_few_nan_voxels_are_replaced_with_a_warning(model_3d, reference_3d, tm
 
 
 def test_a_case_failing_at_its_last_write_leaves_none_of_its_outputs(model_3d, tmp_path, capfd, monkeypatch):
-    """--save-probabilities writes CASE.npz and CASE.json before the mask: a failure after them removes them too."""
+    """--save-probabilities writes CASE.npz and CASE.probabilities.json before the mask: a failure after them removes them too."""
     import segforge.inference.folder as folder
 
     images, out = tmp_path / "in", tmp_path / "out"
@@ -401,7 +401,7 @@ def test_a_case_failing_at_its_last_write_leaves_none_of_its_outputs(model_3d, t
     printed = "".join(capfd.readouterr())
     # a full disk is no case's fault: the run stops with a storage error (exit 3) instead of failing every case
     assert code == 3 and "Traceback" not in printed and "No space left on device" in printed, printed
-    assert all((out / f"good{suffix}").is_file() for suffix in (".nii.gz", ".npz", ".json"))
+    assert all((out / f"good{suffix}").is_file() for suffix in (".nii.gz", ".npz", ".probabilities.json"))
     assert_no_output(out, "late")
 
 

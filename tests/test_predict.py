@@ -169,7 +169,7 @@ def test_probabilities_are_saved_on_the_input_grid(tmp_path):
     write_cases(images, ["a"])
     predict_folder(predictor([Threshold(gain=2.0)], mirror=False), images, out, with_probabilities=True)
     probabilities = np.load(out / "a.npz")["probabilities"].astype(np.float32)
-    meta = json.loads((out / "a.json").read_text())
+    meta = json.loads((out / "a.probabilities.json").read_text())
     mask, geometry = read_image(out / "a.nii.gz")
     assert probabilities.shape == (2, *mask.shape) and meta["channels"] == ["background", "thing"]
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=2e-3)

@@ -222,6 +222,10 @@ def run_train(args, cfg, overrides) -> int:
     root = resolve_dataset(args.dataset, cfg.paths.raw_root)
     _refuse_unlabelled(root, cfg)
     spec = load_dataset(root, require_labels=labels_wanted(cfg, root))
+    ws = Workspace.from_config(cfg.paths, spec.name)
+    for folder, setting in ((ws.work_dir, "work_root"), (ws.preprocessed_dir, "preprocessed_root"),
+                            (ws.results_dir, "results_root")):  # splits.json, the data read, the run folder
+        check_not_inside(folder, spec.root, "dataset folder", fix=f"set paths.{setting}=DIR to a folder outside it")
     fold_dir = train(cfg, spec, overrides, started_at=getattr(args, "started_at", None))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"model folder: {fold_dir.parent}\nrun folder:   {fold_dir}")
@@ -240,8 +244,10 @@ def run_predict(args, cfg, overrides) -> int:
     if input_path.is_dir() and output.resolve() == input_path.resolve():
         raise SegforgeError(f"{output}: output folder is the input folder. Fix: choose another -o folder")
     parse_part(args.part)  # a malformed --part fails before any model is loaded
+    from segforge.inference.output_folder import check_output_folder, is_prediction_folder, release_unused
     from segforge.io.storage import check_writable
 
+    check_output_folder(output)  # never a dataset's folder, nor one holding files segforge did not write
     check_writable(output, what="prediction", setting="-o OUT", create=False)  # an unwritable -o fails before any model is loaded
     folds = list(cfg.predict.folds) if cfg.predict.folds is not None else None
     predictors = [Predictor.from_model_dir(model, folds=folds, device=cfg.predict.device, step_size=check_step_size(cfg.predict.step_size),
@@ -255,11 +261,17 @@ def run_predict(args, cfg, overrides) -> int:
         log.info("postprocessing from %s: %s", Path(args.model[0]) / "postprocessing.json",
                  {k: rules[k] for k in ("foreground_largest_component", "classes_largest_component")})
         postprocess = functools.partial(apply_postprocessing, rules=rules)
-    results = predict_folder(predictor, input_path, output, resume=args.resume, part=args.part,
-                             with_probabilities=args.save_probabilities, postprocess=postprocess,
-                             overlap=bool(cfg.predict.overlap))
+    existed, fresh = output.exists(), not is_prediction_folder(output)
+    save_config(output, "predict", cfg, overrides)  # before the first mask: it marks the folder as segforge's
+    try:
+        results = predict_folder(predictor, input_path, output, resume=args.resume, part=args.part,
+                                 with_probabilities=args.save_probabilities, postprocess=postprocess,
+                                 overlap=bool(cfg.predict.overlap))
+    except SegforgeError:
+        if fresh:  # refused before any case (e.g. no images): nothing left behind
+            release_unused(output, existed)
+        raise
     write_json(output / "dataset.json", predictor.dataset_json)
-    save_config(output, "predict", cfg, overrides)
     counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
     print(f"{output}: {counts['written']} mask(s) written, {counts['skipped']} already there, {counts['failed']} failed")
     for r in results:
@@ -271,8 +283,10 @@ def run_predict(args, cfg, overrides) -> int:
 def _generation(args, cfg):
     """The denoising model of `sample`/`denoise`, after the output folder proved writable."""
     from segforge.inference.generative import DenoisingModel
+    from segforge.inference.output_folder import check_not_in_dataset
     from segforge.io.storage import check_writable
 
+    check_not_in_dataset(Path(args.output))
     check_writable(Path(args.output), what="generated images", setting="-o OUT", create=False)
     gen = cfg.generate
     return DenoisingModel.from_model_dir(Path(args.model), fold=gen.fold, device=str(gen.device))

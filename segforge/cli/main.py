@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--part", default=None, metavar="K/N",
                            help="predict only part K of N (every N-th case from the K-th): for parallel jobs or a SLURM array")
             p.add_argument("--save-probabilities", action="store_true",
-                           help="also write CASE.npz (float16 probabilities on the input's grid) and CASE.json")
+                           help="also write CASE.npz (float16 probabilities on the input's grid) and CASE.probabilities.json")
         if name in ("sample", "denoise"):
             p.add_argument("--model", required=True, help="model folder of a `segforge train DATASET task=denoise` run")
             p.add_argument("-o", "--output", required=True, help="folder for the images written")
@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = implied_overrides(args.command, split_overrides(args))
         cfg = compose_config(CONFIG_OF.get(args.command, args.command), overrides)
+        from segforge.cli.targets import check_targets
+
+        check_targets(cfg, CONFIG_DIR)  # a `_target_` typed on the command line names no arbitrary callable
         if args.cfg:
             from omegaconf import OmegaConf
 

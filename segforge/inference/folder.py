@@ -4,8 +4,9 @@
 
 Each output is written atomically (temporary name, then rename), so an output file that exists is complete; that
 is what makes ``--continue`` safe after a crash. Probabilities (``--save-probabilities``) go beside each mask as
-``CASE.npz`` (float16 ``probabilities``, ``(channels, z, y, x)`` on the input's grid) with ``CASE.json`` naming the
-channels and the geometry.
+``CASE.npz`` (float16 ``probabilities``, ``(channels, z, y, x)`` on the input's grid) with ``CASE.probabilities.json``
+naming the channels and the geometry: never ``CASE.json``, which a case named ``dataset`` or ``predict_report`` would
+share with the folder's own files (their names have no dot before ``.json``, a case's files always do).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def channel_files(case_id: str, files: dict[int, Path], channel_names: dict, fol
 def remove_stale_temporaries(output_dir: Path, case_ids: list[str], ending: str) -> None:
     """Temporary files of these cases (this process's part: no other job writes them) left by a killed run."""
     names = "|".join(re.escape(c) for c in case_ids)
-    pattern = re.compile(rf"\.tmp-(\d+-({names}){re.escape(ending)}|({names})\.(npz|json)-\w+)")
+    pattern = re.compile(rf"\.tmp-(\d+-({names}){re.escape(ending)}|({names})\.(npz|probabilities\.json)-\w+)")
     for path in output_dir.glob(".tmp-*"):
         if pattern.fullmatch(path.name):
             path.unlink(missing_ok=True)
@@ -88,8 +89,8 @@ def save_probabilities(target: Path, probabilities, names: list[str], geometry) 
     buffer = io.BytesIO()
     np.savez_compressed(buffer, probabilities=probabilities.numpy().astype(np.float16))
     atomic_write_bytes(target.with_name(target.name + ".npz"), buffer.getvalue())
-    write_json(target.with_name(target.name + ".json"), {"channels": names, "geometry": geometry.to_json(),
-                                              "shape": list(probabilities.shape[1:])})
+    write_json(target.with_name(target.name + ".probabilities.json"),
+               {"channels": names, "geometry": geometry.to_json(), "shape": list(probabilities.shape[1:])})
 
 
 def run_case(case_id: str, outputs: list[Path], work, results: list[CaseResult]) -> None:
@@ -174,7 +175,7 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
         if resume and target.is_file() and (not with_probabilities or (output_dir / f"{case_id}.npz").is_file()):
             items.append(CaseResult(case_id, "skipped", target))  # before any loading: a done case costs nothing
         else:
-            outputs = [target, *([output_dir / f"{case_id}.npz", output_dir / f"{case_id}.json"] if with_probabilities else [])]
+            outputs = [target, *([output_dir / f"{case_id}.npz", output_dir / f"{case_id}.probabilities.json"] if with_probabilities else [])]
             items.append(CaseWork(case_id, outputs,
                                   partial(load_case, predictor, case_id, cases[case_id], folder, not with_probabilities),
                                   partial(network_case, predictor, with_probabilities),

@@ -94,9 +94,10 @@ def load_network(payload: dict, plans: dict, source: Path, what: str = "segmenta
     return network
 
 
-def build_network(spec: dict, source) -> torch.nn.Module:
-    """The network a weights file describes, built from an allow-list, never through a class path taken from the
-    file: a model folder from elsewhere is data, and ``_target_`` (at any depth) would otherwise name any callable."""
+def build_network(spec: dict, source, fix: str = "use a model trained by segforge") -> torch.nn.Module:
+    """The network a weights file (or the ``model`` config of a training run) describes, built from an allow-list,
+    never through a class path taken from it: a model folder from elsewhere is data, and ``_target_`` (at any depth)
+    would otherwise name any callable. ``fix``: what the message tells the user to do."""
     from segforge.nn.denoiser import Denoiser
     from segforge.nn.unet import UNet
 
@@ -105,7 +106,7 @@ def build_network(spec: dict, source) -> torch.nn.Module:
     target = kwargs.pop("_target_", None)
     if target not in networks:
         raise SegforgeError(f"{source}: network class {target!r} is not one of segforge's networks "
-                            f"({', '.join(networks)}); the file is refused. Fix: use a model trained by segforge")
+                            f"({', '.join(networks)}); refused. Fix: {fix}")
 
     def plain(value) -> bool:
         if isinstance(value, dict):
@@ -116,9 +117,12 @@ def build_network(spec: dict, source) -> torch.nn.Module:
 
     bad = [key for key, value in kwargs.items() if not plain(value)]
     if bad:
-        raise SegforgeError(f"{source}: network arguments {bad} are not plain values; the file is refused. "
-                            "Fix: use a model trained by segforge")
-    return networks[target](**kwargs)
+        raise SegforgeError(f"{source}: network arguments {bad} are not plain values; refused. "
+                            f"Fix: {fix}")
+    try:
+        return networks[target](**kwargs)
+    except TypeError as exc:  # an argument the class does not take (e.g. `+model.foo=1`)
+        raise SegforgeError(f"{source}: {target} refuses its arguments ({exc}). Fix: {fix}") from exc
 
 
 def trained_windows(payload: dict, plans: dict, source) -> tuple[tuple[int, ...], tuple[int, ...]]:

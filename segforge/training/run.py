@@ -21,7 +21,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from segforge.errors import SegforgeError
@@ -177,7 +176,11 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     kwargs = task.network_kwargs()
-    network = instantiate(kwargs, _convert_="all")
+    from segforge.inference.predictor import build_network  # here: predictor imports this module
+
+    # segforge's allow-list, never Hydra's instantiate: a `_target_` under model.* would name any callable
+    network = build_network(kwargs, "the model config (model.*, task.network.*)",
+                            fix="remove the model.* override that is not a plain network setting")
     # last.ckpt, best.ckpt (weights + optimizer moments each), model_final.pt, a requeue checkpoint: room for them now
     parameter_bytes = 4 * sum(p.numel() for p in network.parameters())
     check_writable(fold_dir, 10 * parameter_bytes, what="this run's checkpoints",
