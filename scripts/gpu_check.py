@@ -170,7 +170,7 @@ def work_dir(planned: dict[str, Path]) -> Path:
 
 
 def train_run(report: Report, label: str, root: Path, work: Path, precision: str, settings: dict, compiled: bool) -> Path:
-    """``segforge train ... configuration=3d_fullres`` for a fixed number of steps, timed by ``StepTimer``."""
+    """``segforge train ... configuration=3d_fullres`` for a fixed number of steps, timed by ``TrainingStepTimer``."""
     stage = report.stage(label)
     timing = work / f"{label}_timing.json"
     warmup = settings["compile_warmup_steps"] if compiled else settings["warmup_steps"]
@@ -179,7 +179,7 @@ def train_run(report: Report, label: str, root: Path, work: Path, precision: str
             "configuration=3d_fullres", "fold=0", "trainer.max_epochs=1", f"trainer.precision={precision}",
             f"data.iterations_per_epoch={settings['train_steps']}", f"data.val_iterations={settings['val_iterations']}",
             "final_validation.enabled=false",
-            f"callbacks.extra=[{{_target_:bench.gpu_stages.StepTimer,path:'{timing}',warmup:{warmup}}}]"]
+            f"callbacks.extra=[{{_target_:segforge.training.step_timer.TrainingStepTimer,path:'{timing}',warmup:{warmup}}}]"]
     if compiled:
         args.append("model.compile=true")
     stage["wall_s"] = run_segforge(args, work / "logs" / f"{label}.log", os.cpu_count() or 1)
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
         report = Report(mode, settings, out / "gpu_check.json")
         os.environ["PYTHONPATH"] = os.pathsep.join([str(SCRIPTS_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         try:
-            run(args, report, settings, work)  # segforge train loads bench.gpu_stages.StepTimer from scripts/
+            run(args, report, settings, work)  # segforge train loads segforge.training.step_timer.TrainingStepTimer
         except (StageError, OSError, ValueError) as exc:  # the device query or the datasets: nothing to measure
             report.failed("setup", exc)
     except UsageError as exc:

@@ -40,7 +40,7 @@ def test_quick_run_measures_every_stage_and_passes(tmp_path):
         assert row["measured_peak_bytes"] > 0 and row["predicted_peak_bytes"] > 0
         assert row["ratio"] == pytest.approx(row["measured_peak_bytes"] / row["predicted_peak_bytes"])
         assert row["precision"] in ("16-mixed", "bf16-mixed", "32-true")
-    train = stages["train"]  # timed by the StepTimer that `segforge train` loaded through callbacks.extra
+    train = stages["train"]  # timed by the TrainingStepTimer that `segforge train` loaded through callbacks.extra
     settings = report["settings"]
     assert train["steps_timed"] == settings["train_steps"] - settings["warmup_steps"]
     assert train["iterations_per_s"] > 0 and 0 <= train["loader_wait_share"] < 1
