@@ -225,7 +225,7 @@ def _write_with(writer: str, path: Path) -> None:
     elif writer == "save_npy_atomic":
         save_npy_atomic(path, np.arange(3))
     elif writer == "export_weights":
-        export_weights(path, torch.nn.Linear(2, 2), {}, "3d_fullres", {"patch_size": [2, 2, 2]})
+        export_weights(path, torch.nn.Linear(2, 2), {}, "3d_fullres", {"patch_size": [2, 2, 2], "dims": 3})
     elif writer == "checkpoint":
         AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
     else:

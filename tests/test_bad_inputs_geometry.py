@@ -179,6 +179,19 @@ def test_invalid_nifti_spacing_is_refused_by_check_and_predict(tmp_path, capfd, 
         read_case([root / "imagesTr" / "case_a_0000.nii.gz", root / "imagesTr" / "case_a_0001.nii.gz"])
 
 
+def test_a_zero_pixdim_on_a_singleton_axis_is_no_error(tmp_path):
+    """A 2D slice stored as a 3D NIfTI often has pixdim 0 on its one-voxel axis: it scales nothing (nnU-Net reads it)."""
+    path = tmp_path / "slice_0000.nii.gz"
+    write_image(path, np.ones((1, 8, 8), np.float32), Geometry((2.0, 0.5, 0.5), (0.0, 0.0, 0.0),
+                                                              (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)))
+    set_pixdim(path, 3, 0.0)
+    image, geometry = read_image(path)
+    assert image.shape == (1, 8, 8) and geometry.spacing[1:] == (0.5, 0.5)
+    set_pixdim(path, 1, 0.0)  # an axis with extent still is an error
+    with pytest.raises(ImageReadError, match="invalid voxel spacing"):
+        read_image(path)
+
+
 def _pixdim(value: float):
     def breaker(folder: Path):
         set_pixdim(write_good_3d(folder, "bad")[0], 3, value)
@@ -254,6 +267,19 @@ def test_evaluate_matches_names_literally(tmp_path, capfd):
     summary = json.loads((pred / "summary.json").read_text())
     assert code == 0 and summary["missing_predictions"] == [] and summary["num_cases"] == 1, printed
     assert summary["mean_dice"]["a"] == 1.0
+
+
+def test_evaluate_never_replaces_a_summary_json_it_did_not_write(tmp_path, capfd):
+    pred, ref = _evaluate_folders(tmp_path, "case.nii.gz", GEO)
+    foreign = '{"foreground_mean": {"Dice": 0.9}, "metric_per_case": []}'  # e.g. nnU-Net's validation summary
+    (pred / "summary.json").write_text(foreign)
+    args = ("evaluate", pred, ref, "--dataset-json", tmp_path / "dataset.json", "surface_metrics=false")
+    code, printed = run(capfd, *args)
+    assert code == 2 and "exists and was not written by `segforge evaluate`" in printed, printed
+    assert (pred / "summary.json").read_text() == foreign
+    (pred / "summary.json").unlink()
+    assert run(capfd, *args)[0] == 0
+    assert run(capfd, *args)[0] == 0  # its own summary is replaced by a re-run
 
 
 # ---------------------------------------------------------------------------------------------------------------------

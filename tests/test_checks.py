@@ -222,6 +222,14 @@ def _listing_outside(root):
     return "outside.nii.gz"
 
 
+def _listing_case_path(root):
+    listing = {c: {"images": [f"imagesTr/{c}_000{k}.nii.gz" for k in range(2)], "label": f"labelsTr/{c}.nii.gz"}
+               for c in ("case_a", "case_b")}
+    listing["../../../home/u/config"] = listing.pop("case_b")  # would write CASE.json outside the work folders
+    write_json(root, dataset=listing)
+    return "dataset.json"
+
+
 def _json(**overrides):
     def breaker(root):
         write_json(root, **overrides)
@@ -315,6 +323,8 @@ BREAKERS = {
     "garbage bytes": (_garbage, "is not a NIfTI image", "convert the image to NIfTI"),
     "symlink outside the dataset": (_symlink_outside, "outside the dataset folder",
                                     "copy the file into the dataset folder instead of linking it"),
+    "dataset listing names a case by a path": (_listing_case_path, "'../../../home/u/config' is not a plain case name",
+                                               "name the case with letters, digits"),
     "dataset listing escapes the folder": (_listing_outside, "refers to '../outside.nii.gz', outside the dataset folder",
                                            "use paths relative to the dataset folder"),
 }

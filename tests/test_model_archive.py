@@ -102,6 +102,20 @@ def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path, capsys):
     assert not dest.exists() and [p.name for p in tmp_path.iterdir()] == ["bomb.zip"]
 
 
+def test_a_manifest_bomb_is_refused_before_it_is_read(tmp_path, capsys, monkeypatch):
+    """The manifest is read whole, so its own unpacked size is checked first (17 MiB of spaces: a few KB zipped)."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("manifest.json", b'{"kind": "model_archive"' + b" " * (17 * 2**20) + b"}")
+    assert archive.stat().st_size < 2**16
+    read = []
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, *a, **k: read.append(a) or b"")
+    assert main(["import-model", str(archive), str(tmp_path / "dest")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json unpacks to 17825817 bytes" in err and "refused" in err and "Traceback" not in err
+    assert not read and not (tmp_path / "dest").exists()
+
+
 def test_members_are_streamed_not_read_whole(tmp_path):
     import tracemalloc
 
@@ -206,7 +220,7 @@ def test_resume_from_an_unreadable_last_ckpt_is_refused_before_any_work(trained,
                  "data.iterations_per_epoch=4", "data.val_iterations=1", "trainer.accelerator=cpu",
                  "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"segforge train: error: {last}: cannot be read as a checkpoint") and "Traceback" not in err
+    assert f"segforge train: error: {last}: cannot be read as a checkpoint" in err and "Traceback" not in err
     assert "best.ckpt" in err and "nothing was run" in err
     assert tree_hash(work) == before
 

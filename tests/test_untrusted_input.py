@@ -90,13 +90,15 @@ def test_an_argument_the_network_does_not_take_is_a_message(planned, capfd):
 
 
 @pytest.mark.parametrize("override", [
-    "+data.x._target_=os.system",                                   # no group but callbacks/logger/optim instantiates
-    "+callbacks.x._target_=subprocess.Popen",                       # not a class of Lightning or segforge
-    "+callbacks.x._target_=lightning.pytorch.callbacks.model_checkpoint.Tensor",  # torch's class, re-exported there
-    "+logger.x._target_=lightning.fabric.utilities.cloud_io._load",  # a function of Lightning, not a class
-    "+callbacks.x={_target_:lightning.pytorch.callbacks.LambdaCallback,on_fit_start:{_target_:os.system}}",  # nested
+    "+data.x._target_=os.system",                                   # nothing but callbacks.extra is instantiated
+    "+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging",  # would be ignored silently
+    "+optim.opt._target_=torch.optim.SGD",                          # optim is built by name
+    "callbacks.extra=[{_target_:subprocess.Popen}]",                # not a class of Lightning or segforge
+    "callbacks.extra=[{_target_:lightning.pytorch.callbacks.model_checkpoint.Tensor}]",  # torch's, re-exported there
+    "callbacks.extra=[{_target_:lightning.fabric.utilities.cloud_io._load}]",  # a function of Lightning, not a class
+    "callbacks.extra=[{_target_:lightning.pytorch.callbacks.LambdaCallback,on_fit_start:{_target_:os.system}}]",
     """+callbacks.x='${oc.create:"{_target_: os.system}"}'""",     # made by an interpolation when resolved
-    "+callbacks.x._target_=lightning.pytorch.cli.LightningCLI",     # builds classes from arguments of its own
+    "callbacks.extra=[{_target_:lightning.pytorch.cli.LightningCLI}]",  # builds classes from arguments of its own
 ])
 def test_a_target_outside_what_segforge_instantiates_is_refused(override, capfd):
     code = main(["train", "somewhere", "--cfg", "job", override])
@@ -106,12 +108,11 @@ def test_a_target_outside_what_segforge_instantiates_is_refused(override, capfd)
 
 
 @pytest.mark.parametrize("override", [
-    "+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging",
-    "+logger.csv_extra._target_=lightning.pytorch.loggers.CSVLogger",
-    "+optim.opt._target_=torch.optim.SGD",
+    "callbacks.extra=[{_target_:lightning.pytorch.callbacks.StochasticWeightAveraging,swa_lrs:0.001}]",
+    "callbacks.extra=[{_target_:segforge.training.step_timer.TrainingStepTimer,path:t.json}]",
     "model._target_=segforge.nn.unet.UNet",  # what the packaged config says
 ])
-def test_classes_of_lightning_and_segforge_pass_in_their_groups(override):
+def test_classes_of_lightning_and_segforge_pass_in_callbacks_extra(override):
     from segforge.cli.targets import check_targets
 
     check_targets(compose_config("train", [override]), CONFIG_DIR)
@@ -189,6 +190,20 @@ def test_generated_images_never_go_into_a_dataset_folder(planned, tmp_path, comm
     printed = "".join(capfd.readouterr())
     assert code == 2 and "Traceback" not in printed and "is inside the dataset folder" in printed, printed
     assert tree_hash(dataset) == before
+
+
+@pytest.mark.parametrize("command", [["sample", "n=1"], ["denoise", "-i", "IN"]])
+def test_generated_images_never_replace_a_users_images(tmp_path, command, capfd):
+    """`denoise -i noisy -o originals` would have replaced the clean originals of the same names."""
+    originals = tmp_path / "originals"
+    originals.mkdir()
+    (originals / "case_0000.nii.gz").write_bytes(b"a user's image")
+    (tmp_path / "in").mkdir()
+    args = [str(tmp_path / "in") if a == "IN" else a for a in command]
+    code = main([args[0], "--model", str(tmp_path / "some_model"), "-o", str(originals), *args[1:]])
+    printed = "".join(capfd.readouterr())
+    assert code == 2 and "Traceback" not in printed and "image file(s) segforge did not write" in printed, printed
+    assert (originals / "case_0000.nii.gz").read_bytes() == b"a user's image"
 
 
 def test_predict_refuses_a_folder_holding_files_it_did_not_write(planned, model, tmp_path, capfd):

@@ -64,7 +64,7 @@ PRESETS = {
     "ct512": Preset("ct512", 904, 1, (300, 512, 512), (1.0, 0.7, 0.7), shape_jitter=0.0, spacing_jitter=0.0),
     # scripts/gpu_check.py: CT series at half the in-plane resolution (256x256 at 1.4 mm, 100 slices), so that a
     # CPU float32 reference of the 512x512x100 ct100 volume with the network planned for a large card fits minutes
-    "gpu3d": Preset("gpu3d", 907, 12, (100, 256, 256), (2.5, 1.4, 1.4)),
+    "gpu3d": Preset("gpu3d", 911, 12, (100, 256, 256), (2.5, 1.4, 1.4)),
     # scripts/gpu_check.py --quick: the one volume it predicts
     "tinyct": Preset("tinyct", 908, 1, (16, 32, 32), (2.5, 0.8, 0.8), shape_jitter=0.0, spacing_jitter=0.0),
     # scripts/gpu_check.py: 2D CT slices of 512x512 at 0.7 mm (the 2d configuration planned for a large card)

@@ -71,6 +71,10 @@ def stage_predict(timer, model_dir: str, image: str, device: str, tie_margin: fl
     import numpy as np
     import torch
 
+    # TF32 convolutions (cuDNN's default on Ampere and newer, ~1e-3 relative) would make the GPU's float32 network
+    # differ from the CPU's on every near-tie voxel: what is checked here is the float16 accumulation, so off
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     with timer:
         fast, metrics = _predict(model_dir, image, device, "float16", tie_margin)
     torch.set_num_threads(os.cpu_count() or 1)

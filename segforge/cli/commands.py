@@ -280,13 +280,14 @@ def run_predict(args, cfg, overrides) -> int:
     return 1 if counts["failed"] else 0
 
 
-def _generation(args, cfg):
-    """The denoising model of `sample`/`denoise`, after the output folder proved writable."""
+def _generation(args, cfg, command: str):
+    """The denoising model of `sample`/`denoise`, after the output folder proved safe to write and writable."""
     from segforge.inference.generative import DenoisingModel
-    from segforge.inference.output_folder import check_not_in_dataset
+    from segforge.inference.output_folder import check_output_folder
     from segforge.io.storage import check_writable
 
-    check_not_in_dataset(Path(args.output))
+    # never a dataset's folder, nor one holding images this command did not write (they would be replaced)
+    check_output_folder(Path(args.output), marker=f"{command}_config.yaml")
     check_writable(Path(args.output), what="generated images", setting="-o OUT", create=False)
     gen = cfg.generate
     return DenoisingModel.from_model_dir(Path(args.model), fold=gen.fold, device=str(gen.device))
@@ -305,7 +306,7 @@ def run_sample(args, cfg, overrides) -> int:
     from segforge.inference.generate import sample_from_masks, sample_images
     from segforge.inference.sliding_window import check_step_size
 
-    model = _generation(args, cfg)
+    model = _generation(args, cfg, "sample")
     output, gen = Path(args.output), cfg.generate
     common = dict(steps=cfg.steps, sampler=cfg.sampler, seed=int(cfg.seed),
                   step_size=check_step_size(gen.step_size, "generate.step_size"),
@@ -331,7 +332,7 @@ def run_denoise(args, cfg, overrides) -> int:
     if Path(args.input).exists() and Path(args.output).resolve() == Path(args.input).resolve():
         raise SegforgeError(f"{args.output}: output folder is the input folder (inputs are never overwritten). "
                             "Fix: choose another -o folder")
-    model = _generation(args, cfg)
+    model = _generation(args, cfg, "denoise")
     gen = cfg.generate
     intensity_range = list(cfg.intensity_range) if cfg.intensity_range is not None else None
     results = denoise_folder(model, Path(args.input), Path(args.output), float(cfg.sigma), str(cfg.sigma_units),
@@ -340,6 +341,20 @@ def run_denoise(args, cfg, overrides) -> int:
                              int(gen.sw_batch_size))
     save_config(Path(args.output), "denoise", cfg, overrides)
     return _report(Path(args.output), results, "denoised case(s)")
+
+
+def check_summary_replaceable(path: Path) -> None:
+    """``evaluate`` writes ``summary.json`` beside the predictions: never over one that segforge did not write (e.g.
+    nnU-Net's own in its validation folder, or a file of a dataset's when the two folders are swapped)."""
+    if not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text()).get("kind") == "summary"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise SegforgeError(f"{path}: exists and was not written by `segforge evaluate`; evaluating would replace it. "
+                            "Fix: move it away, or evaluate a copy of the predictions in another folder")
 
 
 def run_evaluate(args, cfg, overrides) -> int:
@@ -353,6 +368,7 @@ def run_evaluate(args, cfg, overrides) -> int:
             labels = read_json(candidate)["labels"]
     if labels is None:
         raise SegforgeError(f"no labels: none of {[str(c) for c in candidates]} exists. Fix: --dataset-json PATH")
+    check_summary_replaceable(pred_dir / "summary.json")
     summary = evaluate_folders(pred_dir, ref_dir, labels, pred_dir / "summary.json", float(cfg.nsd_tolerance_mm),
                                bool(cfg.surface_metrics), float(cfg.geometry_tolerance))
     print(format_summary(summary))

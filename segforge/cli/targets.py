@@ -1,8 +1,8 @@
 """Which ``_target_`` (a class Hydra would instantiate) a composed config may hold.
 
 A ``_target_`` names any callable (``torch.load`` of a pickle, ``subprocess.Popen``), so one typed on the command
-line is accepted only where segforge instantiates classes by design, the ``callbacks``, ``logger`` and ``optim``
-groups, and there only a class of Lightning or segforge (``torch.optim`` too under ``optim``). Everywhere else, the
+line is accepted only where segforge instantiates classes by design, the entries of ``callbacks.extra``, and there
+only a class of Lightning or segforge. Everywhere else (``optim`` and ``logger`` are built by name), the
 ``model`` group included, a ``_target_`` must be one the packaged configs name: the network is built from
 segforge's own allow-list (``inference.predictor.build_network``), never by whatever a config says.
 """
@@ -18,12 +18,11 @@ from omegaconf import OmegaConf
 
 from segforge.errors import SegforgeError
 
-# config groups whose entries are instantiated by design, and the packages their classes may come from
-INSTANTIATED_GROUPS = {
-    "callbacks": ("lightning", "pytorch_lightning", "segforge"),
-    "logger": ("lightning", "pytorch_lightning", "segforge"),
-    "optim": ("lightning", "pytorch_lightning", "segforge", "torch.optim"),
-}
+# where a command-line `_target_` is instantiated by design (callbacks.extra: a list of Lightning callbacks), and the
+# packages its classes may come from; no other setting is instantiated, so a `_target_` anywhere else would either
+# run code or be silently ignored
+INSTANTIATED = re.compile(r"^callbacks\.extra\[\d+\]")
+ALLOWED_PACKAGES = ("lightning", "pytorch_lightning", "segforge")
 _TARGET_LINE = re.compile(r"^\s*_target_:\s*['\"]?([\w.]+)", re.MULTILINE)
 
 
@@ -75,15 +74,15 @@ def check_targets(cfg, config_dir: Path) -> None:
         setting = f"{where}._target_" if where else "_target_"
         if isinstance(target, str) and target in known:
             continue
-        group = where.split(".")[0].split("[")[0]
-        if group in INSTANTIATED_GROUPS:
-            packages = INSTANTIATED_GROUPS[group]
-            if isinstance(target, str) and _allowed_class(target, packages):
+        if INSTANTIATED.match(where):
+            if isinstance(target, str) and _allowed_class(target, ALLOWED_PACKAGES):
                 continue
-            raise SegforgeError(f"{setting}={target}: {group}.* entries may only name a class defined in "
-                                f"{', '.join(packages)} (no command-line parser such as LightningCLI); segforge "
+            raise SegforgeError(f"{setting}={target}: callbacks.extra entries may only name a class defined in "
+                                f"{', '.join(ALLOWED_PACKAGES)} (no command-line parser such as LightningCLI); segforge "
                                 "instantiates nothing else from the command line. Fix: give such a class (e.g. "
                                 "lightning.pytorch.callbacks.StochasticWeightAveraging), or remove the override")
-        raise SegforgeError(f"{setting}={target}: segforge instantiates no class named on the command line outside "
-                            f"{', '.join(INSTANTIATED_GROUPS)}; model.* and every other setting take plain values "
-                            "(the network comes from segforge's own list). Fix: remove the override")
+        raise SegforgeError(f"{setting}={target}: segforge instantiates classes named on the command line only in "
+                            "callbacks.extra (a list of Lightning callbacks); model.*, optim.*, logger.* and every other "
+                            "setting take plain values (the network comes from segforge's own list). Fix: remove the "
+                            "override, or add a callback as "
+                            "'callbacks.extra=[{_target_:lightning.pytorch.callbacks.StochasticWeightAveraging,swa_lrs:0.001}]'")

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from segforge.errors import SegforgeError
 from segforge.inference.case_pipeline import CaseResult, CaseWork, failed_case, run_cases
@@ -130,6 +131,8 @@ def network_case(predictor, with_probabilities: bool, loaded: tuple) -> tuple:
     if with_probabilities:
         probabilities, geometry = predictor.probabilities(image, geometry)
         mask = predictor.labels(probabilities)
+        # stored as float16 anyway: half the memory while it waits for the exporter (overlap holds it beside the next)
+        probabilities = probabilities.to(torch.float16)
     else:  # streamed: never classes x volume in memory
         probabilities = None
         mask, geometry = predictor.predict(image, geometry, overwrite_input=True)

@@ -7,7 +7,8 @@ before their extension and a case's files always do, so no case name can take on
 written before the first mask: it marks the folder as segforge's, so that a re-run or ``--continue`` after a kill
 may write there again. Any other existing folder that holds a ``dataset.json`` or image files is refused: they may be
 a dataset's (its ``dataset.json``, its images or reference labels) and would be replaced. ``sample`` and
-``denoise`` refuse an ``-o`` inside a dataset folder too.
+``denoise`` refuse the same folders (their marker: ``sample_config.yaml``, ``denoise_config.yaml``, written at the
+end of a run: the same command may write into a folder it completed).
 """
 
 from __future__ import annotations
@@ -45,15 +46,16 @@ def check_not_in_dataset(output: Path) -> None:
                          "images and labels would be replaced)")
 
 
-def check_output_folder(output: Path) -> None:
-    """Refuse ``-o`` inside a dataset folder, or an existing folder segforge did not predict into that holds a
-    ``dataset.json`` or image files (module docstring)."""
+def check_output_folder(output: Path, marker: str = MARKER) -> None:
+    """Refuse ``-o`` inside a dataset folder, or an existing folder segforge did not write into (no ``marker``: the
+    command's own config file, ``predict_config.yaml``, ``sample_config.yaml``, ``denoise_config.yaml``) that holds
+    a ``dataset.json`` or image files (module docstring)."""
     check_not_in_dataset(output)
     real = Path(os.path.realpath(output))
-    if not real.is_dir() or is_prediction_folder(real):
+    if not real.is_dir() or (real / marker).is_file():
         return
     if (real / "dataset.json").exists():
-        raise SegforgeError(f"{output}: holds a dataset.json that segforge did not write (no {MARKER} beside it); "
+        raise SegforgeError(f"{output}: holds a dataset.json that segforge did not write (no {marker} beside it); "
                             "predicting there would replace it. Fix: choose a new or empty -o folder")
     images = sorted(p.name for p in real.iterdir() if not p.name.startswith(".") and file_ending(p.name))
     if images:
@@ -66,9 +68,12 @@ def release_unused(output: Path, existed: bool) -> None:
     """After a run refused before its first case: remove the config files it wrote, and the folder it created, if
     they are all the folder holds (nothing is left behind; a folder with masks keeps its marker)."""
     output = Path(output)
-    if not output.is_dir() or not set(os.listdir(output)) <= set(CONFIG_FILES):
-        return
-    for name in CONFIG_FILES:
-        (output / name).unlink(missing_ok=True)
-    if not existed:
-        output.rmdir()
+    try:  # best effort: the refusal that brought us here is the message, never an error of this clean-up
+        if not output.is_dir() or not set(os.listdir(output)) <= set(CONFIG_FILES):
+            return
+        for name in CONFIG_FILES:
+            (output / name).unlink(missing_ok=True)
+        if not existed:
+            output.rmdir()
+    except OSError:
+        pass

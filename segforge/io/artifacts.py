@@ -77,14 +77,17 @@ def commit_temporary(tmp: Path, path: Path) -> None:
             os.close(fd)
     os.replace(tmp, path)
     if os.name == "posix":  # a folder cannot be opened for fsync on Windows (its renames are durable as they are)
-        fd = os.open(Path(path).parent, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        except OSError as exc:  # some network and FUSE file systems cannot fsync a folder: the file is safe already
-            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            fd = os.open(Path(path).parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            # the file is in place and flushed; only an I/O error is a failure here. Some network and FUSE file
+            # systems cannot open or fsync a folder (EINVAL, ENOTSUP, ENOSYS, EACCES on a write-only folder)
+            if exc.errno == errno.EIO:
                 raise
-        finally:
-            os.close(fd)
 
 
 @contextmanager

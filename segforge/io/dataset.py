@@ -326,6 +326,13 @@ def cases_from_listing(root: Path, listing: dict, n_channels: int) -> tuple[list
     problems, cases = [], []
     json_path = str(root / "dataset.json")
     for case_id, entry in sorted(listing.items()):
+        # a case id names files in the work folders (CASE.npy, validation/CASE.nii.gz): never a path of its own
+        if (any(sep in case_id for sep in ("/", "\\")) or case_id.startswith(".") or not case_id
+                or any(ord(ch) < 32 for ch in case_id)):
+            problems.append(Problem(json_path, f'"dataset" entry {case_id!r} is not a plain case name (a path separator, '
+                                    "a leading dot or a control character would name files outside segforge's folders)",
+                                    "name the case with letters, digits, '_' and '-', e.g. case_001"))
+            continue
         if not isinstance(entry, dict) or not isinstance(entry.get("images"), list):
             problems.append(Problem(json_path, f'"dataset" entry {case_id!r} needs "images": [...] and "label"',
                                     'write {"CASE": {"images": ["imagesTr/CASE_0000.nii.gz"], "label": "labelsTr/CASE.nii.gz"}}'))

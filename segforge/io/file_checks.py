@@ -183,7 +183,9 @@ def check_nifti(path: Path) -> NiftiLayout | None:
     if not 1 <= dims[0] <= 7 or any(d < 0 for d in dims[1:dims[0] + 1]):
         raise ImageReadError(f"{path}: has an invalid NIfTI header (dim = {dims}). Fix: {RECOPY_FIX}")
     shape = tuple(dims[1:dims[0] + 1])
-    check_spacing(path, [float(v) for v in header["pixdim"][1:min(dims[0], 3) + 1]], "in its NIfTI header, pixdim ")
+    # a singleton axis (a 2D image stored as 3D) has no extent: its pixdim (often 0) scales nothing
+    check_spacing(path, [float(v) for v, n in zip(header["pixdim"][1:min(dims[0], 3) + 1], dims[1:]) if n > 1],
+                  "in its NIfTI header, pixdim ")
     if 0 in shape:
         raise ImageReadError(f"{path}: has a zero-size axis (shape {' x '.join(map(str, shape))} in its header): it "
                              "holds no voxels. Fix: re-export the image from the original data (the export that "

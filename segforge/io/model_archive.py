@@ -89,6 +89,9 @@ def _shadowed(names) -> list[str]:
     return sorted(set(names) & folders)
 
 
+MANIFEST_MAX_BYTES = 16 * 2**20  # a manifest lists a few dozen members with their hashes: KBs
+
+
 def _byte_limit(archive: Path, max_expansion: float, max_bytes: int | None) -> int:
     return int(max_bytes) if max_bytes is not None else int(max_expansion * archive.stat().st_size)
 
@@ -148,9 +151,13 @@ def verify_archive(archive: Path, max_expansion: float = 20, max_bytes: int | No
         infos = {info.filename: info for info in zf.infolist()}
         if MANIFEST not in infos:
             raise SegforgeError(f"{archive}: no {MANIFEST}; not a segforge model archive")
+        if infos[MANIFEST].file_size > MANIFEST_MAX_BYTES:  # read whole below: its size is checked first (a bomb too)
+            raise SegforgeError(f"{archive}: {MANIFEST} unpacks to {infos[MANIFEST].file_size} bytes; a model's manifest "
+                                f"is a few KB (at most {MANIFEST_MAX_BYTES}): refused (tampered or not a segforge archive)")
         try:
-            manifest = json.loads(zf.read(MANIFEST))
-        except (ValueError, RecursionError) as exc:
+            with zf.open(MANIFEST) as stream:
+                manifest = json.loads(stream.read(MANIFEST_MAX_BYTES + 1))
+        except (ValueError, RecursionError, zipfile.BadZipFile) as exc:
             raise SegforgeError(f"{archive}: {MANIFEST} is not valid JSON") from exc
         listed = _check_manifest(archive, manifest)
         unsafe = [n for n in list(infos) + list(listed)

@@ -12,8 +12,23 @@ from segforge.errors import SegforgeError
 FIX = "Fix: correct the override (`segforge train DATASET --cfg job` prints every setting)"
 
 
+# Trainer arguments training/run.py passes itself, and where a user changes what they hold instead
+SET_BY_SEGFORGE = {
+    "callbacks": "add yours with callbacks.extra=[{_target_:...}]",
+    "logger": "choose with logger.csv / logger.tensorboard",
+    "plugins": "checkpoints are written atomically by segforge's plugin",
+    "default_root_dir": "the fold folder; move it with paths.results_root",
+    "limit_val_batches": "validation batches per epoch: data.val_iterations",
+    "use_distributed_sampler": "segforge's patch sampler shards by rank",
+}
+
+
 def _whole(value, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _zero(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 def _positive_number(value) -> bool:
@@ -27,6 +42,10 @@ def check_train_settings(cfg, trainer_kwargs: dict, plan_config: dict) -> None:
 
     accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     unknown = sorted(set(trainer_kwargs) - accepted)
+    own = sorted(set(trainer_kwargs) & set(SET_BY_SEGFORGE))
+    if own:
+        raise SegforgeError(f"trainer.{own[0]}: segforge sets this Trainer argument itself ({SET_BY_SEGFORGE[own[0]]}). "
+                            f"Fix: remove the override +trainer.{own[0]}=...")
     if unknown:
         raise SegforgeError(f"trainer.{unknown[0]}: not an option of Lightning's Trainer (the trainer.* settings are "
                             f"its arguments, e.g. max_epochs, max_steps, precision, gradient_clip_val). Fix: remove "
@@ -38,7 +57,9 @@ def check_train_settings(cfg, trainer_kwargs: dict, plan_config: dict) -> None:
         ("trainer.max_epochs", trainer_kwargs.get("max_epochs"),
          _whole(trainer_kwargs.get("max_epochs"), 1) or trainer_kwargs.get("max_epochs") == -1,
          "a whole number >= 1, or -1 (no limit: Lightning's, for trainer.max_time or max_steps)"),
-        ("optim.lr", cfg.optim.get("lr"), _positive_number(cfg.optim.get("lr")), "a number > 0"),
+        # 0 is a learning rate (a frozen run: fine-tuning checks, the EMA without updates), a negative one is not
+        ("optim.lr", cfg.optim.get("lr"), _positive_number(cfg.optim.get("lr")) or _zero(cfg.optim.get("lr")),
+         "a number >= 0"),
         ("data.iterations_per_epoch", cfg.data.get("iterations_per_epoch"),
          _whole(cfg.data.get("iterations_per_epoch"), 1), "a whole number >= 1"),
         ("data.batch_size", cfg.data.get("batch_size"),
