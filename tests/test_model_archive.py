@@ -171,6 +171,56 @@ def test_a_malformed_archive_is_refused_in_words(tmp_path, case, capsys):
     assert "Traceback" not in err and not dest.exists() and len(list(tmp_path.iterdir())) == 1
 
 
+def tampered_archive(path: Path, case: str) -> tuple[Path, str]:
+    """An archive laid out like export-model's, changed as ``case`` says; the member the refusal must name."""
+    import hashlib
+    import json
+
+    members = dict(BASIC)
+    files = {n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in members.items()}
+    extra: list[tuple[zipfile.ZipInfo | str, bytes]] = []
+    named = "fold_0/model_final.pt"
+    if case == "missing_member":
+        del members[named]
+    elif case == "size_mismatch":
+        files[named]["bytes"] += 1
+    elif case == "oversized_declared":
+        files[named]["bytes"] = 2**40
+        named = str(2**40 + len(BASIC["plans.json"]))  # the refusal names the total the manifest declares
+    elif case == "symlink_member":
+        link = zipfile.ZipInfo(named)
+        link.external_attr = (0o120777 << 16)
+        extra.append((link, b"/etc/passwd"))
+        files[named] = {"sha256": hashlib.sha256(b"/etc/passwd").hexdigest(), "bytes": len(b"/etc/passwd")}
+        del members[named]
+    elif case in ("absolute_name", "backslash_name"):
+        named = "/tmp/evil.pt" if case == "absolute_name" else "fold_0\\..\\..\\evil.pt"
+        members[named] = b"x"
+        files[named] = {"sha256": hashlib.sha256(b"x").hexdigest(), "bytes": 1}
+    elif case == "duplicate_name":
+        extra.append((named, b"other weights"))
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        for info, data in extra:
+            with pytest.warns(UserWarning) if case == "duplicate_name" else __import__("contextlib").nullcontext():
+                zf.writestr(info, data)
+        zf.writestr("manifest.json", json.dumps({"kind": "model_archive", "schema_version": 1, "files": files}))
+    return path, named
+
+
+@pytest.mark.parametrize("case", ["missing_member", "size_mismatch", "symlink_member", "absolute_name", "backslash_name",
+                                  "duplicate_name", "oversized_declared"])
+def test_a_tampered_member_is_refused_naming_it(tmp_path, case, capsys):
+    archive, named = tampered_archive(tmp_path / "bad.zip", case)
+    dest = tmp_path / "dest"
+    assert main(["import-model", str(archive), str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segforge import-model: error: {archive}: ") and "refused" in err, err
+    assert named in err or repr(named) in err, err  # a list of names is shown as Python writes it
+    assert "Traceback" not in err and not dest.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip"]
+
+
 @pytest.mark.parametrize("damage", ["no_state_dict", "unknown_configuration", "features_changed", "not_a_dict"])
 def test_predict_refuses_an_inconsistent_weights_file_in_words(trained, tmp_path, damage, capsys):
     import shutil

@@ -149,6 +149,11 @@ def verify_archive(archive: Path, max_expansion: float = 20, max_bytes: int | No
         raise SegforgeError(f"{archive}: not a readable zip archive ({exc})") from exc
     with zf:
         infos = {info.filename: info for info in zf.infolist()}
+        if len(infos) != len(zf.infolist()):  # a name twice: which copy a reader takes is up to the reader
+            seen, twice = set(), []
+            for info in zf.infolist():
+                (twice if info.filename in seen else seen.add(info.filename) or []).append(info.filename)
+            raise SegforgeError(f"{archive}: the member {twice[0]!r} appears more than once; refused (tampered)")
         if MANIFEST not in infos:
             raise SegforgeError(f"{archive}: no {MANIFEST}; not a segforge model archive")
         if infos[MANIFEST].file_size > MANIFEST_MAX_BYTES:  # read whole below: its size is checked first (a bomb too)
