@@ -64,6 +64,31 @@ def test_resume_continues_exactly_where_it_stopped(planned):
     assert len(list((resumed / "logs").glob("version_*"))) == 2  # the first part's logs were kept
 
 
+def test_resume_is_exact_with_the_default_recipe_loader_workers_and_the_final_validation(planned):
+    """The same with nnU-Net's recipe (SGD with momentum, poly decay), augmentation in two loader workers and the
+    fold's final validation on: weights, momentum buffers and the validation's scores equal the uninterrupted run's."""
+    dataset, work = planned
+    run = ["train", str(dataset), "data.iterations_per_epoch=6", "data.val_iterations=1", "trainer.accelerator=cpu",
+           "data.num_workers=2", "callbacks.progress_plot=false", "logger.tensorboard=false", "trainer.max_epochs=3"]
+    assert main([*run, *roots(work, "sgd_straight")]) == 0
+    assert main([*run, *roots(work, "sgd_resumed"), "+trainer.max_steps=12"]) == 0  # stopped after 2 of 3 epochs
+    assert main([*run, *roots(work, "sgd_resumed")]) == 0
+    straight, resumed = fold_dir(work, dataset, "sgd_straight"), fold_dir(work, dataset, "sgd_resumed")
+    for key, value in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 18
+    states_a, states_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert states_a and all("momentum_buffer" in state for state in states_a.values())
+    for state_a, state_b in zip(states_a.values(), states_b.values()):
+        torch.testing.assert_close(state_b["momentum_buffer"], state_a["momentum_buffer"], rtol=1e-5, atol=1e-7)
+    scores = [json.loads((fold / "validation" / "summary.json").read_text())["mean_dice"] for fold in (straight, resumed)]
+    assert scores[0].keys() == scores[1].keys()
+    for name in scores[0]:
+        assert scores[1][name] == pytest.approx(scores[0][name], abs=1e-4), name
+
+
 def test_a_crashed_run_resumes_from_its_last_finished_epoch(planned, monkeypatch):
     """A run killed in its third epoch left last.ckpt of the second (written every epoch, not only at the end), and
     resume=auto goes on from there."""

@@ -87,7 +87,12 @@ class SegmentationDataModule(L.LightningDataModule):
         workers = policy.num_workers
         extra = {"prefetch_factor": int(self.cfg.get("prefetch_factor") or 2), "persistent_workers": True,
                  "worker_init_fn": functools.partial(_init_worker, policy.worker_threads)} if workers > 0 else {}
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=PatchIndexSampler(samples, rank, world, deterministic),
+        sampler = PatchIndexSampler(samples, rank, world, deterministic)
+        if self.trainer is not None:
+            # loader workers draw their first indices when the loader is iterated, before Lightning's set_epoch: a
+            # resumed run must start from its restored epoch, not 0 (it trained other patches than the straight run)
+            sampler.set_epoch(int(self.trainer.current_epoch))
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=workers, pin_memory=pin, drop_last=True,
                           collate_fn=PatchCollate(augmenter if policy.augment_on == "workers" else None), **extra)
 
