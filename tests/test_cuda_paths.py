@@ -179,3 +179,22 @@ def test_training_batches_go_to_the_gpu_without_blocking(fake_cuda, kind):
     module.transfer_batch_to_device(batch, torch.device("cuda"), 0)
     assert len(fake_cuda) == (2 if kind == "augmented" else 3)
     assert all(copy["non_blocking"] for copy in fake_cuda)
+
+
+def test_each_rank_times_its_forward_passes_on_its_own_gpu(monkeypatch):
+    """Budget timing runs before Lightning sets the device: rank k must use cuda:k, not GPU 0 with every other rank."""
+    from omegaconf import OmegaConf
+
+    from segforge.training.run import _validation_device
+
+    cfg = OmegaConf.create({"trainer": {"accelerator": "auto"}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _validation_device(cfg) == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert _validation_device(cfg) == torch.device("cuda", 3)
+    monkeypatch.delenv("SLURM_LOCALID")
+    assert _validation_device(cfg) == torch.device("cuda", 0)
+    assert _validation_device(OmegaConf.create({"trainer": {"accelerator": "cpu"}})) == torch.device("cpu")

@@ -91,7 +91,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.trainer is not None:
             # loader workers draw their first indices when the loader is iterated, before Lightning's set_epoch: a
             # resumed run must start from its restored epoch, not 0 (it trained other patches than the straight run)
-            sampler.set_epoch(int(self.trainer.current_epoch))
+            sampler.set_epoch(int(getattr(self.trainer, "current_epoch", 0) or 0))
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=workers, pin_memory=pin, drop_last=True,
                           collate_fn=PatchCollate(augmenter if policy.augment_on == "workers" else None), **extra)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -315,7 +316,12 @@ def _split_budget(budget_s: float, started_at: float | None, network, passes: in
 
 
 def _validation_device(cfg) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") else "cpu")
+    """Where this rank times and runs its forward passes: its own GPU (``cuda:LOCAL_RANK``; before Lightning sets the
+    device, every rank would otherwise time on GPU 0 at once and leave a CUDA context there), else the CPU."""
+    if not (torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda")):
+        return torch.device("cpu")
+    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    return torch.device("cuda", int(local_rank) if local_rank.isdigit() else 0)
 
 
 def export_weights(path: Path, network: torch.nn.Module, kwargs: dict, configuration: str, plan_config: dict,
