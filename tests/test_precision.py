@@ -154,6 +154,24 @@ def test_an_override_that_outgrows_the_plans_memory_is_warned_with_the_peak_and_
         assert not caplog.records
 
 
+def test_a_patch_override_that_outgrows_the_plans_memory_is_warned(caplog, monkeypatch):
+    """A data.patch_size override at the plan's own precision and batch: traced at that patch (it was not checked)."""
+    monkeypatch.setattr(logging.getLogger("segforge"), "propagate", True)
+    plans = shrink_card(json.loads(json.dumps(make_plans(fingerprint(), rules(precision="16-mixed")))))
+    conf = plans["configurations"]["3d_fullres"]
+    larger = [2 * p for p in conf["patch_size"]]
+    with caplog.at_level(logging.WARNING, logger="segforge.planning.precision"):
+        assert check_step_memory(plans, "3d_fullres", "16-mixed", patch_size=list(conf["patch_size"])) is None
+        assert not caplog.records  # the plan's own patch: nothing to trace
+        peak = check_step_memory(plans, "3d_fullres", "16-mixed", patch_size=larger)
+    message = caplog.records[-1].getMessage()
+    assert peak > conf["memory"]["predicted_peak_bytes"] and f"patch {larger}" in message, message
+    assert "re-plan" not in message and "Fix: " in message
+    odd = [p + 1 for p in conf["patch_size"]]  # a patch the pooling may not divide: traced or skipped, never raised
+    result = check_step_memory(plans, "3d_fullres", "16-mixed", patch_size=odd)
+    assert result is None or result > 0
+
+
 def test_a_denoising_plan_describes_the_denoising_step():
     plans = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1},
              "rules": {"denoiser_step": {"task": "denoise", "norm": "group", "cond_mode": "scale_shift",

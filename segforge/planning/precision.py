@@ -74,7 +74,7 @@ def training_precision(requested: str, plan_config: dict, on_gpu: bool, gpu_bf16
 
 
 def check_step_memory(plans: dict, configuration: str, precision: str, batch_size: int | None = None,
-                      dataset: str = "DATASET") -> int | None:
+                      dataset: str = "DATASET", patch_size: list[int] | None = None) -> int | None:
     """Warn when the step at ``precision`` (and ``batch_size``, default the plan's) no longer fits the memory budget
     the plan was fitted to: the predicted peak, the budget and the fix. Returns the predicted peak bytes, or None
     where nothing changed from the plan's own trace (or the precision cannot be traced)."""
@@ -84,10 +84,16 @@ def check_step_memory(plans: dict, configuration: str, precision: str, batch_siz
     batch = int(batch_size or conf["batch_size"])
     planned = TRACEABLE.get(str(memory["precision"]), memory["precision"])
     same_bytes = traced == planned or {traced, planned} <= {"16-mixed", "bf16-mixed"}  # 2-byte activations alike
-    if traced is None or (same_bytes and batch == int(conf["batch_size"])):
+    patch = tuple(int(p) for p in (patch_size or conf["patch_size"]))
+    if traced is None or (same_bytes and batch == int(conf["batch_size"]) and patch == tuple(conf["patch_size"])):
         return None
-    spec = replace(spec_from_plan(plans, configuration, batch), precision=traced)
-    peak = traced_peak_bytes(spec)
+    spec = replace(spec_from_plan(plans, configuration, batch), precision=traced, patch_size=patch)
+    try:
+        peak = traced_peak_bytes(spec)
+    except Exception as exc:  # e.g. a patch the network's pooling cannot divide: training says so itself
+        log.info("the %s step at patch %s could not be traced (%s); its memory is not checked", configuration,
+                 list(patch), str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return None
     budget = MemoryBudget(float(memory["gpu_memory_gb"]), memory["reserved_bytes"] / GIB, float(memory["margin"]))
     if budget.fits(peak):
         return peak
@@ -97,8 +103,9 @@ def check_step_memory(plans: dict, configuration: str, precision: str, batch_siz
     fitting = 1 + int((budget.peak_limit_bytes - single) // max(per_sample, 1)) if budget.fits(single) else 0
     fixes = ([] if same_bytes else [f"re-plan at this precision (`segforge plan {dataset} plan.memory.precision={traced}`)"]) \
         + ([f"data.batch_size={min(fitting, batch - 1)}"] if fitting else [])
-    log.warning("trainer.precision=%s, batch %d: the %s step is predicted to peak at %.2f GiB, over the %.2f GiB the "
-                "plan's memory budget allows (a %g GB card; the plan traced %s at batch %d). Fix: %s", precision, batch,
-                configuration, peak / GIB, budget.peak_limit_bytes / GIB, memory["gpu_memory_gb"], memory["precision"],
-                conf["batch_size"], ", or ".join(fixes))
+    log.warning("trainer.precision=%s, batch %d, patch %s: the %s step is predicted to peak at %.2f GiB, over the "
+                "%.2f GiB the plan's memory budget allows (a %g GB card; the plan traced %s at batch %d, patch %s). "
+                "Fix: %s", precision, batch, list(patch), configuration, peak / GIB, budget.peak_limit_bytes / GIB,
+                memory["gpu_memory_gb"], memory["precision"], conf["batch_size"], list(conf["patch_size"]),
+                ", or ".join(fixes or ["a smaller data.patch_size (or none: the plan's)"]))
     return peak

@@ -154,10 +154,10 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     trainer_kwargs["precision"], why = training_precision(requested, plan_config, on_gpu)
     log.info("precision %s: %s", trainer_kwargs["precision"], why)
     check_precision(trainer_kwargs)
-    if requested != "plan" or cfg.data.batch_size:  # an override: does the step still fit the plan's memory?
-        # a batch override alone is checked at the plan's precision (a CPU's 32-true is not the planned card's)
+    if requested != "plan" or cfg.data.batch_size or cfg.data.get("patch_size"):  # does the step still fit?
+        # a batch or patch override alone is checked at the plan's precision (a CPU's 32-true is not the planned card's)
         check_step_memory(plans, configuration, requested if requested != "plan" else plan_config["memory"]["precision"],
-                          cfg.data.batch_size, str(spec.root))
+                          cfg.data.batch_size, str(spec.root), cfg.data.get("patch_size"))
 
     task = make_task(cfg, spec, plan_config, data_dir, manifest, plans)
     model_dir = workspace.model_dir(task.name, configuration)
