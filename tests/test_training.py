@@ -44,6 +44,19 @@ def weights(folder: Path) -> dict:
     return torch.load(folder / "model_final.pt", weights_only=True)["state_dict"]
 
 
+def assert_resumed_equals_straight(straight: Path, resumed: Path, optimizer_state: str, atol: float) -> None:
+    """The resumed fold's weights, step count and optimizer ``optimizer_state`` equal the uninterrupted fold's."""
+    for key, value in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 18
+    states_a, states_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert states_a and all(optimizer_state in state for state in states_a.values())
+    for state_a, state_b in zip(states_a.values(), states_b.values()):
+        torch.testing.assert_close(state_b[optimizer_state], state_a[optimizer_state], rtol=1e-5, atol=atol)
+
+
 def test_resume_continues_exactly_where_it_stopped(planned):
     """An interrupted run resumed to the end equals the uninterrupted run: weights, step, optimizer moments."""
     dataset, work = planned
@@ -54,13 +67,7 @@ def test_resume_continues_exactly_where_it_stopped(planned):
     assert interrupted["global_step"] == 12
     assert main([*run, *roots(work, "resumed")]) == 0
     straight, resumed = fold_dir(work, dataset, "straight"), fold_dir(work, dataset, "resumed")
-    for key, value in weights(straight).items():
-        torch.testing.assert_close(weights(resumed)[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 18
-    for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        torch.testing.assert_close(state_b["exp_avg_sq"], state_a["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    assert_resumed_equals_straight(straight, resumed, "exp_avg_sq", atol=1e-9)
     assert len(list((resumed / "logs").glob("version_*"))) == 2  # the first part's logs were kept
 
 
@@ -74,15 +81,7 @@ def test_resume_is_exact_with_the_default_recipe_loader_workers_and_the_final_va
     assert main([*run, *roots(work, "sgd_resumed"), "+trainer.max_steps=12"]) == 0  # stopped after 2 of 3 epochs
     assert main([*run, *roots(work, "sgd_resumed")]) == 0
     straight, resumed = fold_dir(work, dataset, "sgd_straight"), fold_dir(work, dataset, "sgd_resumed")
-    for key, value in weights(straight).items():
-        torch.testing.assert_close(weights(resumed)[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 18
-    states_a, states_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert states_a and all("momentum_buffer" in state for state in states_a.values())
-    for state_a, state_b in zip(states_a.values(), states_b.values()):
-        torch.testing.assert_close(state_b["momentum_buffer"], state_a["momentum_buffer"], rtol=1e-5, atol=1e-7)
+    assert_resumed_equals_straight(straight, resumed, "momentum_buffer", atol=1e-7)
     scores = [json.loads((fold / "validation" / "summary.json").read_text())["mean_dice"] for fold in (straight, resumed)]
     assert scores[0].keys() == scores[1].keys()
     for name in scores[0]:
