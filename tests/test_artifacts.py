@@ -218,14 +218,14 @@ def _write_with(writer: str, path: Path) -> None:
     from segforge.io.artifacts import save_npy_atomic, write_json
     from segforge.io.image import Geometry, write_image
     from segforge.training.callbacks import AtomicCheckpointIO
-    from segforge.training.run import export_weights
+    from segforge.io.model_folder import write_weights
 
     if writer == "write_json":
         write_json(path, {"a": 1})
     elif writer == "save_npy_atomic":
         save_npy_atomic(path, np.arange(3))
-    elif writer == "export_weights":
-        export_weights(path, torch.nn.Linear(2, 2), {}, "3d_fullres", {"patch_size": [2, 2, 2], "dims": 3})
+    elif writer == "write_weights":
+        write_weights(path, torch.nn.Linear(2, 2), {}, "3d_fullres", {"patch_size": [2, 2, 2], "dims": 3})
     elif writer == "checkpoint":
         AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
     else:
@@ -234,7 +234,7 @@ def _write_with(writer: str, path: Path) -> None:
 
 
 @pytest.mark.parametrize("writer, name", [("write_json", "plans.json"), ("save_npy_atomic", "case.npy"),
-                                          ("export_weights", "model_final.pt"), ("checkpoint", "last.ckpt"),
+                                          ("write_weights", "model_final.pt"), ("checkpoint", "last.ckpt"),
                                           ("write_image", "case.nii.gz")])
 def test_every_writer_flushes_file_and_folder_and_honours_the_umask(tmp_path, monkeypatch, writer, name):
     """Durable (a power cut leaves the old file or the whole new one: the file and then its folder entry are

@@ -39,7 +39,8 @@ def build_model(base: Path, name: str, ending: str, channels: dict, configuratio
     from hydra.utils import instantiate
 
     from segforge.cli.main import compose_config
-    from segforge.training.run import FINAL_WEIGHTS, export_weights, network_kwargs
+    from segforge.io.model_folder import FINAL_WEIGHTS, write_weights
+    from segforge.training.run import network_kwargs
 
     dataset = base / name
     for sub in ("imagesTr", "labelsTr"):
@@ -62,7 +63,7 @@ def build_model(base: Path, name: str, ending: str, channels: dict, configuratio
     (model / "fold_0").mkdir(parents=True)
     shutil.copy(work / name / "plans.json", model / "plans.json")
     shutil.copy(dataset / "dataset.json", model / "dataset.json")
-    export_weights(model / "fold_0" / FINAL_WEIGHTS, network, kwargs, configuration, plan_config)
+    write_weights(model / "fold_0" / FINAL_WEIGHTS, network, kwargs, configuration, plan_config)
     return model
 
 

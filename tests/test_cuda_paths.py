@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from segforge.errors import SegforgeError
-from segforge.inference.predictor import Predictor, select_device
+from segforge.inference.predictor import Predictor
+from segforge.io.model_folder import select_device
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -110,7 +110,7 @@ def test_sample_writes_images_at_the_plans_spacing(unlabelled, tmp_path, capsys)
 
 
 def test_sampling_uses_the_saved_process_and_refuses_a_tampered_one(unlabelled, tmp_path, capsys):
-    from segforge.inference.generative import DenoisingModel
+    from segforge.inference.generate import DenoisingModel
 
     copy = tmp_path / "model"
     shutil.copytree(unlabelled["model"], copy)

@@ -124,7 +124,7 @@ def test_denoiser_refuses_missing_or_wrong_spatial_cond_and_classes():
 
 
 def test_a_saved_denoiser_is_rebuilt_from_plain_arguments():
-    from segforge.inference.predictor import build_network
+    from segforge.io.model_folder import build_network
 
     spec = {"_target_": "segforge.nn.denoiser.Denoiser", "spatial_dims": 2, "image_channels": 1,
             "features_per_stage": [8, 16], "kernel_sizes": [[3, 3], [3, 3]], "strides": [[1, 1], [2, 2]],

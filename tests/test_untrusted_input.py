@@ -144,8 +144,8 @@ def model(planned) -> Path:
     """A model folder as `train` leaves it, with the planned network's seeded random weights (not trained)."""
     import shutil
 
-    from segforge.inference.predictor import build_network
-    from segforge.training.run import FINAL_WEIGHTS, export_weights, network_kwargs
+    from segforge.io.model_folder import FINAL_WEIGHTS, build_network, write_weights
+    from segforge.training.run import network_kwargs
 
     dataset, work = planned
     plans = json.loads((work / dataset.name / "plans.json").read_text())
@@ -156,7 +156,7 @@ def model(planned) -> Path:
     (folder / "fold_0").mkdir(parents=True)
     shutil.copy(work / dataset.name / "plans.json", folder / "plans.json")
     shutil.copy(dataset / "dataset.json", folder / "dataset.json")
-    export_weights(folder / "fold_0" / FINAL_WEIGHTS, build_network(kwargs, "test"), kwargs, "3d_fullres", plan_config)
+    write_weights(folder / "fold_0" / FINAL_WEIGHTS, build_network(kwargs, "test"), kwargs, "3d_fullres", plan_config)
     return folder
 
 

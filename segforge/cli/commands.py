@@ -282,7 +282,7 @@ def run_predict(args, cfg, overrides) -> int:
 
 def _generation(args, cfg, command: str):
     """The denoising model of `sample`/`denoise`, after the output folder proved safe to write and writable."""
-    from segforge.inference.generative import DenoisingModel
+    from segforge.inference.generate import DenoisingModel
     from segforge.inference.output_folder import check_output_folder
     from segforge.io.storage import check_writable
 

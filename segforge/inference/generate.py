@@ -1,5 +1,14 @@
-"""What ``segforge sample`` and ``segforge denoise`` do with a trained denoising model (``generative.DenoisingModel``).
+"""A trained denoising model (``task=denoise``): loaded and checked, and what ``segforge sample`` and ``segforge denoise``
+do with it.
 
+* ``DenoisingModel.from_model_dir``: the model folder of the training run (plans.json, dataset.json,
+  ``diffusion.json``: the process, written at training start; ``fold_<k>/model_final.pt``, whose payload records the
+  same process, the default sampler and steps, the label values of a mask-conditioned model and the training cases'
+  typical normalisation). A ``diffusion.json`` that is unreadable, of an unknown kind, or not the process the weights
+  were trained with is refused: training and sampling cannot disagree.
+* ``image_model_fn``: the network over whole images by Gaussian-weighted sliding windows at every sampler step (the
+  sampler's noise is one field, windows only evaluate the network); a label map rides along as extra channels after
+  the image (``nn.denoiser.WindowDenoiser`` splits them again).
 * ``sample_images``: ``n`` images drawn from pure noise by the model's sampler, at the plan's spacing (shape: the
   plan's median image unless given), brought to the dataset's intensity units by the training cases' typical
   normalisation, written one file per channel (``sample_000_0000<ending>``).
@@ -20,6 +29,7 @@ case is reported and skipped (the checks ``predict`` applies), the others go on.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -28,18 +38,118 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from segforge.diffusion.conditioning import one_hot, seed_of
+from segforge.diffusion.process import PROCESS_FILE, DiffusionProcess
 from segforge.errors import SegforgeError
 from segforge.inference.folder import CaseResult, channel_files, find_cases, run_case
-from segforge.inference.generative import DenoisingModel, one_hot, seed_of
 from segforge.inference.predictor import check_input
+from segforge.inference.sliding_window import sliding_window
 from segforge.io.image import FAKE_Z_SPACING, Geometry, file_ending, read_case, read_image, write_image
+from segforge.io.model_folder import FINAL_WEIGHTS, load_network, read_model_files, read_weights, select_device, select_folds
 from segforge.io.storage import check_writable, storage_error
+from segforge.nn.denoiser import Denoiser, WindowDenoiser
 from segforge.preprocessing.normalize import invert_normalization
 from segforge.preprocessing.pipeline import preprocess_image, resampling_settings, restore_image
 from segforge.preprocessing.resample import resample, resample_label, resampling_modes, shape_at_spacing
 
 log = logging.getLogger("segforge")
+
+
+def image_model_fn(network: nn.Module, image_channels: int, patch: list[int], cond: torch.Tensor | None = None,
+                   step_size: float = 0.5, sw_batch_size: int = 2, guidance_scale: float = 1.0):
+    """``model_fn(x_t, t)`` for a sampler over whole images ``(b, channels, *spatial)``: each image's output by
+    Gaussian-weighted sliding windows of ``network`` at its time; ``cond`` ``(b, mask channels, *spatial)``."""
+
+    @torch.no_grad()
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for b in range(x_t.shape[0]):
+            window_input = x_t[b] if cond is None else torch.cat([x_t[b], cond[b].to(x_t.dtype)], dim=0)
+            step = WindowDenoiser(network, float(t[b]), image_channels, guidance_scale)
+            outputs.append(sliding_window(window_input, step, patch, step_size, (), sw_batch_size, torch.float32,
+                                          None, progress=False))
+        return torch.stack(outputs).to(x_t.dtype)
+
+    return model_fn
+
+
+def read_process(path: Path):
+    """The ``DiffusionProcess`` of a model folder's ``diffusion.json``; anything else is refused, naming the file."""
+    try:
+        return DiffusionProcess.from_json(json.loads(Path(path).read_text()))
+    except FileNotFoundError as exc:
+        raise SegforgeError(f"{path}: not found: this is not a denoising model folder. Fix: pass the model folder of a "
+                            "`segforge train DATASET task=denoise` run") from exc
+    except (ValueError, SegforgeError, TypeError, KeyError) as exc:
+        raise SegforgeError(f"{path}: not a diffusion process segforge can use ({exc}); the model is refused. "
+                            "Fix: restore the file from the training run (it is written when training starts)") from exc
+
+
+class DenoisingModel:
+    """One fold of a trained denoising model folder, ready to evaluate on whole images (see module docstring)."""
+
+    def __init__(self, model_dir: Path, plans: dict, dataset_json: dict, payload: dict, network: nn.Module, process,
+                 device: torch.device):
+        self.model_dir, self.plans, self.dataset_json = Path(model_dir), plans, dataset_json
+        self.configuration = payload["configuration"]
+        self.plan_config = plans["configurations"][self.configuration]
+        self.network, self.process, self.device = network.to(device).eval(), process, device
+        self.sampling = dict(payload["sampling"])
+        self.time_band = [float(v) for v in payload.get("time_band", [0.0, 1.0])]  # models from before it was saved: all
+        self.mask_values = payload.get("mask_values")
+        self.typical_normalization = payload.get("typical_normalization")
+        self.patch = list(payload.get("patch_size") or self.plan_config["patch_size"])
+
+    def check_start(self, t: float, what: str) -> None:
+        """Refuse to enter the reverse process at time ``t`` beyond the times the model was trained on
+        (``task.time_band``): its output there is untrained. One training timestep of slack."""
+        fraction, high = self.process.time_fraction(t), self.time_band[1]
+        slack = 0.0 if self.process.is_flow else 1.0 / self.process.schedule.num_train_timesteps
+        if fraction > high + slack + 1e-9:
+            raise SegforgeError(f"{self.model_dir}: {what} starts at {fraction:.2f} of the process, but the model was "
+                                f"trained on times up to {high:g} only (task.time_band={self.time_band}). Fix: "
+                                + ("use a lower sigma, or " if "sigma" in what else "")
+                                + "train a model with task.time_band=[0.0,1.0]")
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.network.image_channels)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, fold=None, device: str = "auto") -> "DenoisingModel":
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise SegforgeError(f"{model_dir}: model folder not found")
+        process = read_process(model_dir / PROCESS_FILE)
+        plans, dataset_json = read_model_files(model_dir)
+        source = select_folds(model_dir, None if fold is None else [fold],
+                              "a finished `segforge train DATASET task=denoise` run")[0] / FINAL_WEIGHTS
+        payload = read_weights(source)
+        if not isinstance(payload, dict) or payload.get("task") != "denoise" or "diffusion" not in payload:
+            task = payload.get("task", "segment") if isinstance(payload, dict) else type(payload).__name__
+            raise SegforgeError(f"{source}: is not a denoising model (task {task!r}). Fix: "
+                                "use `segforge predict` for segmentation models, or train with task=denoise")
+        if payload["diffusion"] != process.to_json():
+            raise SegforgeError(f"{model_dir / PROCESS_FILE}: differs from the process {source} was trained with "
+                                f"({json.dumps(payload['diffusion'])}); the model is refused. Fix: restore the file "
+                                "from the training run")
+        sampling = payload.get("sampling")
+        if not (isinstance(sampling, dict) and {"sampler", "steps"} <= set(sampling)):
+            raise SegforgeError(f"{source}: incomplete denoising weights (no sampling.sampler, sampling.steps). Fix: "
+                                "re-run training or re-copy the model folder")
+        network = load_network(payload, plans, source, "denoising")
+        if not isinstance(network, Denoiser):
+            raise SegforgeError(f"{source}: its network is not a denoiser. Fix: use a model trained with task=denoise")
+        return cls(model_dir, plans, dataset_json, payload, network, process, select_device(device))
+
+    def model_fn(self, cond: torch.Tensor | None = None, step_size: float = 0.5, sw_batch_size: int = 2,
+                 guidance_scale: float = 1.0):
+        if bool(self.mask_values) != (cond is not None):
+            raise SegforgeError("this model synthesises from label maps: give --masks DIR" if self.mask_values else
+                                "this model was not trained with label maps (task.mask_conditioning=false); drop --masks")
+        return image_model_fn(self.network, self.image_channels, self.patch, cond, step_size, sw_batch_size, guidance_scale)
 
 
 def run_sampler(model: DenoisingModel, model_fn, x_start: torch.Tensor, steps: int | None, sampler: str | None,

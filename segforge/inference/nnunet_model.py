@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from segforge.errors import SegforgeError
+from segforge.io.model_folder import select_folds
 from segforge.nn.unet import UNet
 
 CHECKPOINT = "checkpoint_final.pth"
@@ -154,12 +155,8 @@ def load_nnunet_model(folder: Path, folds=None) -> tuple[dict, dict, str, list[t
     plans = json.loads((folder / "plans.json").read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())
     configuration = folder.name.rsplit("__", 1)[-1]
-    checkpoints = sorted(folder.glob(f"fold_*/{CHECKPOINT}"))
-    if folds is not None:
-        wanted = {f"fold_{f}" for f in folds}
-        checkpoints = [c for c in checkpoints if c.parent.name in wanted]
-    if not checkpoints:
-        raise SegforgeError(f"{folder}: no fold_*/{CHECKPOINT}{' for folds ' + str(list(folds)) if folds else ''}")
+    checkpoints = [fold / CHECKPOINT for fold in select_folds(folder, folds, "a finished nnU-Net v2 training",
+                                                                CHECKPOINT)]
     networks, mirror_axes = [], None
     for path in checkpoints:
         checkpoint = load_checkpoint(path)

@@ -19,21 +19,13 @@ import numpy as np
 import torch
 
 from segforge.errors import SegforgeError
-from segforge.io.artifacts import check_header, read_json
-from segforge.io.image import Geometry, read_case, replace_nonfinite
 from segforge.inference.sliding_window import sliding_window
+from segforge.io.image import Geometry, read_case, replace_nonfinite
+from segforge.io.model_folder import (FINAL_WEIGHTS, load_network, read_model_files, read_weights, select_device,
+                                      select_folds, trained_windows)
 from segforge.preprocessing.pipeline import preprocess_image, restore_probabilities
-from segforge.training.run import FINAL_WEIGHTS
 
 log = logging.getLogger(__name__)
-
-
-def select_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SegforgeError("device=cuda but no CUDA device is available. Fix: device=cpu or device=auto")
-    return torch.device(device)
 
 
 def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -63,83 +55,6 @@ def check_input(model, image: np.ndarray, geometry: Geometry, names: list | None
                                 "trained on volumes and cannot segment a single slice. Fix: give the whole 3D volume, "
                                 "or predict with a 2d model")
     return replace_nonfinite(image, names, copy=copy)
-
-
-def read_weights(source: Path) -> dict:
-    """The payload of a ``model_final.pt`` (loaded as data only), refused in words when unreadable or not segforge's."""
-    try:
-        payload = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SegforgeError(f"{source}: cannot load weights ({exc}). Fix: re-run training or re-copy the model") from exc
-    check_header(payload, "model_weights", str(source))
-    return payload
-
-
-def load_network(payload: dict, plans: dict, source: Path, what: str = "segmentation") -> torch.nn.Module:
-    """The network ``payload`` (of the weights file ``source``) describes, with its weights loaded. A file that lacks
-    a key, names a configuration the model's plans.json lacks, or holds weights of other shapes (e.g. a changed
-    ``features_per_stage``) is refused, naming the file and the fix (predict and denoise word these alike)."""
-    missing = [key for key in ("network", "state_dict", "configuration") if key not in payload]
-    if not missing and payload["configuration"] not in plans.get("configurations", {}):
-        missing = [f"configuration {payload['configuration']!r} in plans.json"]
-    if missing:
-        raise SegforgeError(f"{source}: incomplete {what} weights (no {', '.join(map(str, missing))}). Fix: "
-                            "re-run training or re-copy the model folder")
-    try:
-        network = build_network(payload["network"], source)
-        network.load_state_dict(payload["state_dict"])
-    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
-        raise SegforgeError(f"{source}: the weights do not fit the network they describe ({str(exc)[:300]}). "
-                            "Fix: re-run training or re-copy the model folder") from exc
-    return network
-
-
-def build_network(spec: dict, source, fix: str = "use a model trained by segforge") -> torch.nn.Module:
-    """The network a weights file (or the ``model`` config of a training run) describes, built from an allow-list,
-    never through a class path taken from it: a model folder from elsewhere is data, and ``_target_`` (at any depth)
-    would otherwise name any callable. ``fix``: what the message tells the user to do."""
-    from segforge.nn.denoiser import Denoiser
-    from segforge.nn.unet import UNet
-
-    networks = {"segforge.nn.unet.UNet": UNet, "segforge.nn.denoiser.Denoiser": Denoiser}
-    kwargs = dict(spec)
-    target = kwargs.pop("_target_", None)
-    if target not in networks:
-        raise SegforgeError(f"{source}: network class {target!r} is not one of segforge's networks "
-                            f"({', '.join(networks)}); refused. Fix: {fix}")
-
-    def plain(value) -> bool:
-        if isinstance(value, dict):
-            return "_target_" not in value and all(plain(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return all(plain(v) for v in value)
-        return value is None or isinstance(value, (bool, int, float, str))
-
-    bad = [key for key, value in kwargs.items() if not plain(value)]
-    if bad:
-        raise SegforgeError(f"{source}: network arguments {bad} are not plain values; refused. "
-                            f"Fix: {fix}")
-    try:
-        return networks[target](**kwargs)
-    except TypeError as exc:  # an argument the class does not take (e.g. `+model.foo=1`)
-        raise SegforgeError(f"{source}: {target} refuses its arguments ({exc}). Fix: {fix}") from exc
-
-
-def trained_windows(payload: dict, plans: dict, source) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(patch size, mirror axes) a weights file's network was trained with; files from before these were recorded:
-    the plan's (of the file's configuration)."""
-    plan_config = plans["configurations"].get(payload["configuration"])
-    if plan_config is None:
-        raise SegforgeError(f"{source}: its configuration {payload['configuration']!r} is not in the model's plans.json. "
-                            "Fix: re-copy the model folder as training wrote it")
-    dims = int(plan_config["dims"])
-    patch = payload.get("patch_size") or plan_config["patch_size"]
-    axes = payload.get("mirror_axes", plan_config.get("mirror_axes", list(range(dims))))
-    if len(patch) != dims or not all(isinstance(p, int) and p > 0 for p in patch) or \
-            not all(isinstance(a, int) and 0 <= a < dims for a in axes):
-        raise SegforgeError(f"{source}: records patch_size {patch} and mirror_axes {axes}, which do not fit the {dims}D "
-                            f"configuration {payload['configuration']}. Fix: re-run training or re-copy the model")
-    return tuple(patch), tuple(axes)
 
 
 class Predictor:
@@ -173,15 +88,8 @@ class Predictor:
             plans, dataset_json, configuration, networks = load_nnunet_model(model_dir, folds)
             return cls(plans, dataset_json, configuration, networks, select_device(device), step_size, mirror, sw_batch_size,
                        accumulate)
-        plans = read_json(model_dir / "plans.json", "plans")
-        dataset_json = read_json(model_dir / "dataset.json")
-        fold_dirs = sorted(p for p in model_dir.glob("fold_*") if (p / FINAL_WEIGHTS).is_file())
-        if folds is not None:
-            wanted = {f"fold_{f}" for f in folds}
-            fold_dirs = [p for p in fold_dirs if p.name in wanted]
-        if not fold_dirs:
-            raise SegforgeError(f"{model_dir}: no fold_*/{FINAL_WEIGHTS} found{' for folds ' + str(list(folds)) if folds else ''}. "
-                                "Fix: pass the model folder of a finished `segforge train` run")
+        plans, dataset_json = read_model_files(model_dir)
+        fold_dirs = select_folds(model_dir, folds)
         torch_device = select_device(device)
         networks, configuration, trained = [], None, {}
         for fold_dir in fold_dirs:

@@ -4,7 +4,8 @@ A plain ``nn.Module`` (no training logic): ``ConditionEmbedding`` turns ``(t, cl
 U-Net injects into every block, and optional spatial conditioning (a label map for mask-to-image synthesis, an image
 for diffusion-based segmentation) is concatenated to ``x_t`` on the channel axis. The U-Net is the segmentation
 network's class, built without deep supervision and with ``image_channels`` outputs. Constructor arguments are plain
-values, so a model folder rebuilds it from JSON through the allow-list in ``segforge.inference.predictor``.
+values, so a model folder rebuilds it from JSON through the allow-list in ``segforge.io.model_folder``. ``WindowDenoiser``
+is the network at one time as a function of a window, what sliding windows (sampling, timing, validation) call.
 """
 
 from __future__ import annotations
@@ -71,3 +72,26 @@ class Denoiser(nn.Module):
         elif spatial_cond is not None:
             raise ValueError("this denoiser was built with spatial_cond_channels=0; it cannot take spatial_cond")
         return self.unet(x_t, self.embedding(t, class_label))
+
+
+class WindowDenoiser(nn.Module):
+    """The denoiser at one time ``t`` as a function of a window ``(b, image + mask channels, *patch)``: the channels
+    after ``image_channels`` are the one-hot label map (absent: no map). ``guidance_scale`` != 1 mixes in the
+    unconditional output (classifier-free guidance): ``uncond + scale * (cond - uncond)``."""
+
+    def __init__(self, network: nn.Module, t: float, image_channels: int, guidance_scale: float = 1.0):
+        super().__init__()
+        self.network, self.t, self.image_channels, self.guidance_scale = network, float(t), image_channels, guidance_scale
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        x, cond = window[:, : self.image_channels], window[:, self.image_channels:]
+        wanted = int(getattr(self.network, "spatial_cond_channels", 0))
+        if wanted and cond.shape[1] == 0:  # no map given (e.g. a timed forward pass): the unconditional branch
+            cond = torch.zeros((x.shape[0], wanted, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        cond = cond if wanted else None
+        t = torch.full((x.shape[0],), self.t, dtype=torch.float32, device=x.device)
+        out = self.network(x, t, spatial_cond=cond)
+        if cond is not None and self.guidance_scale != 1.0:
+            unconditional = self.network(x, t, spatial_cond=torch.zeros_like(cond))
+            out = unconditional + self.guidance_scale * (out - unconditional)
+        return out

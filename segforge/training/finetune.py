@@ -13,38 +13,19 @@ from pathlib import Path
 import torch
 
 from segforge.errors import SegforgeError
-from segforge.io.artifacts import check_header
+from segforge.io.model_folder import read_weights, weights_file
 
 log = logging.getLogger("segforge")
 
-FINAL_WEIGHTS = "model_final.pt"
 ARCHITECTURE_KEYS = ("spatial_dims", "in_channels", "features_per_stage", "kernel_sizes", "strides", "conv_per_stage",
                      "norm", "encoder", "blocks_per_stage", "upsample")
 DEFAULTS = {"encoder": "plain", "blocks_per_stage": None, "upsample": "transposed"}  # keys older weights lack
 
 
-def find_weights(source: Path) -> Path:
-    """The weights file of ``source``: a ``model_final.pt``, a fold folder, or a model folder (its lowest fold)."""
-    source = Path(source)
-    if source.is_file():
-        return source
-    if (source / FINAL_WEIGHTS).is_file():
-        return source / FINAL_WEIGHTS
-    folds = sorted(source.glob(f"fold_*/{FINAL_WEIGHTS}"))
-    if not folds:
-        raise SegforgeError(f"init_from={source}: no {FINAL_WEIGHTS} there or in a fold_* folder. "
-                            "Fix: point init_from at a trained segforge model folder, fold folder or weights file")
-    return folds[0]
-
-
 def load_initial_weights(network: torch.nn.Module, network_kwargs: dict, source: Path) -> dict:
     """Copy ``source``'s weights into ``network``; heads of another shape are re-initialised. Returns a report."""
-    path = find_weights(source)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SegforgeError(f"{path}: cannot load weights ({exc}). Fix: re-export the source model") from exc
-    check_header(payload, "model_weights", str(path))
+    path = weights_file(source)
+    payload = read_weights(path, fix="re-export the source model")
     theirs = payload["network"]
     differ = [k for k in ARCHITECTURE_KEYS
               if _plain(theirs.get(k, DEFAULTS.get(k))) != _plain(network_kwargs.get(k, DEFAULTS.get(k)))]

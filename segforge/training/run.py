@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import atomic_path, read_json, stamp, write_json
 from segforge.io.dataset import DatasetSpec
+from segforge.io.model_folder import FINAL_WEIGHTS, build_network, check_model_folder, write_weights
 from segforge.io.storage import check_writable, remove_stale_temporaries
 from segforge.planning.precision import check_step_memory, training_precision
 from segforge.preprocessing.pipeline import plan_hash
@@ -35,7 +36,7 @@ from segforge.training.budget import (BudgetPacer, BudgetSplit, elapsed_since, f
 from segforge.training.callbacks import (AtomicCheckpointIO, BestCheckpoint, EpochProgress, RunFolderWriter,
                                          extra_callbacks)
 from segforge.training.data import SegmentationDataModule
-from segforge.training.finetune import FINAL_WEIGHTS, load_initial_weights
+from segforge.training.finetune import load_initial_weights
 from segforge.training.requeue import RequeueOnSignal, slurm_requeue_wanted
 from segforge.training.schedules import ScheduleCallback, parse_duration
 from segforge.training.settings import check_train_settings
@@ -102,17 +103,6 @@ def check_resumable(path: Path) -> None:
                             "choose another fold or paths.results_root") from exc
 
 
-def check_model_folder(model_dir: Path, copies: dict[Path, Path], contents: dict[Path, str] | None = None) -> None:
-    """The folds of a model folder share its plans.json and dataset.json (and the task's files, e.g. diffusion.json):
-    refuse to add one made from others."""
-    expected = {target: (str(source), Path(source).read_text()) for target, source in copies.items()}
-    expected.update({target: ("this run's config", text) for target, text in (contents or {}).items()})
-    for target, (source, text) in expected.items():
-        if target.is_file() and json.loads(target.read_text()) != json.loads(text):
-            raise SegforgeError(f"{target} differs from {source}: the folds in {model_dir} were trained with another "
-                                f"{target.name}. Fix: move that model folder away, or train into another paths.results_root")
-
-
 def check_precision(trainer_kwargs: dict) -> None:
     precision = str(trainer_kwargs.get("precision"))
     on_gpu = torch.cuda.is_available() and str(trainer_kwargs.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
@@ -177,8 +167,6 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     kwargs = task.network_kwargs()
-    from segforge.inference.predictor import build_network  # here: predictor imports this module
-
     # segforge's allow-list, never Hydra's instantiate: a `_target_` under model.* would name any callable
     network = build_network(kwargs, "the model config (model.*, task.network.*)",
                             fix="remove the model.* override that is not a plain network setting")
@@ -255,7 +243,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     if trainer.is_global_zero:
         network = task.exported(module, network)  # e.g. the denoiser's averaged weights
         trained = {"patch_size": patch_size, "mirror_axes": datamodule.trained_mirror_axes}  # predict uses these
-        export_weights(fold_dir / FINAL_WEIGHTS, network, kwargs, configuration, plan_config, task.weights_extras(train_ids),
+        write_weights(fold_dir / FINAL_WEIGHTS, network, kwargs, configuration, plan_config, task.weights_extras(train_ids),
                        **trained)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {"fold": str(cfg.fold), "train_cases": len(train_ids), "val_cases": len(val_ids),
@@ -322,18 +310,3 @@ def _validation_device(cfg) -> torch.device:
         return torch.device("cpu")
     local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     return torch.device("cuda", int(local_rank) if local_rank.isdigit() else 0)
-
-
-def export_weights(path: Path, network: torch.nn.Module, kwargs: dict, configuration: str, plan_config: dict,
-                   extras: dict | None = None, patch_size: list[int] | None = None,
-                   mirror_axes: list[int] | None = None) -> None:
-    """The weights ``predict`` (``sample``, ``denoise``) loads: tensors and plain values only, loadable with
-    ``weights_only=True``; ``extras``: the task's plain values (e.g. the diffusion process). ``patch_size`` and
-    ``mirror_axes``: what the network was trained with (a ``data.*`` override), else the plan's."""
-    axes = plan_config.get("mirror_axes", list(range(plan_config["dims"]))) if mirror_axes is None else mirror_axes
-    payload = stamp("model_weights", {"configuration": configuration, "network": kwargs, **(extras or {}),
-                                      "patch_size": [int(p) for p in (patch_size or plan_config["patch_size"])],
-                                      "mirror_axes": [int(a) for a in axes],
-                                      "state_dict": {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}})
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)

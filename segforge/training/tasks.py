@@ -223,7 +223,7 @@ class DenoiseTask(SegmentTask):
                 "typical_normalization": typical_normalization(self.data_dir, train_ids)}
 
     def window_network(self, network):
-        from segforge.inference.generative import WindowDenoiser
+        from segforge.nn.denoiser import WindowDenoiser
 
         return WindowDenoiser(network, self.process.t_max, self.spec.num_channels)
 
@@ -233,7 +233,7 @@ class DenoiseTask(SegmentTask):
 
     def final_validation(self, network, plans: dict, configuration: str, val_ids: list[str], fold_dir: Path, device,
                          patch_size: list[int] | None = None, mirror_axes: list[int] | None = None) -> dict:
-        from segforge.inference.generative import validate_denoiser
+        from segforge.training.denoise_validation import validate_denoiser
 
         windows = {**self.plan_config, "patch_size": list(patch_size or self.plan_config["patch_size"])}  # as trained
         summary = validate_denoiser(network, self.process, self.data_dir, val_ids, windows,
