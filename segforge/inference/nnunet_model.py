@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from segforge.errors import SegforgeError
-from segforge.io.model_folder import select_folds
+from segforge.io.model_folder import select_folds, trained_folds
 from segforge.nn.unet import UNet
 
 CHECKPOINT = "checkpoint_final.pth"
@@ -34,7 +34,7 @@ NORMALIZATION = {"CTNormalization": "ct", "ZScoreNormalization": "zscore", "NoNo
 
 def is_nnunet_model(folder: Path) -> bool:
     plans = Path(folder) / "plans.json"
-    if not plans.is_file() or not list(Path(folder).glob(f"fold_*/{CHECKPOINT}")):
+    if not plans.is_file() or not trained_folds(folder, CHECKPOINT):
         return False
     try:
         return "plans_name" in json.loads(plans.read_text())

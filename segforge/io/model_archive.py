@@ -26,11 +26,12 @@ from pathlib import Path, PurePosixPath
 from segforge import __version__
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import commit_temporary
+from segforge.io.model_folder import FINAL_WEIGHTS, trained_folds
 from segforge.io.storage import check_writable
 
 MANIFEST = "manifest.json"
 TOP_FILES = ("plans.json", "dataset.json", "postprocessing.json")
-FOLD_FILES = ("model_final.pt", "config.yaml", "overrides.yaml", "network.yaml", "training_summary.json",
+FOLD_FILES = (FINAL_WEIGHTS, "config.yaml", "overrides.yaml", "network.yaml", "training_summary.json",
               "validation/summary.json")
 
 
@@ -103,12 +104,12 @@ def export_model(model_dir: Path, archive: Path, folds: list | None = None) -> d
         raise SegforgeError(f"{archive} exists; segforge does not overwrite it. Fix: choose another name or remove it")
     if not (model_dir / "plans.json").is_file():
         raise SegforgeError(f"{model_dir}: no plans.json. Fix: pass a segforge model folder (it holds plans.json and fold_*/)")
-    fold_dirs = sorted(p for p in model_dir.glob("fold_*") if (p / "model_final.pt").is_file())
+    fold_dirs = trained_folds(model_dir)  # every trained fold, fold_all included: an archive is the whole model
     if folds is not None:
         fold_dirs = [p for p in fold_dirs if p.name in {f"fold_{f}" for f in folds}]
     if not fold_dirs:
         raise SegforgeError(f"{model_dir}: no trained fold{' among ' + str(list(folds)) if folds else ''} "
-                            "(fold_*/model_final.pt). Fix: train it first")
+                            f"(fold_*/{FINAL_WEIGHTS}). Fix: train it first")
     members = [name for name in TOP_FILES if (model_dir / name).is_file()]
     members += [f"{fold.name}/{name}" for fold in fold_dirs for name in FOLD_FILES if (fold / name).is_file()]
     files = {}
@@ -193,7 +194,7 @@ def verify_archive(archive: Path, max_expansion: float = 20, max_bytes: int | No
                     _stream_member(zf, name, expected)
                 except SegforgeError as exc:
                     raise SegforgeError(f"{archive}: {exc}") from exc
-        if not any(n.endswith("/model_final.pt") for n in listed) or "plans.json" not in listed:
+        if not any(n.endswith(f"/{FINAL_WEIGHTS}") for n in listed) or "plans.json" not in listed:
             raise SegforgeError(f"{archive}: holds no plans.json or no fold weights")
     return manifest
 
