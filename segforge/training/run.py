@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -122,9 +123,92 @@ def make_loggers(cfg, fold_dir: Path) -> list:
     return loggers
 
 
+@dataclass
+class RunInputs:
+    """What a run trains on, decided before anything is built: the plan's configuration, its preprocessed data, the
+    fold's cases and the Trainer's arguments (precision resolved)."""
+
+    workspace: Workspace
+    plans: dict
+    configuration: str
+    plan_config: dict
+    data_dir: Path
+    manifest: dict
+    train_ids: list
+    val_ids: list
+    splits: list | None
+    trainer_kwargs: dict
+    budget_s: float | None
+
+
 def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None = None) -> Path:
     """Train one fold as ``cfg`` says; returns the fold folder. A ``budget`` counts from ``started_at`` (epoch
     seconds; the command's start), else from the start of this process."""
+    inputs = run_inputs(cfg, spec)
+    task = make_task(cfg, spec, inputs.plan_config, inputs.data_dir, inputs.manifest, inputs.plans)
+    model_dir = inputs.workspace.model_dir(task.name, inputs.configuration)
+    fold_dir = inputs.workspace.fold_dir(task.name, inputs.configuration, cfg.fold)
+    resume_from = resume_checkpoint(cfg, fold_dir)
+    copies = {model_dir / "plans.json": inputs.workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}
+    task_files = {model_dir / name: text for name, text in task.model_files().items()}
+    check_model_folder(model_dir, copies, task_files)
+    # temporary files of a run killed while writing (a checkpoint, the plot); no rank writes before all have started
+    remove_stale_temporaries(fold_dir)
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    kwargs = task.network_kwargs()
+    network = training_network(cfg, kwargs, inputs.plan_config, fold_dir, resume_from)
+    patch_size = list(cfg.data.patch_size or inputs.plan_config["patch_size"])
+    batch_size = int(cfg.data.batch_size or inputs.plan_config["batch_size"])
+    module = task.module(network, kwargs)
+    datamodule = SegmentationDataModule(inputs.data_dir, inputs.train_ids, inputs.val_ids, patch_size,
+                                        inputs.plan_config["dims"], batch_size, task.data_cfg(), int(cfg.seed),
+                                        inputs.plan_config.get("mirror_axes"), task.with_labels)
+    trainer_kwargs = dict(inputs.trainer_kwargs)
+    max_time_s = parse_duration(trainer_kwargs.get("max_time"), "trainer.max_time")
+    total_steps = int(trainer_kwargs["max_epochs"]) * int(cfg.data.iterations_per_epoch)
+    split = None
+    if inputs.budget_s:  # time decides: the schedule spans the training time, epochs are paced by time
+        split = _split_budget(inputs.budget_s, started_at, task.window_network(network),
+                              task.validation_passes(datamodule.trained_mirror_axes),
+                              patch_size, inputs.data_dir, inputs.val_ids, spec, cfg)
+        max_time_s, total_steps = split.training_s, None
+        trainer_kwargs.update(max_epochs=-1, reload_dataloaders_every_n_epochs=1)
+    new_files = {inputs.workspace.splits_path: json.dumps(inputs.splits, indent=2) + "\n"} \
+        if inputs.splits and not inputs.workspace.splits_path.is_file() else {}
+    writer = RunFolderWriter(
+        files={**new_files, fold_dir / "config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+               fold_dir / "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create({"overrides": list(overrides)})),
+               fold_dir / "network.yaml": OmegaConf.to_yaml(OmegaConf.create(kwargs)), **task_files},
+        copies=copies)
+    schedule = ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps,
+                                max_time_s)
+    callbacks = [writer, schedule, *run_callbacks(cfg, fold_dir, task, bool(inputs.val_ids))]
+    if split is not None:
+        callbacks.append(budget_pacer(cfg, split, schedule, datamodule, inputs.plan_config))
+    requeue = RequeueOnSignal(fold_dir) if slurm_requeue_wanted() else None
+    if requeue is not None:
+        callbacks.append(requeue)
+    callbacks += progress_bar(cfg, trainer_kwargs)
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(fold_dir), callbacks=callbacks, logger=make_loggers(cfg, fold_dir),
+                        plugins=[AtomicCheckpointIO()], limit_val_batches=None if inputs.val_ids else 0,
+                        use_distributed_sampler=False)  # PatchIndexSampler shards by rank itself
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True if resume_from else None)
+    if requeue is not None and requeue.requeued:  # not finished: the requeued job continues from hpc_ckpt_N
+        log.info("stopped for the SLURM requeue at step %d; the requeued job resumes", trainer.global_step)
+        return fold_dir
+    trainer.save_checkpoint(fold_dir / "checkpoints" / "last.ckpt")  # the final state, also after max_time or early stopping
+    if trainer.is_global_zero:
+        finish_run(cfg, inputs, task, trainer, module, network, kwargs, datamodule, patch_size, fold_dir, split,
+                   started_at)
+    return fold_dir
+
+
+def run_inputs(cfg, spec: DatasetSpec) -> RunInputs:
+    """The plan's configuration and its preprocessed data (refused when from another plan), the settings checked,
+    the fold's cases, and the Trainer's arguments with the precision resolved and the step's memory re-checked."""
     workspace = Workspace.from_config(cfg.paths, spec.name)
     plans = read_json(workspace.plans_path, "plans")
     budget_s = parse_duration(cfg.get("budget"), "budget")
@@ -148,26 +232,26 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         # a batch or patch override alone is checked at the plan's precision (a CPU's 32-true is not the planned card's)
         check_step_memory(plans, configuration, requested if requested != "plan" else plan_config["memory"]["precision"],
                           cfg.data.batch_size, str(spec.root), cfg.data.get("patch_size"))
+    return RunInputs(workspace, plans, configuration, plan_config, data_dir, manifest, train_ids, val_ids, splits,
+                     trainer_kwargs, budget_s)
 
-    task = make_task(cfg, spec, plan_config, data_dir, manifest, plans)
-    model_dir = workspace.model_dir(task.name, configuration)
-    fold_dir = workspace.fold_dir(task.name, configuration, cfg.fold)
-    checkpoint = fold_dir / "checkpoints" / "last.ckpt"
-    if latest_checkpoint(fold_dir) and str(cfg.resume) in ("False", "false"):
+
+def resume_checkpoint(cfg, fold_dir: Path) -> str | None:
+    """The checkpoint this run continues (``resume=auto``), checked readable; a fold that holds a run is never
+    trained over."""
+    found = latest_checkpoint(fold_dir)
+    if found and str(cfg.resume) in ("False", "false"):
         raise SegforgeError(f"{fold_dir} already holds a run. Fix: resume=auto to continue it, or choose another fold "
                             "or paths.results_root (segforge never overwrites a run)")
-    resume_from = latest_checkpoint(fold_dir) if str(cfg.resume) in ("auto", "True", "true") else None
+    resume_from = found if str(cfg.resume) in ("auto", "True", "true") else None
     if resume_from:
         check_resumable(Path(resume_from))
-    copies = {model_dir / "plans.json": workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}
-    task_files = {model_dir / name: text for name, text in task.model_files().items()}
-    check_model_folder(model_dir, copies, task_files)
-    # temporary files of a run killed while writing (a checkpoint, the plot); no rank writes before all have started
-    remove_stale_temporaries(fold_dir)
+    return resume_from
 
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    kwargs = task.network_kwargs()
-    # segforge's allow-list, never Hydra's instantiate: a `_target_` under model.* would name any callable
+
+def training_network(cfg, kwargs: dict, plan_config: dict, fold_dir: Path, resume_from: str | None) -> torch.nn.Module:
+    """The network to train, from segforge's allow-list (never Hydra's instantiate: a `_target_` under model.* would
+    name any callable), with room for its checkpoints checked and ``init_from``'s weights loaded."""
     network = build_network(kwargs, "the model config (model.*, task.network.*)",
                             fix="remove the model.* override that is not a plain network setting")
     # last.ckpt, best.ckpt (weights + optimizer moments each), model_final.pt, a requeue checkpoint: room for them now
@@ -178,89 +262,68 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         load_initial_weights(network, kwargs, Path(str(cfg.init_from)))
     if cfg.model.get("channels_last"):
         network = network.to(memory_format=torch.channels_last_3d if plan_config["dims"] == 3 else torch.channels_last)
-    patch_size = list(cfg.data.patch_size or plan_config["patch_size"])
-    batch_size = int(cfg.data.batch_size or plan_config["batch_size"])
-    module = task.module(network, kwargs)
-    datamodule = SegmentationDataModule(data_dir, train_ids, val_ids, patch_size, plan_config["dims"], batch_size,
-                                        task.data_cfg(), int(cfg.seed), plan_config.get("mirror_axes"), task.with_labels)
+    return network
 
-    max_time_s = parse_duration(trainer_kwargs.get("max_time"), "trainer.max_time")
-    total_steps = int(trainer_kwargs["max_epochs"]) * int(cfg.data.iterations_per_epoch)
-    split = None
-    if budget_s:  # time decides: the schedule spans the training time, epochs are paced by time
-        split = _split_budget(budget_s, started_at, task.window_network(network),
-                              task.validation_passes(datamodule.trained_mirror_axes),
-                              patch_size, data_dir, val_ids, spec, cfg)
-        max_time_s, total_steps = split.training_s, None
-        trainer_kwargs.update(max_epochs=-1, reload_dataloaders_every_n_epochs=1)
-    new_files = {workspace.splits_path: json.dumps(splits, indent=2) + "\n"} if splits and not workspace.splits_path.is_file() else {}
+
+def run_callbacks(cfg, fold_dir: Path, task, validating: bool) -> list:
+    """The checkpoints, progress, best-checkpoint, early-stopping and the user's own callbacks of a run."""
     callbacks = [
-        RunFolderWriter(
-            files={**new_files, fold_dir / "config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
-                   fold_dir / "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create({"overrides": list(overrides)})),
-                   fold_dir / "network.yaml": OmegaConf.to_yaml(OmegaConf.create(kwargs)), **task_files},
-            copies=copies),
-        schedule := ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps,
-                                     max_time_s),
         # last.ckpt after every epoch, so a killed run resumes from its latest epoch (Lightning's save_last only
         # writes when a top-k checkpoint was written, i.e. never with save_top_k=0)
         L.pytorch.callbacks.ModelCheckpoint(dirpath=fold_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
                                             enable_version_counter=False, every_n_epochs=1, save_on_train_epoch_end=True),
         EpochProgress(fold_dir / "progress.png" if cfg.callbacks.progress_plot else None),
     ]
-    if cfg.callbacks.best_checkpoint and val_ids:
+    if cfg.callbacks.best_checkpoint and validating:
         callbacks.append(BestCheckpoint(fold_dir / "checkpoints" / "best.ckpt", task.monitor))
-    if cfg.callbacks.early_stopping_patience and val_ids:
+    if cfg.callbacks.early_stopping_patience and validating:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor=task.monitor, mode="max", check_on_train_epoch_end=False,
                                                            patience=int(cfg.callbacks.early_stopping_patience)))
-    callbacks += extra_callbacks(cfg.callbacks.get("extra"))
-    if split is not None:
-        sized = plan_config.get("sized_for", {})
-        # the plan's step time only where it was measured on this kind of device (not a stated GPU throughput)
-        measured_here = sized.get("throughput") == "measured" and sized.get("device") == _validation_device(cfg).type
-        first_epoch_steps = (round(split.epoch_s / (sized["step_s"] * sized.get("loop_overhead", 1.0))) if measured_here
-                             else int(cfg.budgeting.first_epoch_steps))
-        callbacks.append(BudgetPacer(split, schedule, datamodule, max(1, first_epoch_steps)))
-    requeue = RequeueOnSignal(fold_dir) if slurm_requeue_wanted() else None
-    if requeue is not None:
-        callbacks.append(requeue)
+    return callbacks + extra_callbacks(cfg.callbacks.get("extra"))
+
+
+def budget_pacer(cfg, split: BudgetSplit, schedule, datamodule, plan_config: dict) -> BudgetPacer:
+    """Epochs paced by time; the first epoch's steps from the plan's step time where it was measured on this kind of
+    device (not a stated GPU throughput), else ``budgeting.first_epoch_steps``."""
+    sized = plan_config.get("sized_for", {})
+    measured_here = sized.get("throughput") == "measured" and sized.get("device") == _validation_device(cfg).type
+    first_epoch_steps = (round(split.epoch_s / (sized["step_s"] * sized.get("loop_overhead", 1.0))) if measured_here
+                         else int(cfg.budgeting.first_epoch_steps))
+    return BudgetPacer(split, schedule, datamodule, max(1, first_epoch_steps))
+
+
+def progress_bar(cfg, trainer_kwargs: dict) -> list:
+    """Rich's bar on a terminal (``callbacks.progress_bar``), else none: one log line per epoch (EpochProgress)."""
     bar = str(cfg.callbacks.progress_bar)
     if bar == "rich" or (bar == "auto" and sys.stderr.isatty()):
-        callbacks.append(L.pytorch.callbacks.RichProgressBar())
-    elif bar in ("none", "auto"):
-        trainer_kwargs.setdefault("enable_progress_bar", False)  # one log line per epoch instead (EpochProgress)
-    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(fold_dir), callbacks=callbacks, logger=make_loggers(cfg, fold_dir),
-                        plugins=[AtomicCheckpointIO()], limit_val_batches=None if val_ids else 0,
-                        use_distributed_sampler=False)  # PatchIndexSampler shards by rank itself
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True if resume_from else None)
-    if requeue is not None and requeue.requeued:  # not finished: the requeued job continues from hpc_ckpt_N
-        log.info("stopped for the SLURM requeue at step %d; the requeued job resumes", trainer.global_step)
-        return fold_dir
-    trainer.save_checkpoint(checkpoint)  # the final state, also when max_time or early stopping ended the run
+        return [L.pytorch.callbacks.RichProgressBar()]
+    if bar in ("none", "auto"):
+        trainer_kwargs.setdefault("enable_progress_bar", False)
+    return []
 
-    if trainer.is_global_zero:
-        network = task.exported(module, network)  # e.g. the denoiser's averaged weights
-        trained = {"patch_size": patch_size, "mirror_axes": datamodule.trained_mirror_axes}  # predict uses these
-        write_weights(fold_dir / FINAL_WEIGHTS, network, kwargs, configuration, plan_config, task.weights_extras(train_ids),
-                       **trained)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        summary = {"fold": str(cfg.fold), "train_cases": len(train_ids), "val_cases": len(val_ids),
-                   "precision": trainer_kwargs["precision"],
-                   "global_step": trainer.global_step, "epochs": trainer.current_epoch, "final_metrics": metrics,
-                   "data_policy": datamodule.policy.to_json() if datamodule.policy else None}
-        if val_ids and cfg.final_validation.enabled:
-            summary.update(task.final_validation(network, plans, configuration, val_ids, fold_dir, _validation_device(cfg),
-                                                 **trained))
-        if split is not None:
-            total = elapsed_since(started_at)
-            summary["budget"] = {**split.to_json(), "total_s": round(total, 1), "within_budget": total <= budget_s}
-            log.info("budget %.0f s: %.0f s used (set-up %.0f, training %.0f, final validation reserved %.0f)",
-                     budget_s, total, split.setup_s, split.training_s, split.final_validation_s)
-        write_json(fold_dir / "training_summary.json", summary, kind="run")
-        log.info("trained fold %s: %s", cfg.fold, fold_dir)
-    return fold_dir
+
+def finish_run(cfg, inputs: RunInputs, task, trainer, module, network, kwargs: dict, datamodule, patch_size: list[int],
+               fold_dir: Path, split: BudgetSplit | None, started_at: float | None) -> None:
+    """Rank 0 after training: the final weights, the final validation and ``training_summary.json``."""
+    network = task.exported(module, network)  # e.g. the denoiser's averaged weights
+    trained = {"patch_size": patch_size, "mirror_axes": datamodule.trained_mirror_axes}  # predict uses these
+    write_weights(fold_dir / FINAL_WEIGHTS, network, kwargs, inputs.configuration, inputs.plan_config,
+                  task.weights_extras(inputs.train_ids), **trained)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary = {"fold": str(cfg.fold), "train_cases": len(inputs.train_ids), "val_cases": len(inputs.val_ids),
+               "precision": inputs.trainer_kwargs["precision"],
+               "global_step": trainer.global_step, "epochs": trainer.current_epoch, "final_metrics": metrics,
+               "data_policy": datamodule.policy.to_json() if datamodule.policy else None}
+    if inputs.val_ids and cfg.final_validation.enabled:
+        summary.update(task.final_validation(network, inputs.plans, inputs.configuration, inputs.val_ids, fold_dir,
+                                             _validation_device(cfg), **trained))
+    if split is not None:
+        total = elapsed_since(started_at)
+        summary["budget"] = {**split.to_json(), "total_s": round(total, 1), "within_budget": total <= inputs.budget_s}
+        log.info("budget %.0f s: %.0f s used (set-up %.0f, training %.0f, final validation reserved %.0f)",
+                 inputs.budget_s, total, split.setup_s, split.training_s, split.final_validation_s)
+    write_json(fold_dir / "training_summary.json", summary, kind="run")
+    log.info("trained fold %s: %s", cfg.fold, fold_dir)
 
 
 def resolve_configuration(name: str, plans: dict, plans_path: Path, budget_s: float | None) -> str:
