@@ -145,7 +145,7 @@ def run_plan(args, cfg, overrides) -> int:
     try:
         rules = cfg.plan
         if task_name(cfg) == "denoise":  # the planner traces the denoising step's memory
-            from segforge.training.tasks import denoiser_step
+            from segforge.planning.memory import denoiser_step
 
             rules = OmegaConf.create({**OmegaConf.to_container(cfg.plan, resolve=True),
                                       "denoiser_step": denoiser_step(cfg.task, spec)})

@@ -4,7 +4,7 @@ A ``_target_`` names any callable (``torch.load`` of a pickle, ``subprocess.Pope
 line is accepted only where segforge instantiates classes by design, the entries of ``callbacks.extra``, and there
 only a class of Lightning or segforge. Everywhere else (``optim`` and ``logger`` are built by name), the
 ``model`` group included, a ``_target_`` must be one the packaged configs name: the network is built from
-segforge's own allow-list (``inference.predictor.build_network``), never by whatever a config says.
+segforge's own allow-list (``io.model_folder.build_network``), never by whatever a config says.
 """
 
 from __future__ import annotations

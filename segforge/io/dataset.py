@@ -97,6 +97,12 @@ class DatasetSpec:
         return sorted(values)
 
     @property
+    def mask_values(self) -> list[int]:
+        """The label values without the ignore label, background first: the one-hot channels of a label map given
+        to a mask-conditioned denoiser."""
+        return [v for v in self.label_values if v != self.ignore_label]
+
+    @property
     def foreground_classes(self) -> dict[str, int]:
         """Class name -> value for the classes a model predicts (no background, no ignore, no regions)."""
         return {k: v for k, v in self.labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 # the planner traces exactly what training runs: the same network class, loss and optimizer factory
+from segforge.io.dataset import DatasetSpec
 from segforge.nn.denoiser import Denoiser
 from segforge.nn.unet import UNet
 from segforge.training.losses import make_segmentation_loss
@@ -269,3 +270,13 @@ def analytic_activation_elements(spec: StepSpec) -> float:
         voxels = math.prod(size)
         total += feats * voxels * spec.conv_per_stage * (2 if stage < len(spec.strides) - 1 else 1)  # decoder twin
     return float(total * spec.batch_size + spec.in_channels * math.prod(spec.patch_size) * spec.batch_size)
+
+
+def denoiser_step(task_cfg, spec: DatasetSpec) -> dict:
+    """The planner's ``StepSpec`` fields of a denoising step as ``task_cfg`` configures it (memory tracing)."""
+    network = task_cfg.network
+    return {"task": "denoise", "norm": str(network.norm), "cond_mode": str(network.cond_mode),
+            "attention_stages": int(network.attention_stages), "attention_heads": int(network.attention_heads),
+            "cond_dim": int(network.cond_dim) if network.cond_dim else None, "deep_supervision": False,
+            "spatial_cond_channels": len(spec.mask_values) if task_cfg.mask_conditioning else 0,
+            "optimizer": str(task_cfg.get("planned_optimizer", "adamw"))}

@@ -117,21 +117,6 @@ def label_setup(spec: DatasetSpec) -> tuple[list[list[int]] | None, int | None]:
     return regions, spec.ignore_label
 
 
-def mask_values(spec: DatasetSpec) -> list[int]:
-    """The label values a mask-conditioned denoiser takes as one-hot channels (background first; no ignore label)."""
-    return [v for v in spec.label_values if v != spec.ignore_label]
-
-
-def denoiser_step(task_cfg, spec: DatasetSpec) -> dict:
-    """The planner's ``StepSpec`` fields of a denoising step as ``task_cfg`` configures it (memory tracing)."""
-    network = task_cfg.network
-    return {"task": "denoise", "norm": str(network.norm), "cond_mode": str(network.cond_mode),
-            "attention_stages": int(network.attention_stages), "attention_heads": int(network.attention_heads),
-            "cond_dim": int(network.cond_dim) if network.cond_dim else None, "deep_supervision": False,
-            "spatial_cond_channels": len(mask_values(spec)) if task_cfg.mask_conditioning else 0,
-            "optimizer": str(task_cfg.get("planned_optimizer", "adamw"))}
-
-
 def diffusion_process(task_cfg):
     """The ``DiffusionProcess`` the task config pins (``objective`` with ``schedule`` or ``flow``)."""
     from segforge.diffusion.process import DiffusionProcess
@@ -168,7 +153,7 @@ class DenoiseTask(SegmentTask):
         self.process = diffusion_process(self.task)
         self.masks = bool(self.task.mask_conditioning)
         self.with_labels = self.masks
-        if self.masks and len(mask_values(spec)) < 2:
+        if self.masks and len(spec.mask_values) < 2:
             raise SegforgeError(f"{spec.root}: task.mask_conditioning=true needs a labelled dataset (dataset.json "
                                 "labels beyond background, and labelsTr/). Fix: add the labels, or task.mask_conditioning=false")
 
@@ -181,7 +166,7 @@ class DenoiseTask(SegmentTask):
             if kwargs.get(key) is None:
                 kwargs[key] = self.plan_config["network"][key]
         kwargs.update(spatial_dims=self.plan_config["dims"], image_channels=self.spec.num_channels,
-                      spatial_cond_channels=len(mask_values(self.spec)) if self.masks else 0,
+                      spatial_cond_channels=len(self.spec.mask_values) if self.masks else 0,
                       time_scale=self.process.model_time_scale)
         return {"_target_": "segforge.nn.denoiser.Denoiser", **kwargs}
 
@@ -196,7 +181,7 @@ class DenoiseTask(SegmentTask):
 
         ema = self.task.ema
         return DenoisingModule(network, self.process, self.cfg.optim, seed=int(self.cfg.seed),
-                               mask_values=mask_values(self.spec) if self.masks else None,
+                               mask_values=self.spec.mask_values if self.masks else None,
                                cond_dropout=float(self.task.cond_dropout), time_band=tuple(self.task.time_band),
                                validation_sigma=float(self.task.validation.sigma),
                                metric_ema_decay=float(self.task.validation.metric_ema_decay),
@@ -219,7 +204,7 @@ class DenoiseTask(SegmentTask):
         check_sampler(sampler, self.process)
         return {"task": self.name, "diffusion": self.process.to_json(), "time_band": [float(v) for v in self.task.time_band],
                 "sampling": {"sampler": sampler, "steps": int(self.task.sampling.steps)},
-                "mask_values": mask_values(self.spec) if self.masks else None,
+                "mask_values": self.spec.mask_values if self.masks else None,
                 "typical_normalization": typical_normalization(self.data_dir, train_ids)}
 
     def window_network(self, network):
@@ -238,7 +223,7 @@ class DenoiseTask(SegmentTask):
         windows = {**self.plan_config, "patch_size": list(patch_size or self.plan_config["patch_size"])}  # as trained
         summary = validate_denoiser(network, self.process, self.data_dir, val_ids, windows,
                                     list(self.task.final_validation_sigmas), fold_dir / "validation", device,
-                                    mask_values(self.spec) if self.masks else None, int(self.cfg.seed),
+                                    self.spec.mask_values if self.masks else None, int(self.cfg.seed),
                                     step_size=float(self.cfg.final_validation.step_size))
         log.info("validation of fold %s (%d cases): PSNR noisy -> denoised %s", self.cfg.fold, len(val_ids),
                  ", ".join(f"sigma {s}: {v['noisy_psnr']:.2f} -> {v['denoised_psnr']:.2f} dB"
