@@ -24,7 +24,8 @@ import torch
 
 from segforge.errors import SegforgeError
 from segforge.inference.case_pipeline import CaseResult, CaseWork, failed_case, run_cases
-from segforge.inference.predictor import Predictor, check_input
+from segforge.inference.case_checks import check_input
+from segforge.inference.predictor import Predictor
 from segforge.io.artifacts import atomic_write_bytes, write_json
 from segforge.io.dataset import group_channel_files
 from segforge.io.image import SUPPORTED_ENDINGS, file_ending, read_case, write_image

@@ -44,7 +44,7 @@ from segforge.diffusion.conditioning import one_hot, seed_of
 from segforge.diffusion.process import PROCESS_FILE, DiffusionProcess
 from segforge.errors import SegforgeError
 from segforge.inference.folder import CaseResult, channel_files, find_cases, run_case
-from segforge.inference.predictor import check_input
+from segforge.inference.case_checks import check_input
 from segforge.inference.sliding_window import sliding_window
 from segforge.io.image import FAKE_Z_SPACING, Geometry, file_ending, read_case, read_image, write_image
 from segforge.io.model_folder import FINAL_WEIGHTS, load_network, read_model_files, read_weights, select_device, select_folds
