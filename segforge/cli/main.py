@@ -120,7 +120,53 @@ def compose_config(config_name: str, overrides: list[str]):
         OmegaConf.to_container(cfg, resolve=True)  # an interpolation that cannot resolve fails now, not mid-run
         return cfg
     except (HydraException, OmegaConfBaseException) as exc:
-        raise SegforgeError(override_error(exc, overrides)) from exc
+        raise SegforgeError(suggestion(exc, overrides, config_name) or override_error(exc, overrides)) from exc
+
+
+def config_keys(config) -> list[str]:
+    """Every dotted key of a composed config (its leaves and the sections above them)."""
+    from omegaconf import DictConfig
+
+    keys = []
+    for name in config.keys():
+        keys.append(str(name))
+        value = config._get_node(name)
+        if isinstance(value, DictConfig):
+            keys += [f"{name}.{sub}" for sub in config_keys(value)]
+    return keys
+
+
+def suggestion(exc: Exception, overrides: list[str], config_name: str) -> str | None:
+    """For an override whose key does not exist (a typo: ``trainer.max_epoch=5``) or whose group option does not
+    (``optim=sgd_polly``), one line naming the closest existing key or option; None for any other error."""
+    import difflib
+    import re
+
+    text = str(exc)
+    missing = re.search(r"Could not override '([^']+)'", text)
+    option = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if missing:
+        key = missing.group(1)
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=config_name):
+            keys = config_keys(compose(config_name=config_name))
+        parent = key.rpartition(".")[0]
+        siblings = [k for k in keys if k.rpartition(".")[0] == parent]  # a typo of the last part first
+        close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), key)
+        value = given.split("=", 1)[1] if "=" in given else "VALUE"
+        hint = f"did you mean {close[0]}? Fix: {close[0]}={value}" if close else \
+            "Fix: correct the key (`--cfg job` prints every setting)"
+        return f"bad override {given}: there is no setting {key}; {hint} (a new key of your own needs a leading +: +{key}={value})"
+    if option:
+        group, name = option.groups()
+        available = re.findall(r"^\t?\s*([\w.-]+)$", text.split("Available options", 1)[-1], re.M)
+        close = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
+        given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == group), f"{group}={name}")
+        return (f"bad override {given}: {group} has no option {name!r} (options: {', '.join(available)})"
+                + (f"; did you mean {close[0]}? Fix: {group}={close[0]}" if close else f". Fix: choose one of them"))
+    return None
 
 
 def override_error(exc: Exception, overrides: list[str]) -> str:
@@ -237,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
         from segforge.cli import commands
+        from segforge.cli.folder_kinds import check_arguments
 
+        check_arguments(args.command, args)  # a model folder given to train, a dataset to --model: say which command
         return int(getattr(commands, f"run_{args.command.replace('-', '_')}")(args, cfg, overrides) or 0)
     except SegforgeError as exc:
         print(printable(f"segforge {args.command}: error: {exc}"), file=sys.stderr)

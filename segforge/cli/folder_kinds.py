@@ -1,0 +1,84 @@
+"""Which kind of segforge folder a path is, so that a command given the wrong kind says which command takes it.
+
+A dataset folder (nnU-Net raw layout) goes to check/plan/preprocess/train; a model folder (plans.json + fold_*/) to
+predict/sample/denoise/export-model; a fold folder, a task folder (one model folder per configuration) and a work
+folder are pointed to the folder the command wants. Only the layout is looked at, nothing is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from segforge.errors import SegforgeError
+from segforge.io.model_folder import FINAL_WEIGHTS
+
+DATASET_COMMANDS = ("check", "plan", "preprocess", "train")
+MODEL_COMMANDS = ("predict", "sample", "denoise", "export-model")
+
+
+def folder_kind(path: Path) -> str | None:
+    """``dataset``, ``model``, ``fold``, ``task`` (model folders inside), ``work`` (plans.json, no folds) or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / "dataset.json").is_file() and ((path / "imagesTr").is_dir() or (path / "labelsTr").is_dir()):
+        return "dataset"
+    if (path / "plans.json").is_file() and list(path.glob("fold_*")):
+        return "model"
+    if path.name.startswith("fold_") and ((path / FINAL_WEIGHTS).is_file() or (path / "config.yaml").is_file()
+                                          or (path / "checkpoints").is_dir()):
+        return "fold"
+    if any((child / "plans.json").is_file() and list(child.glob("fold_*")) for child in path.iterdir() if child.is_dir()):
+        return "task"
+    if (path / "plans.json").is_file() or (path / "fingerprint.json").is_file():
+        return "work"
+    return None
+
+
+def check_folder_kind(command: str, path: Path) -> None:
+    """Refuse, before any work, a folder of the wrong kind for ``command``, naming the command that takes it."""
+    kind = folder_kind(path)
+    if command in DATASET_COMMANDS and kind in ("model", "fold", "task", "work"):
+        what = {"model": "a trained model folder (plans.json and fold_*/)", "fold": "the fold folder of a training run",
+                "task": "a results folder holding model folders", "work": "segforge's work folder for a dataset "
+                "(plans.json, fingerprint.json, preprocessed/)"}[kind]
+        use = {"model": f"to predict with it: segforge predict -i IMAGES -o OUT --model {path}",
+               "fold": f"to predict with its model: segforge predict -i IMAGES -o OUT --model {path.parent}",
+               "task": f"to compare its configurations: segforge select {path}",
+               "work": "give the dataset folder itself (imagesTr/, labelsTr/, dataset.json)"}[kind]
+        raise SegforgeError(f"{path}: is {what}, not a dataset. `segforge {command}` takes a dataset folder in nnU-Net's "
+                            f"raw layout (imagesTr/, labelsTr/, dataset.json). Fix: {use}")
+    if command in MODEL_COMMANDS and kind in ("dataset", "fold", "task", "work"):
+        if kind == "dataset":
+            task = " task=denoise" if command in ("sample", "denoise") else ""
+            raise SegforgeError(f"{path}: is a dataset folder, not a trained model folder. `segforge {command}` takes "
+                                "the model folder a training run writes (<work>/<dataset>/results/<task>/<configuration>, "
+                                f"holding plans.json and fold_*/). Fix: train one first: segforge plan {path}{task} && "
+                                f"segforge train {path}{task}; then pass the model folder it prints")
+        if kind == "fold":
+            alone = f"--folds {path.name[5:]}" if command == "export-model" else f"predict.folds=[{path.name[5:]}]"
+            raise SegforgeError(f"{path}: is one fold of a model. Fix: pass its model folder, {path.parent} "
+                                f"({alone} for this fold alone)")
+        if kind == "task":
+            models = sorted(child.name for child in Path(path).iterdir() if (child / "plans.json").is_file())
+            raise SegforgeError(f"{path}: holds one model folder per configuration ({', '.join(models)}). Fix: pass "
+                                f"one of them, e.g. --model {Path(path) / models[0]}")
+        raise SegforgeError(f"{path}: is segforge's work folder for a dataset (plans.json, no trained folds). Fix: pass "
+                            f"a trained model folder, e.g. {Path(path) / 'results' / 'segment' / '3d_fullres'}")
+
+
+def model_paths(args) -> list[Path]:
+    """The model folders a command's arguments name."""
+    value = getattr(args, "model", None) or getattr(args, "model_dir", None)
+    if value is None:
+        return []
+    return [Path(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def check_arguments(command: str, args) -> None:
+    """``check_folder_kind`` for the dataset and model folders of a command's arguments."""
+    if command in DATASET_COMMANDS and getattr(args, "dataset", None):
+        check_folder_kind(command, Path(args.dataset))
+    for path in model_paths(args):
+        check_folder_kind(command, path)
+
