@@ -204,5 +204,5 @@ def predict_folder(predictor, input_path: Path, output_dir: Path, *, resume: boo
     write_json(output_dir / (f"predict_report_part{part.replace('/', 'of')}.json" if parse_part(part) else "predict_report.json"),
                {"cases": [{"case": r.case_id, "status": r.status, "output": str(r.output) if r.output else None,
                            "error": r.error, "warnings": r.warnings, "seconds": round(r.seconds, 3)} for r in results],
-                "passed_over": notes})
+                "passed_over": notes, "input": str(Path(input_path).resolve())})  # where `segforge report` finds the images
     return results
