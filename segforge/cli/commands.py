@@ -228,7 +228,7 @@ def run_train(args, cfg, overrides) -> int:
         check_not_inside(folder, spec.root, "dataset folder", fix=f"set paths.{setting}=DIR to a folder outside it")
     fold_dir = train(cfg, spec, overrides, started_at=getattr(args, "started_at", None))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        print(f"model folder: {fold_dir.parent}\nrun folder:   {fold_dir}")
+        print(f"model folder: {fold_dir.parent}\nrun folder:   {fold_dir}\nreport:       segforge report {fold_dir}")
     return 0
 
 
@@ -372,7 +372,7 @@ def run_evaluate(args, cfg, overrides) -> int:
     summary = evaluate_folders(pred_dir, ref_dir, labels, pred_dir / "summary.json", float(cfg.nsd_tolerance_mm),
                                bool(cfg.surface_metrics), float(cfg.geometry_tolerance))
     print(format_summary(summary))
-    print(f"summary: {pred_dir / 'summary.json'}")
+    print(f"summary: {pred_dir / 'summary.json'}\nreport:  segforge report {pred_dir}   (writes {pred_dir / 'report.html'})")
     return 0
 
 
@@ -410,3 +410,11 @@ def run_demo(args, cfg, overrides) -> int:
     from segforge.demo.runner import run_demo as demo
 
     return demo(cfg, overrides)
+
+
+def run_report(args, cfg, overrides) -> int:
+    from segforge.evaluation.report import write_report
+
+    max_cases = None if cfg.max_cases is None else int(cfg.max_cases)
+    print(f"report: {write_report(Path(args.path), args.output and Path(args.output), max_cases, int(cfg.max_slice_px))}")
+    return 0

@@ -31,6 +31,7 @@ COMMANDS = {
     "sample": "Generate images with a trained denoising model (task=denoise); with --masks, one per label map.",
     "denoise": "Denoise images with a trained denoising model (task=denoise) by entering its reverse process at their noise level.",
     "evaluate": "Dice, IoU, HD95 and NSD per case and class between a prediction and a reference folder.",
+    "report": "A self-contained HTML page of an evaluated prediction folder or a fold folder: metrics table, overlays, curves.",
     "select": "Compare configurations (and their ensembles) on cross-validation, pick the best, find its postprocessing.",
     "export-model": "Pack a model folder (plans, weights of chosen folds, postprocessing, checksums) into one zip.",
     "import-model": "Check a model zip against its checksums and unpack it as a model folder.",
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("pred_dir", help="folder of predicted masks")
             p.add_argument("ref_dir", help="folder of reference masks")
             p.add_argument("--dataset-json", help="dataset.json giving the labels (default: beside ref_dir or pred_dir)")
+        if name == "report":
+            p.add_argument("path", help="a prediction folder with its summary.json (segforge evaluate), or a fold folder "
+                                        "(<results>/segment/<configuration>/fold_k)")
+            p.add_argument("-o", "--output", help="the HTML file to write (default: PATH/report.html)")
         if name == "export-model":
             p.add_argument("model_dir", help="trained model folder (holds plans.json and fold_*/)")
             p.add_argument("archive", help="the zip to write (never overwritten)")

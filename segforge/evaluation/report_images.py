@@ -67,7 +67,7 @@ def disagreement_slices(prediction: np.ndarray, reference: np.ndarray, ignore: i
     if differ[0].sum():
         indices = [int(np.argmax(c)) for c in differ]
     elif fore[0].sum():
-        indices = [int(round(float(np.dot(np.arange(len(c)), c)) / c.sum())) for c in fore]
+        indices = [int(np.floor(float(np.dot(np.arange(len(c)), c)) / c.sum() + 0.5)) for c in fore]
     else:
         indices = [n // 2 for n in prediction.shape]
     return indices, [int(differ[a][i]) for a, i in enumerate(indices)]
