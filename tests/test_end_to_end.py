@@ -7,6 +7,7 @@ and a stage refuses an artifact of another schema version, naming the command to
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -95,6 +96,22 @@ def test_predict_writes_input_geometry_and_learns(trained, tmp_path):
     assert yaml.safe_load((tmp_path / "seq" / "predict_config.yaml").read_text())["predict"]["overlap"] is False
     for mask_path in sorted(out.glob("*.nii.gz")):
         np.testing.assert_array_equal(read_image(tmp_path / "seq" / mask_path.name)[0], read_image(mask_path)[0])
+
+
+def test_report_of_the_fold_and_of_its_predictions(trained, tmp_path, capsys):
+    dataset, fold = trained["dataset"], trained["model_dir"] / "fold_0"
+    assert main(["report", str(fold)]) == 0
+    page = (fold / "report.html").read_text()
+    assert base64.b64encode((fold / "progress.png").read_bytes()).decode() in page  # the training curves
+    validation = json.loads((fold / "validation" / "summary.json").read_text())
+    for case in validation["cases"]:  # each validation case drawn on its image, found beside its labelsTr
+        assert f'id="case-{case["case"]}"' in page and f"image: {dataset / 'imagesTr' / case['case']}_0000" in page
+    out = tmp_path / "pred"
+    assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "--model", str(trained["model_dir"])]) == 0
+    assert main(["evaluate", str(out), str(dataset / "labelsTs")]) == 0
+    assert f"segforge report {out}" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    assert f"image: {dataset / 'imagesTs'}" in (out / "report.html").read_text()  # the -i folder predict read
 
 
 def test_dataset_folder_is_never_written(trained, tmp_path):
