@@ -130,6 +130,18 @@ def test_without_images_it_shows_prediction_vs_reference_and_says_so(tmp_path):
     assert len(images_of(page)) == 2 * 3 * 2  # per case and view: prediction and reference
 
 
+def test_relative_paths_in_the_summary_are_found_from_another_folder(tmp_path, monkeypatch):
+    dataset = write_dataset(tmp_path / "Dataset001_Tiny", num_train=2, num_test=0)
+    perturbed_predictions(dataset / "labelsTr", tmp_path / "runs" / "pred")
+    assert main(["evaluate", "runs/pred", "Dataset001_Tiny/labelsTr", "surface_metrics=false"]) == 0  # in tmp_path
+    assert json.loads((tmp_path / "runs" / "pred" / "summary.json").read_text())["cases"][0]["reference"] \
+        .startswith("Dataset001_Tiny/labelsTr/")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    page = write_report(tmp_path / "runs" / "pred").read_text()
+    assert "not found" not in page and page.count(f"image: {dataset / 'imagesTr'}") == 2
+
+
 def test_a_foreign_report_html_is_never_replaced(evaluated, capsys):
     foreign = evaluated["pred"] / "report.html"
     foreign.write_text("<html><body>my notes</body></html>")
@@ -176,7 +188,7 @@ def write_fold(results: Path, dataset: Path, raw_root: Path | None = None) -> Pa
     return fold
 
 
-def test_fold_folder_has_its_validation_and_curves(tmp_path):
+def test_fold_folder_has_its_validation_and_curves(tmp_path, capsys):
     dataset = write_dataset(tmp_path / "raw" / "Dataset001_Tiny", num_train=3, num_test=0)
     fold = write_fold(tmp_path / "results", dataset, raw_root=tmp_path / "raw")
     page = write_report(fold).read_text()
@@ -191,6 +203,8 @@ def test_fold_folder_has_its_validation_and_curves(tmp_path):
     (fold / "progress.png").write_bytes(progress.getvalue())
     page = write_report(fold).read_text()
     assert base64.b64encode(progress.getvalue()).decode() in page and "version_*/metrics.csv" not in page
+    assert main(["report", str(fold.parent)]) == 2  # the model folder: pointed to its fold
+    assert f"Fix: segforge report {fold}" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ the browser

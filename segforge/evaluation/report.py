@@ -61,6 +61,10 @@ def find_source(path: Path) -> Source:
     if (path / "validation" / "summary.json").is_file():
         return Source(path, path / "validation" / "summary.json",
                       read_json(path / "validation" / "summary.json", "summary"), fold_dir=path)
+    folds = sorted(p.parent.parent for p in path.glob("fold_*/validation/summary.json"))
+    if folds:  # a model folder: its folds have reports
+        raise SegforgeError(f"{path}: is a model folder; a report is of one fold's validation (or of a prediction "
+                            f"folder). Fix: segforge report {folds[0]}")
     raise SegforgeError(f"{path / 'summary.json'}: not found (nor {path / 'validation' / 'summary.json'}, as in a fold "
                         f"folder): nothing to report. Fix: `segforge evaluate {path} REF_DIR` writes it (REF_DIR: the "
                         "reference masks); a fold folder gets validation/summary.json at the end of `segforge train`")
@@ -124,11 +128,25 @@ def find_image(case_id: str, ending: str, folders: list[Path]) -> Path | None:
     return None
 
 
-def _located(recorded: str, beside: Path) -> Path | None:
-    """A file the summary names, as recorded (relative: to where evaluate ran) or, moved with its folder, in
-    ``beside``."""
+def evaluated_from(source: Source) -> Path | None:
+    """The folder ``evaluate`` ran in, where the summary's paths are relative: the prediction folder less the
+    recorded (relative) folder of its predictions, e.g. ``/data/run`` for ``pred/x.nii.gz`` in ``/data/run/pred``."""
+    recorded = next((Path(c["prediction"]).parent for c in source.summary.get("cases", []) if c.get("prediction")), None)
+    if recorded is None or recorded.is_absolute():
+        return None
+    folder = source.predictions.resolve()
+    parts = [p for p in recorded.parts if p != "."]
+    if parts and tuple(folder.parts[-len(parts):]) != tuple(parts):
+        return None
+    return Path(*folder.parts[: len(folder.parts) - len(parts)]) if parts else folder
+
+
+def _located(recorded: str, beside: Path, ran_in: Path | None = None) -> Path | None:
+    """A file the summary names, as recorded (relative: to where evaluate ran, ``ran_in``, or here) or, moved with
+    its folder, in ``beside``."""
     path = Path(recorded)
-    for candidate in (path, beside / path.name):
+    for candidate in (path, *([ran_in / path] if ran_in is not None and not path.is_absolute() else []),
+                      beside / path.name):
         if candidate.is_file():
             return candidate
     return None
@@ -206,8 +224,9 @@ def case_section(case: dict, source: Source, folders: list[Path], ignore: int | 
     name = case["case"]
     parts = [f'<section class="case" id="case-{html.escape(name)}"><h3>{html.escape(name)} '
              f'<small>mean Dice {case_mean_dice(case):.3f}</small></h3>']
-    prediction = _located(case.get("prediction", ""), source.predictions)
-    reference = _located(case.get("reference", ""), source.predictions) if case.get("reference") else None
+    ran_in = evaluated_from(source)
+    prediction = _located(case.get("prediction", ""), source.predictions, ran_in)
+    reference = _located(case["reference"], source.predictions, ran_in) if case.get("reference") else None
     if prediction is None or reference is None:
         missing = case.get("prediction") if prediction is None else case.get("reference")
         parts.append(f'<p class="note">{html.escape(str(missing))}: not found; no overlays.</p></section>')
@@ -298,7 +317,9 @@ SORT_SCRIPT = """document.querySelectorAll('table.metrics thead th').forEach(fun
 def render(source: Source, max_cases: int | None = 50, max_px: int = 512) -> str:
     summary = source.summary
     cases = case_order(summary.get("cases", []))
-    references = [Path(c["reference"]) for c in cases if c.get("reference")]
+    ran_in = evaluated_from(source)
+    references = [Path(c["reference"]) if ran_in is None or Path(c["reference"]).is_absolute()
+                  else ran_in / c["reference"] for c in cases if c.get("reference")]
     labels = dataset_labels(source, references)
     ignore = labels.get("ignore") if isinstance(labels.get("ignore"), int) else None
     folders = image_folders(source, references)
