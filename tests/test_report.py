@@ -105,6 +105,19 @@ def test_slices_go_through_the_largest_disagreement(tmp_path):
     assert rows == 4 * cols
 
 
+def test_a_2d_case_has_one_view(tmp_path):
+    reference = np.zeros((1, 40, 50), np.uint8)
+    reference[0, 10:30, 10:40] = 1
+    prediction = reference.copy()
+    prediction[0, 10:30, 30:40] = 2
+    geometry = Geometry(spacing=(999.0, 1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0), ndim=2)
+    for name, array in (("pred.png", prediction), ("ref.png", reference), ("img.png", reference * 120)):
+        write_image(tmp_path / name, array, geometry)
+    views, note = case_views(tmp_path / "pred.png", tmp_path / "ref.png", tmp_path / "img.png")
+    assert note is None and [(v.name, v.index, v.disagreeing) for v in views] == [("axial", 0, 200)]
+    assert np.asarray(Image.open(io.BytesIO(views[0].panels["image"]))).shape == (128, 160)  # enlarged to 160 px
+
+
 def test_large_volume_keeps_the_page_to_slices_of_bounded_size(tmp_path):
     reference = np.zeros((30, 700, 650), np.uint8)
     reference[10:20, 100:600, 100:500] = 1
