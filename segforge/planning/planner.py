@@ -47,27 +47,33 @@ def target_spacing(spacings: list[list[float]], shapes: list[list[int]], anisotr
     return [float(v) for v in target]
 
 
-def topology(patch_size: list[int], spacing: list[float], min_feature_map: int = 4, max_stages: int = 6) -> dict:
-    """Per-stage strides and kernel sizes for ``patch_size`` at ``spacing`` (nnU-Net's pooling rules).
+def topology(patch_size: list[int], spacing: list[float], min_feature_map: int = 4, max_stages: int | None = None) -> dict:
+    """Per-stage strides and kernel sizes for ``patch_size`` at ``spacing``: nnU-Net v2's ``get_pool_and_conv_props``.
 
-    An axis is pooled while its feature map stays at least ``min_feature_map`` long and its spacing is within 2x
-    of the finest axis; its kernel is 1 while it is still much (2x) coarser than the finest axis.
+    Each stage pools the axes whose feature map is at least 2x ``min_feature_map`` long and whose spacing is within
+    2x of the finest of those axes; a single such axis pools only while at least 3x ``min_feature_map`` long (its
+    rule), and sizes round up (``ceil``) as nnU-Net's do. An axis's kernel is 1 until its spacing comes within 2x of
+    the finest axis, then 3 for good; the bottleneck's kernel is always 3. ``max_stages`` (nnU-Net has none)
+    optionally caps the number of stages.
     """
     dims = len(patch_size)
-    size, current = list(patch_size), list(spacing)
-    kernels = [[3 if current[a] / min(current) < 2 else 1 for a in range(dims)]]
-    strides = [[1] * dims]
-    for _ in range(1, max_stages):
-        finest = min(current)
-        pool = [size[a] // 2 >= min_feature_map and current[a] / finest < 2 for a in range(dims)]
-        if not any(pool):
+    size, current = [float(s) for s in patch_size], [float(c) for c in spacing]
+    kernel, kernels, strides = [1] * dims, [], [[1] * dims]
+    while max_stages is None or len(strides) < max_stages:
+        poolable = [a for a in range(dims) if size[a] >= 2 * min_feature_map]
+        if not poolable:
             break
-        stride = [2 if p else 1 for p in pool]
-        size = [s // st for s, st in zip(size, stride)]
+        finest = min(current[a] for a in poolable)
+        pool = [a for a in poolable if current[a] / finest < 2]
+        if len(pool) == 1 and size[pool[0]] < 3 * min_feature_map:
+            break
+        kernel = [3 if kernel[a] == 3 or current[a] / min(current) < 2 else 1 for a in range(dims)]
+        kernels.append(kernel)
+        stride = [2 if a in pool else 1 for a in range(dims)]
+        size = [math.ceil(s / st) for s, st in zip(size, stride)]
         current = [c * st for c, st in zip(current, stride)]
-        finest = min(current)
-        kernels.append([3 if (current[a] / finest < 2 or kernels[-1][a] == 3) else 1 for a in range(dims)])
         strides.append(stride)
+    kernels.append([3] * dims)  # the bottleneck
     total = [math.prod(s[a] for s in strides) for a in range(dims)]
     return {"strides": strides, "kernel_sizes": kernels, "total_pooling": total}
 
@@ -85,7 +91,7 @@ def initial_patch(spacing: list[float], median_shape: list[float], target_voxels
 
 
 def patch_candidates(spacing: list[float], median_shape: list[float], target_voxels: float,
-                     min_feature_map: int, max_stages: int) -> list[tuple[list[int], dict]]:
+                     min_feature_map: int, max_stages: int | None = None) -> list[tuple[list[int], dict]]:
     """nnU-Net's shrinking sequence, largest first: each step takes the total pooling off the axis with the
     largest patch-to-median ratio, re-derives the topology and pads the patch to be divisible again."""
     def settle(patch):
@@ -186,12 +192,18 @@ def step_spec(patch: list[int], topo: dict, rules, in_channels: int, num_classes
         if denoiser else spec
 
 
+def stage_cap(rules, dims: int) -> int | None:
+    """``plan.max_stages_2d``/``_3d``: None (nnU-Net: no cap, the min feature map limits the depth) or a number."""
+    cap = rules.get("max_stages_2d" if dims == 2 else "max_stages_3d")
+    return None if cap is None else int(cap)
+
+
 def fit_configuration(spacing: list[float], median_shape: list[float], rules, in_channels: int, num_classes: int,
                       dataset_voxels: float, oracle: PeakOracle) -> Fit:
     """Patch, topology and batch for one configuration at ``spacing`` (2 or 3 axes), fitted to the budget."""
     dims = len(spacing)
     target_voxels = float(rules.initial_patch_voxels_2d if dims == 2 else rules.initial_patch_voxels_3d)
-    max_stages = int(rules.max_stages_2d if dims == 2 else rules.max_stages_3d)
+    max_stages = stage_cap(rules, dims)
     candidates = patch_candidates(spacing, median_shape, target_voxels, int(rules.min_feature_map), max_stages)
     batch_min = int(rules.batch_size_min)
     specs = [step_spec(p, t, rules, in_channels, num_classes, batch_min) for p, t in candidates]
@@ -281,7 +293,7 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
                           else "cpu" if str(compute.device) == "auto" else str(compute.device))
     dims = len(spacing)
     target_voxels = float(rules.initial_patch_voxels_2d if dims == 2 else rules.initial_patch_voxels_3d)
-    max_stages = int(rules.max_stages_2d if dims == 2 else rules.max_stages_3d)
+    max_stages = stage_cap(rules, dims)
     patches = [(p, t) for p, t in patch_candidates(spacing, median_shape, target_voxels, int(rules.min_feature_map), max_stages)
                if math.prod(p) <= math.prod(full.spec.patch_size)
                and math.prod(p) > math.prod(t["total_pooling"]) and len(t["strides"]) >= 3]  # a U-Net, normable

@@ -12,9 +12,9 @@ Modes per axis: ``cubic`` (Keys' cubic convolution, a = -0.75, the kernel of tor
 what nnU-Net's ``resize(order=3)`` computes, so imported nnU-Net models see the intensities they were trained on;
 slower, for those models). Labels: every class's indicator is interpolated linearly and each voxel takes the class of highest
 score (ties go to the higher value, so a thin structure beats background), which keeps thin structures that
-nearest-neighbour resampling breaks. Anisotropic data: an axis more than ``separate_axis_threshold`` times coarser
-than the others (in the input or the target spacing) is resampled on its own with ``across_slices`` (``nearest``,
-as nnU-Net, or ``linear``), so structures are not smeared across slices. A ``None`` target spacing keeps that axis
+nearest-neighbour resampling breaks. Anisotropic data: when the coarsest axis is more than ``separate_axis_threshold``
+times the finest (in the input, else the target spacing), the coarsest axis is resampled on its own with
+``across_slices`` (``nearest``, as nnU-Net, or ``linear``), so structures are not smeared across slices. A ``None`` target spacing keeps that axis
 (2D configurations keep each case's slices).
 """
 
@@ -36,13 +36,14 @@ def shape_at_spacing(shape: list[int], spacing: list[float], target: list[float 
 
 
 def separate_axis(spacing: Sequence[float], target: Sequence[float | None], threshold: float) -> int | None:
-    """The axis to resample on its own: the one coarser than ``threshold`` x the finest axis, first in the input
-    spacing, else in the target (nnU-Net's rule); None when no single axis stands out."""
+    """The axis to resample on its own (nnU-Net v2's ``determine_do_sep_z_and_axis``): when the input spacing's
+    max/min exceeds ``threshold`` (else the target's), the axis whose spacing equals that maximum; None when no
+    spacing is that anisotropic or when more than one axis shares the maximum."""
     for candidate in (list(spacing), [s if t is None else t for s, t in zip(spacing, target)]):
         values = np.asarray(candidate, float)
         if values.max() / values.min() > threshold:
-            coarse = np.flatnonzero(values > threshold * values.min() * (1 - 1e-6))
-            return int(coarse[0]) if len(coarse) == 1 else None
+            coarsest = np.flatnonzero(values.max() / values == 1)
+            return int(coarsest[0]) if len(coarsest) == 1 else None
     return None
 
 
