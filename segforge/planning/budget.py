@@ -1,10 +1,12 @@
 """Fit patch and batch size to a GPU memory budget, by the traced peak of the real training step.
 
 The search walks nnU-Net's sequence of shrinking patch candidates (largest first). A cheap analytic estimate
-guesses where the budget is crossed and is recalibrated on each traced guess; traces then settle it exactly: the
-chosen candidate fits, and the next larger one is traced too and does not. Typically two or three traces per
-configuration, about half a second each (see ``memory.py``). ``method=analytic`` skips the traces (a rough,
-uncalibrated estimate: for quick experiments, not for real plans).
+guesses where the budget is crossed and is recalibrated on each traced guess; traces then settle it: the chosen
+candidate fits, and the next larger one does not. Within one topology the peak is affine in batch x patch voxels
+(within ``LAW_TOLERANCE_BYTES``), so once a topology has two traced sizes the others are predicted: the chosen patch
+is traced, its batch grown by the law. Typically two or three traces per configuration, about half a second each
+on a quiet core (see ``memory.py``). ``method=analytic`` skips the traces (a rough, uncalibrated estimate: for
+quick experiments, not for real plans).
 """
 
 from __future__ import annotations
@@ -69,26 +71,72 @@ def analytic_peak_bytes(spec: StepSpec, bytes_per_element: float) -> int:
     return int(static_bytes(spec) + bytes_per_element * analytic_activation_elements(spec))
 
 
+# The affine law: within one topology (a segmentation step with everything but patch and batch fixed) every
+# activation, gradient of an activation and loss map scales with batch x patch voxels (the patch is divisible by
+# the total pooling, so each stage's map is the patch volume over its pooling), and weights, their gradients and
+# the optimizer state do not: peak = intercept + slope x batch x voxels. Exact but for the allocator's 512-byte
+# rounding of each tensor (a few hundred tensors live at the peak, each off by < 512 bytes; 4.5 KiB at 40 MB,
+# 6-21 KiB at 1-22 GB measured); tests/test_memory_law.py checks predictions against fresh traces within this.
+LAW_TOLERANCE_BYTES = 64 * 1024
+
+
+def law_key(spec: StepSpec) -> tuple[StepSpec, int] | None:
+    """The topology ``spec`` belongs to (patch and batch blanked) and its batch x patch voxels; None where the law
+    does not hold: a patch not divisible by the total pooling, or the denoiser (attention grows with voxels^2)."""
+    total = [math.prod(s[a] for s in spec.strides) for a in range(spec.spatial_dims)]
+    if spec.task != "segment" or any(p % t for p, t in zip(spec.patch_size, total)):
+        return None
+    return replace(spec, patch_size=(0,) * spec.spatial_dims, batch_size=0), spec.batch_size * math.prod(spec.patch_size)
+
+
+def affine_peak(points: dict[int, int], size: int) -> int:
+    """The law's peak at ``size`` (batch x voxels) through the two traced points nearest to it."""
+    (x1, y1), (x2, y2) = sorted(points.items(), key=lambda xy: abs(math.log(xy[0] / size)))[:2]
+    return int(round(y1 + (y2 - y1) * (size - x1) / (x2 - x1)))
+
+
 class PeakOracle:
-    """Peak bytes per step spec: traced (cached), or the analytic proxy at ``bytes_per_element``."""
+    """Peak bytes per step spec: traced (cached; once a topology has two traced sizes, the affine law predicts
+    the others and ``exact`` traces a chosen one), or the analytic proxy at ``bytes_per_element``."""
 
     def __init__(self, method: str = "traced", bytes_per_element: float | None = None):
         if method not in ("traced", "analytic"):
             raise ValueError(f"plan.memory.method must be traced or analytic, not {method!r}")
         self.method, self.bytes_per_element = method, bytes_per_element
         self._cache: dict[StepSpec, int] = {}
+        self._traced: set[StepSpec] = set()
+        self._laws: dict[StepSpec, dict[int, int]] = {}  # topology -> {batch x voxels: traced peak}
         self._mode = None
         self.traces = 0
+        self.predictions = 0
 
     def __call__(self, spec: StepSpec) -> int:
         if spec not in self._cache:
             if self.method == "traced":
-                self._mode = self._mode or fake_mode()
-                self._cache[spec] = traced_peak_bytes(spec, self._mode)
-                self.traces += 1
+                law = law_key(spec)
+                points = self._laws.get(law[0], {}) if law else {}
+                if len(points) >= 2:
+                    self._cache[spec] = affine_peak(points, law[1])
+                    self.predictions += 1
+                else:
+                    return self.exact(spec)
             else:
                 per_element = self.bytes_per_element or ANALYTIC_BYTES_PER_ELEMENT[spec.precision]
                 self._cache[spec] = analytic_peak_bytes(spec, per_element)
+        return self._cache[spec]
+
+    def exact(self, spec: StepSpec) -> int:
+        """The traced peak, never the law's prediction (the analytic method: its estimate)."""
+        if self.method != "traced":
+            return self(spec)
+        if spec not in self._traced:
+            self._mode = self._mode or fake_mode()
+            self._cache[spec] = traced_peak_bytes(spec, self._mode)
+            self._traced.add(spec)
+            self.traces += 1
+            law = law_key(spec)
+            if law:
+                self._laws.setdefault(law[0], {})[law[1]] = self._cache[spec]
         return self._cache[spec]
 
     @staticmethod
@@ -130,7 +178,9 @@ def choose_candidate(specs: list[StepSpec], budget: MemoryBudget, peak: PeakOrac
     else:
         while index < len(specs) - 1 and not budget.fits(peak(specs[index])):
             index += 1
-    chosen = peak(specs[index])
+    while index < len(specs) - 1 and not budget.fits(peak.exact(specs[index])):  # the chosen one is traced
+        index += 1
+    chosen = peak.exact(specs[index])
     if index == 0:
         return Fit(0, specs[0], chosen, budget.fits(chosen))
     larger = specs[index - 1]

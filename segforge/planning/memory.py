@@ -230,10 +230,21 @@ def fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
+# traced peaks by step description: a memo of a pure function of the frozen StepSpec (oldest dropped first)
+_TRACED_PEAKS: dict[StepSpec, int] = {}
+_TRACED_PEAKS_MAX = 4096
+
+
 def traced_peak_bytes(spec: StepSpec, mode=None) -> int:
-    """Peak allocated bytes of one training step, from shapes alone (no memory, any patch size)."""
-    with mode or fake_mode():
-        return run_step(spec, LiveStorageTracker())
+    """Peak allocated bytes of one training step, from shapes alone (no memory, any patch size); memoized by
+    ``spec``, so a step described twice in one process is traced once."""
+    if spec not in _TRACED_PEAKS:
+        with mode or fake_mode():
+            peak = run_step(spec, LiveStorageTracker())
+        if len(_TRACED_PEAKS) >= _TRACED_PEAKS_MAX:
+            del _TRACED_PEAKS[next(iter(_TRACED_PEAKS))]
+        _TRACED_PEAKS[spec] = peak
+    return _TRACED_PEAKS[spec]
 
 
 def measured_peak_bytes(spec: StepSpec) -> int:
