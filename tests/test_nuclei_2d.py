@@ -59,7 +59,7 @@ def test_2d_unet_beats_the_best_threshold_on_held_out_tiles(tmp_path):
     roots = [f"paths.work_root={work}"]
     assert main(["plan", str(dataset), *roots, "plan.configurations=[2d]", "plan.features_base=16"]) == 0
     assert main(["train", str(dataset), *roots, "configuration=2d", "fold=all", "optim=adamw_cosine",
-                 "trainer.max_epochs=6", "data.iterations_per_epoch=25", "data.batch_size=4",
+                 "trainer.max_epochs=6", "data.iterations_per_epoch=25", "data.val_iterations=25", "data.batch_size=4",
                  "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 0
     model = work / dataset.name / "results" / "segment" / "2d"
     out = tmp_path / "pred"
