@@ -102,7 +102,7 @@ class BestCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return type(self).__qualname__  # one per run; the key checkpoints written before this was a ModelCheckpoint use
+        return type(self).__qualname__  # one per run; the key of checkpoints written before it was a ModelCheckpoint
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self.monitor in trainer.callback_metrics:  # ModelCheckpoint would raise on a metric not logged yet
