@@ -16,7 +16,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from bench.budget_eval import dice, dice_folder  # noqa: E402
-from bench.budget_nnunet import plan_schedule, sliding_window_tiles, validation_seconds_estimate  # noqa: E402
+from bench.budget_schedule import plan_schedule, sliding_window_tiles, validation_seconds_estimate  # noqa: E402
 from bench.budget_segforge import budget_token, parse_folders, run_command, CommandError  # noqa: E402
 from bench.mni_dataset import label_from_probabilities  # noqa: E402
 

@@ -55,6 +55,10 @@ def assert_resumed_equals_straight(straight: Path, resumed: Path, optimizer_stat
     assert states_a and all(optimizer_state in state for state in states_a.values())
     for state_a, state_b in zip(states_a.values(), states_b.values()):
         torch.testing.assert_close(state_b[optimizer_state], state_a[optimizer_state], rtol=1e-5, atol=atol)
+    # the metric EMA and the best checkpoint's value went on from where the first part left them
+    assert a["segforge_dice_ema"] is not None and b["segforge_dice_ema"] == pytest.approx(a["segforge_dice_ema"], abs=1e-4)
+    best_a, best_b = (float(c["callbacks"]["BestCheckpoint"]["best_model_score"]) for c in (a, b))
+    assert best_b == pytest.approx(best_a, abs=1e-4)
 
 
 def test_resume_continues_exactly_where_it_stopped(planned):
@@ -249,6 +253,24 @@ def test_early_stopping_on_the_ema_dice(planned):
                  "optim.weight_decay=0", "callbacks.early_stopping_patience=1"]) == 0
     summary = json.loads((fold_dir(work, dataset, "early") / "training_summary.json").read_text())
     assert summary["global_step"] == 2 * 6  # nothing learns at lr 0: no better EMA after the first validation
+
+
+def test_best_checkpoint_resumes_its_value_from_a_moved_folder_and_from_the_former_state(tmp_path):
+    """The best value a resumed run compares against: kept when the run folder moved since (the score belongs to this
+    run's best.ckpt), and read from checkpoints written by the former callback (``{"best": value}``)."""
+    from segforge.training.callbacks import BestCheckpoint
+
+    saved = BestCheckpoint(tmp_path / "old" / "checkpoints" / "best.ckpt", "val_dice_ema")
+    saved.load_state_dict({"best": 0.25})
+    state = saved.state_dict()
+    moved = BestCheckpoint(tmp_path / "new" / "checkpoints" / "best.ckpt", "val_dice_ema")
+    moved.load_state_dict(state)
+    assert float(moved.best_model_score) == 0.25
+    assert moved.best_model_path == str((tmp_path / "new" / "checkpoints" / "best.ckpt").resolve())
+    assert list(moved.best_k_models) == [moved.best_model_path]
+    fresh = BestCheckpoint(tmp_path / "new" / "checkpoints" / "best.ckpt", "val_dice_ema")
+    fresh.load_state_dict(BestCheckpoint(tmp_path / "x.ckpt", "val_dice_ema").state_dict())  # nothing saved yet
+    assert fresh.best_model_score is None and not fresh.best_k_models
 
 
 def test_grouped_splits_keep_a_patient_on_one_side():

@@ -13,7 +13,7 @@ momentum 0.99, poly learning rate over epochs, checkpoints) except for how long 
 2. after ``on_train_start`` (loaders up), a probe: ``probe_warmup`` + ``probe_iterations`` real training steps on
    live-augmented batches (they train the network: they are SGD steps at the initial learning rate), a few
    ``validation_step`` calls, and a few no-grad forwards of one patch (the final validation's sliding window);
-3. ``plan_schedule`` (``bench.budget_nnunet``) turns the time left into epochs x iterations per epoch (fewer
+3. ``plan_schedule`` (``bench.budget_schedule``) turns the time left into epochs x iterations per epoch (fewer
    than nnU-Net's 250 per epoch when the budget is short, so that the poly schedule still decays over ~20
    epochs), keeping enough time for ``on_train_end`` and ``perform_actual_validation``;
 4. at the start of every epoch the epoch count is re-fitted to the measured epoch times (the poly schedule's
@@ -37,7 +37,7 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from bench.budget_nnunet import plan_schedule, sliding_window_tiles, validation_seconds_estimate
+from bench.budget_schedule import plan_schedule, sliding_window_tiles, validation_seconds_estimate
 
 
 class nnUNetTrainerBudget(nnUNetTrainer):

@@ -407,9 +407,9 @@ def run_import_model(args, cfg, overrides) -> int:
 
 
 def run_demo(args, cfg, overrides) -> int:
-    from segforge.demo.runner import run_demo as demo
+    from segforge.cli.demo import run_demo as demo
 
-    return demo(cfg, overrides)
+    return demo(cfg, overrides, args.entry_point)
 
 
 def run_report(args, cfg, overrides) -> int:

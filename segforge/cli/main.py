@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     # overrides (key=value) may stand anywhere after the command; argparse leaves them over
     args, rest = parser.parse_known_args(argv)
     args.started_at = started_at
+    args.entry_point = main  # what a command that runs others (demo) calls: no command imports this module back
     if args.command:
         args.overrides = rest
     elif rest:

@@ -1,4 +1,5 @@
-"""Oracle intensity-window baseline: the best Dice any ``lo <= intensity <= hi`` rule reaches per class.
+"""Oracle intensity-window baseline: the best Dice any ``lo <= intensity <= hi`` rule reaches per class, on arrays or
+on a dataset's held-out cases (``threshold_baseline``, what the demo reports beside segforge's Dice).
 
 This is an *oracle*: the window is chosen on the very cases it is scored on, so it is an upper bound for every
 intensity-threshold rule, not a fair competitor. A model that beats it must be using shape and context. Images
@@ -7,6 +8,9 @@ the baseline.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -47,3 +51,18 @@ def best_threshold_dice(images: list[np.ndarray], labels: list[np.ndarray], clas
         dice = np.where(valid, 2 * hits / np.maximum(predicted + inside.size, 1), 0.0)
         result[int(value)] = float(dice.max())
     return result
+
+
+def threshold_baseline(dataset: Path, labels: dict) -> dict:
+    """Per class name of ``labels`` (dataset.json's), the oracle window's Dice on ``imagesTs``/``labelsTs``."""
+    from segforge.io.image import read_image
+
+    ending = json.loads((dataset / "dataset.json").read_text())["file_ending"]
+    images, refs = [], []
+    for ref in sorted((dataset / "labelsTs").glob(f"*{ending}")):
+        case = ref.name[: -len(ending)]
+        images.append(read_image(dataset / "imagesTs" / f"{case}_0000{ending}")[0].astype(np.float32))
+        refs.append(read_image(ref)[0])
+    classes = {name: v for name, v in labels.items() if isinstance(v, int) and v != 0 and name != "ignore"}
+    scores = best_threshold_dice(images, refs, list(classes.values()))
+    return {name: float(scores[v]) for name, v in classes.items()}

@@ -42,6 +42,7 @@ from segforge.io.image import FAKE_Z_SPACING, Geometry, write_image
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
+DEMO_MARKER = "segforge synthetic demo"  # opens the description: the demo reuses only a dataset it made
 LABELS_3D = {"background": 0, "liver": 1, "aorta": 2, "lesion": 3}
 LABELS_2D = {"background": 0, "cytoplasm": 1, "nucleus": 2, "vessel": 3}
 CHANNEL_3D, CHANNEL_2D = "T1", "fluorescence"
@@ -363,7 +364,7 @@ def generate_dataset(out_dir: Path, dim: int = 3, num_train: int = 24, num_test:
                 write_image(tmp / f"labels{sub}" / f"{case_id}{ending}", label, geometry)
         dataset_json = {
             "name": f"SegforgeSynthetic{dim}D",
-            "description": "segforge synthetic demo: " + ("abdomen-like T1 MRI slabs" if dim == 3
+            "description": DEMO_MARKER + ": " + ("abdomen-like T1 MRI slabs" if dim == 3
                                                           else "tissue-like fluorescence fields"),
             "channel_names": {"0": CHANNEL_3D if dim == 3 else CHANNEL_2D},
             "labels": dict(LABELS_3D if dim == 3 else LABELS_2D),

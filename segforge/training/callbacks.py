@@ -1,8 +1,8 @@
-"""Lightning pieces of a training run: atomic checkpoint writes, the best checkpoint by the EMA of the validation
-pseudo-Dice, one summary line and a ``progress.png`` per epoch, and the run folder's files.
+"""Lightning pieces of a training run: atomic checkpoint writes, the validation metric's EMA and the best checkpoint
+by it (one mechanism for every task), one summary line and a ``progress.png`` per epoch, and the run folder's files.
 
-Each callback keeps what it needs in the checkpoint (``state_dict``), so a resumed run continues its best value,
-its curves and its clock.
+Each piece keeps what it needs in the checkpoint (``state_dict``, ``on_save_checkpoint``), so a resumed run continues
+its metric EMA, its best value, its curves and its clock.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from segforge.errors import SegforgeError
@@ -51,27 +53,71 @@ def extra_callbacks(specs) -> list:
     return made
 
 
-class BestCheckpoint(L.Callback):
-    """``best.ckpt`` whenever the monitored validation metric reaches a new high: the EMA of the pseudo-Dice
-    (``val_dice_ema``) for segmentation, the task's own metric otherwise (denoising: ``val_psnr_ema``)."""
+class MetricEMA:
+    """LightningModule mixin: the task's validation metric ``metric`` (e.g. ``val_dice``) and its exponential moving
+    average ``<metric>_ema`` (``monitor``: what the best checkpoint and early stopping follow), kept in the checkpoint
+    as ``segforge_<name>_ema`` so a resumed run continues the same average. The module sets ``metric_ema_decay``."""
 
-    def __init__(self, path: Path, monitor: str = "val_dice_ema"):
-        self.path, self.monitor, self.best = Path(path), monitor, None
+    metric: str
+    metric_ema_decay: float
+    metric_ema: float | None = None
+
+    @property
+    def monitor(self) -> str:
+        return f"{self.metric}_ema"
+
+    @property
+    def _ema_checkpoint_key(self) -> str:
+        return f"segforge_{self.metric.removeprefix('val_')}_ema"
+
+    def log_metric_and_ema(self, value: float) -> None:
+        """Log this epoch's ``value`` and, outside the sanity check, fold it into the EMA (first epoch: the value)."""
+        if not self.trainer.sanity_checking:
+            d = self.metric_ema_decay
+            self.metric_ema = value if self.metric_ema is None else d * self.metric_ema + (1 - d) * value
+        self.log(self.metric, value, prog_bar=True)
+        if self.metric_ema is not None:
+            self.log(self.monitor, float(self.metric_ema), prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[self._ema_checkpoint_key] = self.metric_ema
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.metric_ema = checkpoint.get(self._ema_checkpoint_key)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``path`` (``checkpoints/best.ckpt``) whenever ``monitor`` (a ``MetricEMA.monitor``) reaches a new high: Lightning's
+    top-1 checkpoint, written at validation end through the trainer's checkpoint IO (atomic). Before the metric has a
+    value (no finite score yet) nothing is written; the best value resumes whatever folder the run sits in now."""
+
+    def __init__(self, path: Path, monitor: str):
+        path = Path(path)
+        super().__init__(dirpath=path.parent, filename=path.stem, monitor=monitor, mode="max", save_top_k=1,
+                         enable_version_counter=False, auto_insert_metric_name=False, save_on_train_epoch_end=False)
+
+    @property
+    def path(self) -> str:
+        return self.format_checkpoint_name({})
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__qualname__  # one per run; the key of checkpoints written before it was a ModelCheckpoint
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        ema = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or ema is None:
-            return
-        ema = float(ema)
-        if self.best is None or ema > self.best:
-            self.best = ema
-            trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes
-
-    def state_dict(self) -> dict:
-        return {"best": self.best}
+        if self.monitor in trainer.callback_metrics:  # ModelCheckpoint would raise on a metric not logged yet
+            super().on_validation_end(trainer, pl_module)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.best = state_dict.get("best")
+        # the score alone, tied to this run's path (a moved run folder keeps its best value), from a ModelCheckpoint
+        # state or the former {"best": float}
+        score = state_dict.get("best_model_score", state_dict.get("best"))
+        if score is None:
+            return
+        score = torch.tensor(float(score))
+        self.best_model_score = self.kth_value = score
+        self.best_model_path = self.kth_best_model_path = self.path
+        self.best_k_models = {self.path: score}
 
 
 _CURVES = ("train_loss_epoch", "val_loss", "val_dice", "val_dice_ema", "val_psnr", "val_psnr_ema", "lr")

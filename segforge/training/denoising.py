@@ -1,6 +1,7 @@
 """The denoising LightningModule: the MSE between the network output and the diffusion process's training target,
 an exponential moving average (EMA) of the weights, and per epoch the validation loss and the PSNR of the one-step
-x0 estimate at a fixed noise level with its EMA (what the best checkpoint and early stopping follow).
+x0 estimate at a fixed noise level (``val_psnr``) with its EMA (``MetricEMA``: what the best checkpoint and early
+stopping follow).
 
 The network is a ``segforge.nn.denoiser.Denoiser``; ``process`` (``segforge.diffusion``) decides noising, target
 and x0 estimate. Label maps (``mask_values`` set: mask-to-image synthesis) enter as one-hot spatial conditioning,
@@ -20,6 +21,7 @@ from torch import nn
 
 from segforge.diffusion.process import DiffusionProcess
 from segforge.errors import SegforgeError
+from segforge.training.callbacks import MetricEMA
 from segforge.training.optim import make_optimizer
 
 
@@ -36,7 +38,9 @@ def range_psnr(estimate: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(peak**2 / mse)
 
 
-class DenoisingModule(L.LightningModule):
+class DenoisingModule(MetricEMA, L.LightningModule):
+    metric = "val_psnr"
+
     def __init__(self, network: nn.Module, process: DiffusionProcess, optim_cfg, *, seed: int = 0,
                  mask_values: list[int] | None = None, cond_dropout: float = 0.0, time_band: tuple[float, float] = (0.0, 1.0),
                  validation_sigma: float = 0.1, metric_ema_decay: float = 0.9, weight_ema_decay: float | None = 0.999,
@@ -55,7 +59,6 @@ class DenoisingModule(L.LightningModule):
         # the averaged weights: what validation scores and what the model folder gets (no gradients, not optimised)
         self.ema_network = copy.deepcopy(network).requires_grad_(False) if weight_ema_decay else None
         self.channels_last = channels_last
-        self.psnr_ema: float | None = None
         self._val = None
 
     # ---- pieces ---------------------------------------------------------------------------------------------
@@ -157,18 +160,7 @@ class DenoisingModule(L.LightningModule):
         psnr = float(total / count)
         if not math.isfinite(psnr):
             return
-        if not self.trainer.sanity_checking:
-            d = self.metric_ema_decay
-            self.psnr_ema = psnr if self.psnr_ema is None else d * self.psnr_ema + (1 - d) * psnr
-        self.log("val_psnr", psnr, prog_bar=True)
-        if self.psnr_ema is not None:
-            self.log("val_psnr_ema", float(self.psnr_ema), prog_bar=True)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["segforge_psnr_ema"] = self.psnr_ema
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.psnr_ema = checkpoint.get("segforge_psnr_ema")
+        self.log_metric_and_ema(psnr)
 
     def configure_optimizers(self):
         return make_optimizer(self.network.parameters(), self.optim_cfg)

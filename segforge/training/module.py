@@ -1,5 +1,5 @@
-"""The segmentation LightningModule: the loss step, and the per-epoch pseudo-Dice on validation patches with its
-exponential moving average (what the best checkpoint and early stopping follow).
+"""The segmentation LightningModule: the loss step, and the per-epoch pseudo-Dice on validation patches
+(``val_dice``) with its exponential moving average (``MetricEMA``: what the best checkpoint and early stopping follow).
 
 The network is any ``nn.Module`` with ``forward(x, cond=None)``; the learning rate follows the progress-based
 schedule applied by ``ScheduleCallback`` (no scheduler object here, so epochs and time budgets are one mechanism).
@@ -12,10 +12,13 @@ import lightning as L
 import torch
 from torch import nn
 
+from segforge.training.callbacks import MetricEMA
 from segforge.training.optim import make_optimizer
 
 
-class SegmentationModule(L.LightningModule):
+class SegmentationModule(MetricEMA, L.LightningModule):
+    metric = "val_dice"
+
     def __init__(self, network: nn.Module, loss: nn.Module, optim_cfg, num_classes: int,
                  regions: list[list[int]] | None = None, ignore_label: int | None = None, ema_decay: float = 0.9,
                  channels_last: bool = False, compile: bool = False):
@@ -24,9 +27,8 @@ class SegmentationModule(L.LightningModule):
         # the compiled callable is kept outside the module tree: checkpoints hold the plain network's keys, so a
         # run can be resumed with or without compilation
         self.__dict__["_run"] = torch.compile(network) if compile else network
-        self.regions, self.ignore_label, self.ema_decay = regions, ignore_label, ema_decay
+        self.regions, self.ignore_label, self.metric_ema_decay = regions, ignore_label, ema_decay
         self.channels_last = channels_last
-        self.dice_ema: float | None = None
         self._val_counts = None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
@@ -82,18 +84,7 @@ class SegmentationModule(L.LightningModule):
             self.log(f"val_dice_{k}", value.float())  # counts were summed over ranks already: no second reduction
         if bool(torch.isnan(dice).all()):
             return
-        mean = float(torch.nanmean(dice))
-        if not self.trainer.sanity_checking:
-            self.dice_ema = mean if self.dice_ema is None else self.ema_decay * self.dice_ema + (1 - self.ema_decay) * mean
-        self.log("val_dice", mean, prog_bar=True)
-        if self.dice_ema is not None:
-            self.log("val_dice_ema", float(self.dice_ema), prog_bar=True)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["segforge_dice_ema"] = self.dice_ema
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.dice_ema = checkpoint.get("segforge_dice_ema")
+        self.log_metric_and_ema(float(torch.nanmean(dice)))
 
     def configure_optimizers(self):
         return make_optimizer(self.network.parameters(), self.optim_cfg)

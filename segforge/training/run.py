@@ -183,7 +183,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         copies=copies)
     schedule = ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps,
                                 max_time_s)
-    callbacks = [writer, schedule, *run_callbacks(cfg, fold_dir, task, bool(inputs.val_ids))]
+    callbacks = [writer, schedule, *run_callbacks(cfg, fold_dir, module.monitor, bool(inputs.val_ids))]
     if split is not None:
         callbacks.append(budget_pacer(cfg, split, schedule, datamodule, inputs.plan_config))
     requeue = RequeueOnSignal(fold_dir) if slurm_requeue_wanted() else None
@@ -265,8 +265,9 @@ def training_network(cfg, kwargs: dict, plan_config: dict, fold_dir: Path, resum
     return network
 
 
-def run_callbacks(cfg, fold_dir: Path, task, validating: bool) -> list:
-    """The checkpoints, progress, best-checkpoint, early-stopping and the user's own callbacks of a run."""
+def run_callbacks(cfg, fold_dir: Path, monitor: str, validating: bool) -> list:
+    """The checkpoints, progress, best-checkpoint and early-stopping (both following ``monitor``, the module's metric
+    EMA) and the user's own callbacks of a run."""
     callbacks = [
         # last.ckpt after every epoch, so a killed run resumes from its latest epoch (Lightning's save_last only
         # writes when a top-k checkpoint was written, i.e. never with save_top_k=0)
@@ -275,9 +276,9 @@ def run_callbacks(cfg, fold_dir: Path, task, validating: bool) -> list:
         EpochProgress(fold_dir / "progress.png" if cfg.callbacks.progress_plot else None),
     ]
     if cfg.callbacks.best_checkpoint and validating:
-        callbacks.append(BestCheckpoint(fold_dir / "checkpoints" / "best.ckpt", task.monitor))
+        callbacks.append(BestCheckpoint(fold_dir / "checkpoints" / "best.ckpt", monitor))
     if cfg.callbacks.early_stopping_patience and validating:
-        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor=task.monitor, mode="max", check_on_train_epoch_end=False,
+        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor=monitor, mode="max", check_on_train_epoch_end=False,
                                                            patience=int(cfg.callbacks.early_stopping_patience)))
     return callbacks + extra_callbacks(cfg.callbacks.get("extra"))
 

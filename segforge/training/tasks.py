@@ -1,7 +1,7 @@
-"""What a training task decides, and nothing else: the network's arguments, the LightningModule, what the batches
-carry, the metric the best checkpoint follows, the files it adds to the model folder and its weights file, and the
-final validation. Everything else (data pipeline, precision, checkpoints, resume, DDP, logging, budget, run and
-model folders) is ``training/run.py``'s, the same for every task.
+"""What a training task decides, and nothing else: the network's arguments, the LightningModule (and with it the
+metric the best checkpoint follows, its ``monitor``), what the batches carry, the files it adds to the model folder and
+its weights file, and the final validation. Everything else (data pipeline, precision, checkpoints, resume, DDP,
+logging, budget, run and model folders) is ``training/run.py``'s, the same for every task.
 
 * ``segment`` (``task=segment``, the default): the U-Net with one output per class; Dice + CE; pseudo-Dice.
 * ``denoise`` (``task=denoise``): the same U-Net core as a timestep-conditioned ``Denoiser`` trained on a
@@ -49,7 +49,6 @@ class SegmentTask:
     """``task=segment``: what ``segforge train`` did before there were tasks."""
 
     name = "segment"
-    monitor = "val_dice_ema"
     with_labels = True
 
     def __init__(self, cfg, spec: DatasetSpec, plan_config: dict, data_dir: Path):
@@ -145,7 +144,6 @@ class DenoiseTask(SegmentTask):
     """``task=denoise`` (module docstring)."""
 
     name = "denoise"
-    monitor = "val_psnr_ema"
 
     def __init__(self, cfg, spec: DatasetSpec, plan_config: dict, data_dir: Path):
         super().__init__(cfg, spec, plan_config, data_dir)

@@ -1,8 +1,9 @@
 """`segforge demo`: generate, check, plan, preprocess, train (child process), predict and evaluate, then report.
 
-Each step is the real command (the same entry point a user types), run in this process, except training, which
-runs as a child process so that a multi-rank launch re-executes only the training command. The report includes
-an oracle intensity-threshold baseline on the held-out cases, which shows the demo is not solvable by a threshold.
+Each step is the real command (the entry point a user types, handed in as ``run_command`` so that this module does
+not import ``cli/main.py`` back), run in this process, except training, which runs as a child process so that a
+multi-rank launch re-executes only the training command. The report includes an oracle intensity-threshold baseline
+on the held-out cases (``demo/baseline.py``), which shows the demo is not solvable by a threshold.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,6 @@ from segforge.errors import SegforgeError
 from segforge.io.artifacts import atomic_write_text
 
 DEMO_NAMES = {3: "Dataset900_Demo3D", 2: "Dataset901_Demo2D"}
-DEMO_MARKER = "segforge synthetic demo"
 
 
 def _as_override(key: str, value) -> str:
@@ -36,19 +37,17 @@ def _leaves(prefix: str, value):
         yield prefix, value
 
 
-def _run(argv: list[str], timings: dict, label: str) -> None:
-    from segforge.cli.main import main
-
+def _run(run_command: Callable[[list[str]], int], argv: list[str], timings: dict, label: str) -> None:
     print(f"\n$ segforge {' '.join(argv)}", flush=True)
     start = time.monotonic()
-    code = main(argv)
+    code = run_command(argv)
     timings[label] = time.monotonic() - start
     if code != 0:
         raise SegforgeError(f"demo step `segforge {' '.join(argv)}` failed with exit code {code}")
 
 
 def _dataset(cfg, out: Path) -> Path:
-    from segforge.demo.synthetic import generate_dataset
+    from segforge.demo.synthetic import DEMO_MARKER, generate_dataset
 
     dim = int(cfg.dim)
     dataset = out / DEMO_NAMES[dim]
@@ -63,22 +62,11 @@ def _dataset(cfg, out: Path) -> Path:
     return generate_dataset(dataset, dim=dim, num_train=int(cfg.num_train), num_test=int(cfg.num_test), seed=int(cfg.seed))
 
 
-def threshold_baseline(dataset: Path, labels: dict) -> dict:
-    from segforge.demo.baseline import best_threshold_dice
-    from segforge.io.image import read_image
+def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int]) -> int:
+    """The demo as ``cfg`` (``configs/demo.yaml``) says; ``run_command(argv)`` runs one `segforge` command and returns
+    its exit code."""
+    from segforge.demo.baseline import threshold_baseline
 
-    ending = json.loads((dataset / "dataset.json").read_text())["file_ending"]
-    images, refs = [], []
-    for ref in sorted((dataset / "labelsTs").glob(f"*{ending}")):
-        case = ref.name[: -len(ending)]
-        images.append(read_image(dataset / "imagesTs" / f"{case}_0000{ending}")[0].astype(np.float32))
-        refs.append(read_image(ref)[0])
-    classes = {name: v for name, v in labels.items() if isinstance(v, int) and v != 0 and name != "ignore"}
-    scores = best_threshold_dice(images, refs, list(classes.values()))
-    return {name: float(scores[v]) for name, v in classes.items()}
-
-
-def run_demo(cfg, overrides: list[str]) -> int:
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -94,8 +82,8 @@ def run_demo(cfg, overrides: list[str]) -> int:
     plan_overrides = [_as_override(k, v) for k, v in _leaves("plan", plan)]
     plan_overrides.append(_as_override("preprocess.num_workers", int(cfg.preprocess.num_workers)))
 
-    _run(["check", str(dataset)] + roots, timings, "check")
-    _run(["plan", str(dataset)] + roots + plan_overrides, timings, "plan+preprocess")
+    _run(run_command, ["check", str(dataset)] + roots, timings, "check")
+    _run(run_command, ["plan", str(dataset)] + roots + plan_overrides, timings, "plan+preprocess")
 
     train_cmd = [sys.executable, "-m", "segforge", "train", str(dataset), *roots, f"configuration={configuration}",
                  "experiment=demo", *[str(o) for o in cfg.train_overrides]]
@@ -107,9 +95,9 @@ def run_demo(cfg, overrides: list[str]) -> int:
 
     model_dir = work / dataset.name / "results" / "segment" / configuration
     predictions = out / "predictions"
-    _run(["predict", "-i", str(dataset / "imagesTs"), "-o", str(predictions), "--model", str(model_dir)] + roots
+    _run(run_command, ["predict", "-i", str(dataset / "imagesTs"), "-o", str(predictions), "--model", str(model_dir)] + roots
          + [str(o) for o in cfg.predict_overrides], timings, "predict")
-    _run(["evaluate", str(predictions), str(dataset / "labelsTs")] + roots, timings, "evaluate")
+    _run(run_command, ["evaluate", str(predictions), str(dataset / "labelsTs")] + roots, timings, "evaluate")
 
     summary = json.loads((predictions / "summary.json").read_text())
     baseline = threshold_baseline(dataset, summary["classes"])
