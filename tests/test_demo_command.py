@@ -1,7 +1,7 @@
 """`segforge demo` wiring: every step runs through the real commands and the report names where things went.
 
-A reduced run (6 training cases, one short epoch) checks the wiring, not the accuracy; the full demo's accuracy
-is measured by running `bash scripts/demo.sh` (figures in the README).
+A reduced run (5 training cases, one short epoch; or a short budget) checks the wiring, not the accuracy; the full
+demo's accuracy and time are measured by running `bash scripts/demo.sh` (figures in the README).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 
 from segforge.cli.main import main
 
-REDUCED = ["num_train=5", "num_test=2",
+REDUCED = ["num_train=5", "num_test=2", "budget=null",
            "train_overrides=['trainer.max_epochs=1','data.iterations_per_epoch=2','data.val_iterations=1','data.num_workers=0']"]
 
 
@@ -38,3 +38,24 @@ def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo")]) != 0
     assert "not a segforge demo dataset" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["dataset.json"]
+
+
+def test_a_budgeted_demo_plans_and_trains_the_budget_configuration(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "num_train=5", "num_test=2", "budget=75s",
+                 "train_overrides=['data.num_workers=0']"]) == 0
+    report = json.loads((out / "demo_report.json").read_text())
+    assert report["budget_s"] == 75.0 and 30 <= report["train_budget_s"] < 75 * (1 - 0.17)
+    fold = out / "work" / "Dataset900_Demo3D" / "results" / "segment" / "3d_budget" / "fold_0"
+    summary = json.loads((fold / "training_summary.json").read_text())
+    assert summary["budget"]["budget_s"] == round(report["train_budget_s"])  # the train child got the time left
+    plans = json.loads((out / "work" / "Dataset900_Demo3D" / "plans.json").read_text())
+    assert "3d_budget" in plans["configurations"]
+    assert "(budget 75)" in capsys.readouterr().out
+
+
+def test_a_budget_too_small_for_training_is_refused_before_planning(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "num_train=5", "num_test=2", "budget=20s"]) == 2
+    err = capsys.readouterr().err
+    assert "budget=20s leaves" in err and "Fix: a larger budget" in err
+    assert not (tmp_path / "demo" / "work" / "Dataset900_Demo3D" / "plans.json").exists()

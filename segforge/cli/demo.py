@@ -62,6 +62,23 @@ def _dataset(cfg, out: Path) -> Path:
     return generate_dataset(dataset, dim=dim, num_train=int(cfg.num_train), num_test=int(cfg.num_test), seed=int(cfg.seed))
 
 
+def demo_budget(cfg) -> float | None:
+    """The demo's wall-clock budget in seconds (``budget``: a duration, ``auto`` by dim, or null: none)."""
+    from segforge.training.schedules import parse_duration
+
+    value = cfg.get("budget")
+    if value is None or str(value).lower() in ("null", "none", ""):
+        return None
+    return float(cfg.budget_auto[int(cfg.dim)]) if str(value) == "auto" else parse_duration(value, "budget")
+
+
+def check_demo_budget(budget_s: float, train_budget_s: float) -> None:
+    if train_budget_s < 30:
+        raise SegforgeError(f"budget={budget_s:.0f}s leaves {train_budget_s:.0f} s to train after generating, checking "
+                            "and planning, too little for a model. Fix: a larger budget (e.g. budget=4m), or "
+                            "budget=null for the fixed demo schedule")
+
+
 def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int]) -> int:
     """The demo as ``cfg`` (``configs/demo.yaml``) says; ``run_command(argv)`` runs one `segforge` command and returns
     its exit code."""
@@ -83,10 +100,23 @@ def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int])
     plan_overrides.append(_as_override("preprocess.num_workers", int(cfg.preprocess.num_workers)))
 
     _run(run_command, ["check", str(dataset)] + roots, timings, "check")
+    budget_s = demo_budget(cfg)
+    train_budget_s = None
+    if budget_s:  # the plan sizes a configuration for the training time left (3d_budget / 2d_budget)
+        train_budget_s = budget_s * (1 - cfg.finish_share - cfg.plan_share) - (time.monotonic() - start)
+        check_demo_budget(budget_s, train_budget_s)
+        plan_overrides.append(f"budget={train_budget_s:.0f}s")
     _run(run_command, ["plan", str(dataset)] + roots + plan_overrides, timings, "plan+preprocess")
 
-    train_cmd = [sys.executable, "-m", "segforge", "train", str(dataset), *roots, f"configuration={configuration}",
-                 "experiment=demo", *[str(o) for o in cfg.train_overrides]]
+    if budget_s:  # what is left, less the time predict and evaluate take
+        train_budget_s = min(train_budget_s, budget_s * (1 - cfg.finish_share) - (time.monotonic() - start))
+        check_demo_budget(budget_s, train_budget_s)
+        schedule = [f"budget={train_budget_s:.0f}s", "configuration=budget"]
+        configuration = f"{configuration[:2]}_budget"
+    else:
+        schedule = [f"configuration={configuration}", "experiment=demo"]
+    train_cmd = [sys.executable, "-m", "segforge", "train", str(dataset), *roots, *schedule,
+                 *[str(o) for o in cfg.train_overrides]]
     print(f"\n$ {' '.join(train_cmd[2:])}", flush=True)
     t0 = time.monotonic()
     if subprocess.run(train_cmd).returncode != 0:
@@ -105,7 +135,8 @@ def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int])
     report = {"dataset": str(dataset), "work_root": str(work), "model_dir": str(model_dir), "predictions": str(predictions),
               "dice": summary["mean_dice"], "mean_foreground_dice": summary["foreground_mean_dice"],
               "threshold_baseline_dice": baseline, "threshold_baseline_mean": baseline_mean,
-              "seconds": {k: round(v, 1) for k, v in timings.items()}, "total_seconds": round(time.monotonic() - start, 1)}
+              "seconds": {k: round(v, 1) for k, v in timings.items()}, "total_seconds": round(time.monotonic() - start, 1),
+              "budget_s": budget_s, "train_budget_s": round(train_budget_s, 1) if train_budget_s else None}
     atomic_write_text(out / "demo_report.json", json.dumps(report, indent=2) + "\n")
     print("\n== segforge demo ==")
     print(f"dataset:       {dataset}\nwork root:     {work}\nmodel folder:  {model_dir}\npredictions:   {predictions}")
@@ -113,6 +144,7 @@ def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int])
     for name, value in summary["mean_dice"].items():
         print(f"{name:<16}{value:>15.3f}{baseline[name]:>16.3f}")
     print(f"{'mean':<16}{summary['foreground_mean_dice']:>15.3f}{baseline_mean:>16.3f}")
-    print("time (s):      " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {report['total_seconds']:.0f}")
+    print("time (s):      " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {report['total_seconds']:.0f}"
+          + (f" (budget {budget_s:.0f})" if budget_s else ""))
     print(f"report:        {out / 'demo_report.json'}")
     return 0
