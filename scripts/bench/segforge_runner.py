@@ -112,7 +112,7 @@ def _patch_pipeline(folder: str, patch: list[int], batch_size: int, seed: int = 
     from segforge.training.sampling import PatchCollate, PatchDataset
 
     case_ids = sorted(p.name[: -len(".json")] for p in Path(folder).glob("*.json") if p.name != "manifest.json")
-    settings = AugmentationSettings()
+    settings = AugmentationSettings.from_config()
     geometry = PatchGeometry.resolve(settings, patch)
     dataset = PatchDataset(Path(folder), case_ids, patch, len(patch), 0.333, settings, geometry, seed)
     return dataset, PatchCollate(Augmenter(settings, geometry)), geometry

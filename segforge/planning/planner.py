@@ -27,7 +27,7 @@ from segforge.planning.budget import (
 )
 from segforge.planning.memory import StepSpec
 from segforge.planning.precision import planned_precision
-from segforge.preprocessing.resample import DEFAULT_RESAMPLING, resampling_modes
+from segforge.preprocessing.resample import resampling_modes, with_default_rules
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +253,8 @@ def lowres_spacing(spacing: list[float], median_shape: list[float], fullres: Fit
 
 
 def resampling_rules(rules) -> dict:
-    """The ``resampling`` entry of plans.json: the config's rules over the defaults, checked."""
-    settings = {**DEFAULT_RESAMPLING, **(OmegaConf.to_container(rules) if isinstance(rules, DictConfig) else dict(rules or {}))}
+    """The ``resampling`` entry of plans.json: the plan config's rules (over the packaged ones), checked."""
+    settings = with_default_rules(OmegaConf.to_container(rules) if isinstance(rules, DictConfig) else dict(rules or {}))
     resampling_modes([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], settings)  # raises on an unknown mode
     return settings
 

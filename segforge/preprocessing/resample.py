@@ -25,9 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-# the plan's "resampling" entry when a plans.json predates it; `plan.resampling` in configs/plan/default.yaml
-DEFAULT_RESAMPLING = {"image": "cubic", "label": "linear", "probabilities": "linear",
-                      "separate_axis_threshold": 3.0, "across_slices": "nearest"}
+from segforge.configs import packaged_defaults
+
 MODES = ("cubic", "linear", "nearest", "spline")
 
 
@@ -46,9 +45,15 @@ def separate_axis(spacing: Sequence[float], target: Sequence[float | None], thre
     return None
 
 
+def with_default_rules(settings: dict | None) -> dict:
+    """``settings`` (a plan's or the config's ``resampling``) over ``plan.resampling`` of configs/plan/default.yaml:
+    what a plans.json written before the rules were recorded in it is resampled with."""
+    return {**packaged_defaults("plan")["resampling"], **(settings or {})}
+
+
 def resampling_modes(spacing: Sequence[float], target: Sequence[float | None], settings: dict | None = None) -> dict:
     """Per-axis modes for the image, the label and probabilities of one case, and the separate axis if any."""
-    settings = {**DEFAULT_RESAMPLING, **(settings or {})}
+    settings = with_default_rules(settings)
     for key in ("image", "probabilities", "across_slices"):
         if settings[key] not in MODES:
             raise ValueError(f"resampling.{key}={settings[key]!r}; use one of {', '.join(MODES)}")
