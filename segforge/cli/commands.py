@@ -108,9 +108,9 @@ def _keep_previous(path: Path, new_payload: dict) -> None:
 def _fingerprint(spec, ws: Workspace, cfg) -> dict:
     """fingerprint.json, reused while the dataset and the settings are unchanged (``fingerprint.reuse``)."""
     from segforge.io.artifacts import ArtifactError
-    from segforge.planning.fingerprint import compute_fingerprint, dataset_signature
+    from segforge.planning.fingerprint import compute_fingerprint, dataset_signature, fingerprint_settings
 
-    settings = {"total_samples": int(cfg.fingerprint.total_samples), "seed": int(cfg.fingerprint.seed)}
+    settings = fingerprint_settings(cfg.fingerprint.total_samples, cfg.fingerprint.seed, cfg.fingerprint.clip_percentiles)
     signature = dataset_signature(spec, settings)
     if cfg.fingerprint.reuse and ws.fingerprint_path.is_file():
         try:
