@@ -338,7 +338,7 @@ def run_denoise(args, cfg, overrides) -> int:
     results = denoise_folder(model, Path(args.input), Path(args.output), float(cfg.sigma), str(cfg.sigma_units),
                              intensity_range, int(cfg.steps), cfg.sampler, int(cfg.seed),
                              check_step_size(gen.step_size, "generate.step_size"),
-                             int(gen.sw_batch_size))
+                             int(gen.sw_batch_size), list(cfg.range_percentiles))
     save_config(Path(args.output), "denoise", cfg, overrides)
     return _report(Path(args.output), results, "denoised case(s)")
 

@@ -295,10 +295,13 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
     if not patches:
         raise ValueError(f"no patch of at least 3 U-Net stages fits the median image {median_shape} for a budget configuration")
     measure = (lambda spec, **kwargs: measure_step_seconds(spec, device, **kwargs)) if not compute.tflops else None
-    # precision is measured on a mid-sized step (about 32^3 or 128^2 voxels, 16 features first)
-    probe_patch, probe_topo = min(patches, key=lambda pt: abs(math.log(math.prod(pt[0]) / (32**3 if dims == 3 else 128**2))))
+    # precision is measured on a mid-sized step (plan.compute.precision_probe)
+    sizes = compute.precision_probe
+    probe_voxels = float(sizes.voxels_3d if dims == 3 else sizes.voxels_2d)
+    probe_patch, probe_topo = min(patches, key=lambda pt: abs(math.log(math.prod(pt[0]) / probe_voxels)))
     probe = replace(step_spec(probe_patch, probe_topo, rules, in_channels, num_classes, int(compute.batch_size)),
-                    features_per_stage=tuple(features_per_stage(len(probe_topo["strides"]), 16, 160)),
+                    features_per_stage=tuple(features_per_stage(len(probe_topo["strides"]), int(sizes.features_base),
+                                                                int(sizes.features_max))),
                     optimizer=str(compute.optimizer))
     if compute.tflops:
         precision, why = gpu_precision if str(compute.precision) == "auto" else (str(compute.precision), "plan.compute.precision")
