@@ -103,6 +103,26 @@ def test_gaussian_sigma_reaches_the_sliding_window():
     assert not torch.allclose(narrow, default)
 
 
+def test_gaussian_settings_reach_the_predictors_windows(monkeypatch):
+    from segforge.inference import predictor as predictor_module
+
+    seen = []
+
+    def recording(image, network, *args, **kwargs):
+        seen.append(kwargs)
+        return torch.zeros(2, *image.shape[1:])
+
+    monkeypatch.setattr(predictor_module, "sliding_window", recording)
+    plans = {"configurations": {"3d_fullres": {"patch_size": [4, 4, 4], "dims": 3, "mirror_axes": [0, 1, 2]}}}
+    dataset = {"labels": {"background": 0, "organ": 1}}
+    cfg = compose_config("predict", ["predict.gaussian_sigma=0.25", "predict.gaussian_centre_weight=4"])
+    predictor = predictor_module.Predictor(plans, dataset, "3d_fullres", [torch.nn.Identity()], torch.device("cpu"),
+                                           gaussian_sigma=cfg.predict.gaussian_sigma,
+                                           gaussian_centre_weight=cfg.predict.gaussian_centre_weight)
+    predictor._sliding_window(np.zeros((1, 4, 4, 4), np.float32), torch.device("cpu"))
+    assert seen == [{"gaussian_sigma": 0.25, "gaussian_centre_weight": 4.0}]
+
+
 def test_loss_overrides_reach_the_training_loss():
     from segforge.training.losses import make_segmentation_loss
 

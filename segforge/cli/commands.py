@@ -252,7 +252,9 @@ def run_predict(args, cfg, overrides) -> int:
     folds = list(cfg.predict.folds) if cfg.predict.folds is not None else None
     predictors = [Predictor.from_model_dir(model, folds=folds, device=cfg.predict.device, step_size=check_step_size(cfg.predict.step_size),
                                            mirror=bool(cfg.predict.mirror), sw_batch_size=int(cfg.predict.sw_batch_size),
-                                           accumulate=str(cfg.predict.accumulate))
+                                           accumulate=str(cfg.predict.accumulate),
+                                           gaussian_sigma=float(cfg.predict.gaussian_sigma),
+                                           gaussian_centre_weight=float(cfg.predict.gaussian_centre_weight))
                   for model in args.model]
     predictor = predictors[0] if len(predictors) == 1 else Ensemble(predictors)
     postprocess = None
