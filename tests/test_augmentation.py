@@ -117,8 +117,8 @@ def test_spatial_convention_2d():
 
 def test_source_box_covers_every_sample_point():
     rng = np.random.default_rng(4)
-    settings = AugmentationSettings(rotation_prob=1, scale_prob=1, elastic_prob=0.7, elastic_magnitude=(0.05, 0.15),
-                                    elastic_spacing=(0.15, 0.2))
+    settings = AugmentationSettings.from_config(dict(rotation_prob=1, scale_prob=1, elastic_prob=0.7,
+                                                     elastic_magnitude=(0.05, 0.15), elastic_spacing=(0.15, 0.2)))
     for dims, patch in ((3, (12, 20, 16)), (2, (24, 18)), (3, (6, 40, 40))):
         geometry = PatchGeometry.resolve(settings, patch)
         for _ in range(20):
@@ -133,7 +133,7 @@ def test_source_box_covers_every_sample_point():
 
 def test_pseudo_2d_keeps_slices_apart():
     """Anisotropic patches: in-plane transforms only, each output slice comes from exactly one source slice."""
-    settings = AugmentationSettings(rotation_prob=1, scale_prob=1, elastic_prob=1)
+    settings = AugmentationSettings.from_config(dict(rotation_prob=1, scale_prob=1, elastic_prob=1))
     geometry = PatchGeometry.resolve(settings, (4, 40, 40))
     assert geometry.pseudo_2d and geometry.rotation_rad == pytest.approx(math.pi)
     rng = np.random.default_rng(0)
@@ -156,16 +156,16 @@ def test_pseudo_2d_keeps_slices_apart():
 
 
 def test_geometry_rules_follow_nnunet():
-    default = AugmentationSettings()
+    default = AugmentationSettings.from_config()
     assert PatchGeometry.resolve(default, (64, 64, 64)).rotation_rad == pytest.approx(math.radians(30))
     assert not PatchGeometry.resolve(default, (64, 64, 64)).pseudo_2d
     assert PatchGeometry.resolve(default, (16, 128, 128)).pseudo_2d
     assert PatchGeometry.resolve(default, (128, 128)).rotation_rad == pytest.approx(math.pi)
     assert PatchGeometry.resolve(default, (64, 160)).rotation_rad == pytest.approx(math.radians(15))
-    assert PatchGeometry.resolve(AugmentationSettings(rotation_deg=10), (64, 64, 64)).rotation_rad == pytest.approx(math.radians(10))
+    assert PatchGeometry.resolve(AugmentationSettings.from_config(dict(rotation_deg=10)), (64, 64, 64)).rotation_rad == pytest.approx(math.radians(10))
     assert PatchGeometry.resolve(default, (8, 8, 8), plan_mirror_axes=[1, 2]).mirror_axes == (1, 2)
     with pytest.raises(ValueError, match="mirror axes"):
-        PatchGeometry.resolve(AugmentationSettings(mirror_axes=(0, 3)), (8, 8))
+        PatchGeometry.resolve(AugmentationSettings.from_config(dict(mirror_axes=(0, 3))), (8, 8))
 
 
 def test_settings_refuse_unknown_keys_and_modes():
@@ -177,7 +177,7 @@ def test_settings_refuse_unknown_keys_and_modes():
 
 
 def test_drawn_probabilities_match_the_settings():
-    settings = AugmentationSettings()
+    settings = AugmentationSettings.from_config()
     geometry = PatchGeometry.resolve(settings, (32, 32, 32))
     rng = np.random.default_rng(0)
     n = 4000
@@ -263,7 +263,7 @@ def test_intensity_transforms_do_what_they_say():
 
 
 def test_augmenter_batch_on_the_batch_device_keeps_dtypes():
-    settings = AugmentationSettings(rotation_prob=1, noise_prob=1, gamma_prob=1)
+    settings = AugmentationSettings.from_config(dict(rotation_prob=1, noise_prob=1, gamma_prob=1))
     geometry = PatchGeometry.resolve(settings, (8, 12, 12))
     rng = np.random.default_rng(2)
     label = blobs((14, 20, 20))

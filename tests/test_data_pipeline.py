@@ -262,7 +262,7 @@ def preprocessed(tmp_path) -> Path:
 def patches(folder, patch, dims, uids, oversampling=0.33, augmentation=None, seed=0, ids=("a", "b")):
     """Final (image, label) batches for ``uids`` through the loader's dataset, collate and augmenter."""
     settings = AugmentationSettings.from_config(augmentation) if augmentation is not None else None
-    geometry = PatchGeometry.resolve(settings or AugmentationSettings(), patch)
+    geometry = PatchGeometry.resolve(settings or AugmentationSettings.from_config(), patch)
     ds = PatchDataset(folder, list(ids), patch, dims, oversampling, settings, geometry, seed)
     return PatchCollate(Augmenter(settings, geometry))([ds[u] for u in uids])
 

@@ -246,7 +246,7 @@ def test_patches_without_labels_are_uniform_and_carry_none(tmp_path):
     from segforge.training.sampling import PatchDataset, collate_patches
 
     np.save(tmp_path / "a.npy", np.random.default_rng(0).random((1, 3, 20, 24), dtype=np.float32))
-    settings = AugmentationSettings()
+    settings = AugmentationSettings.from_config()
     geometry = PatchGeometry.resolve(settings, [16, 16])
     dataset = PatchDataset(tmp_path, ["a"], [16, 16], 2, 1.0, settings, geometry, 0, with_labels=False)
     samples = [dataset[uid] for uid in range(6)]

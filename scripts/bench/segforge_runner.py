@@ -112,7 +112,7 @@ def _patch_pipeline(folder: str, patch: list[int], batch_size: int, seed: int = 
     from segforge.training.sampling import PatchCollate, PatchDataset
 
     case_ids = sorted(p.name[: -len(".json")] for p in Path(folder).glob("*.json") if p.name != "manifest.json")
-    settings = AugmentationSettings()
+    settings = AugmentationSettings.from_config()
     geometry = PatchGeometry.resolve(settings, patch)
     dataset = PatchDataset(Path(folder), case_ids, patch, len(patch), 0.333, settings, geometry, seed)
     return dataset, PatchCollate(Augmenter(settings, geometry)), geometry
@@ -155,7 +155,7 @@ def stage_train_step(timer, folder: str, plans_path: str, configuration: str, pa
     features = [min(features_base * 2**i, features_max) for i in range(stages)]
     net = UNet(len(patch_size), len(plan["channel_names"]), num_classes, features, network["kernel_sizes"],
                network["strides"], network["conv_per_stage"], network["norm"], True)
-    loss_fn = make_segmentation_loss(OmegaConf.create({"batch_dice": False, "dice_weight": 1.0, "ce_weight": 1.0}), stages - 1)
+    loss_fn = make_segmentation_loss(None, stages - 1)  # the packaged task.loss
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
     case_ids = sorted(p.name[: -len(".json")] for p in Path(folder).glob("*.json") if p.name != "manifest.json")
     data_cfg = OmegaConf.load(Path(__import__("segforge").__file__).parent / "configs" / "data" / "default.yaml")

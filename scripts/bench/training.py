@@ -104,8 +104,7 @@ def _segforge_parts(architecture: dict, in_channels: int, num_classes: int, chan
                    strides, architecture["conv_per_stage"], "instance", True)
     if channels_last:
         network = network.to(memory_format=torch.channels_last_3d if len(strides[0]) == 3 else torch.channels_last)
-    loss = make_segmentation_loss(OmegaConf.create({"dice_weight": 1.0, "ce_weight": 1.0, "batch_dice": False}),
-                                  len(strides) - 1)
+    loss = make_segmentation_loss(None, len(strides) - 1)  # the packaged task.loss
     optimizer = make_optimizer(network.parameters(), OmegaConf.create(
         {"name": "sgd", "lr": 0.01, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}))
     return network, loss, optimizer

@@ -108,9 +108,9 @@ def _keep_previous(path: Path, new_payload: dict) -> None:
 def _fingerprint(spec, ws: Workspace, cfg) -> dict:
     """fingerprint.json, reused while the dataset and the settings are unchanged (``fingerprint.reuse``)."""
     from segforge.io.artifacts import ArtifactError
-    from segforge.planning.fingerprint import compute_fingerprint, dataset_signature
+    from segforge.planning.fingerprint import compute_fingerprint, dataset_signature, fingerprint_settings
 
-    settings = {"total_samples": int(cfg.fingerprint.total_samples), "seed": int(cfg.fingerprint.seed)}
+    settings = fingerprint_settings(cfg.fingerprint.total_samples, cfg.fingerprint.seed, cfg.fingerprint.clip_percentiles)
     signature = dataset_signature(spec, settings)
     if cfg.fingerprint.reuse and ws.fingerprint_path.is_file():
         try:
@@ -252,7 +252,9 @@ def run_predict(args, cfg, overrides) -> int:
     folds = list(cfg.predict.folds) if cfg.predict.folds is not None else None
     predictors = [Predictor.from_model_dir(model, folds=folds, device=cfg.predict.device, step_size=check_step_size(cfg.predict.step_size),
                                            mirror=bool(cfg.predict.mirror), sw_batch_size=int(cfg.predict.sw_batch_size),
-                                           accumulate=str(cfg.predict.accumulate))
+                                           accumulate=str(cfg.predict.accumulate),
+                                           gaussian_sigma=float(cfg.predict.gaussian_sigma),
+                                           gaussian_centre_weight=float(cfg.predict.gaussian_centre_weight))
                   for model in args.model]
     predictor = predictors[0] if len(predictors) == 1 else Ensemble(predictors)
     postprocess = None
@@ -338,7 +340,7 @@ def run_denoise(args, cfg, overrides) -> int:
     results = denoise_folder(model, Path(args.input), Path(args.output), float(cfg.sigma), str(cfg.sigma_units),
                              intensity_range, int(cfg.steps), cfg.sampler, int(cfg.seed),
                              check_step_size(gen.step_size, "generate.step_size"),
-                             int(gen.sw_batch_size))
+                             int(gen.sw_batch_size), list(cfg.range_percentiles))
     save_config(Path(args.output), "denoise", cfg, overrides)
     return _report(Path(args.output), results, "denoised case(s)")
 

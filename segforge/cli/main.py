@@ -15,12 +15,10 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 from segforge import __version__
+from segforge.configs import CONFIG_DIR
 from segforge.errors import SegforgeError
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 COMMANDS = {
     "check": "List every problem of a training dataset (exit 0 when clean).",

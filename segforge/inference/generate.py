@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from segforge.configs import packaged_config
 from segforge.diffusion.conditioning import one_hot, seed_of
 from segforge.diffusion.process import PROCESS_FILE, DiffusionProcess
 from segforge.errors import SegforgeError
@@ -292,10 +293,12 @@ def synthesise_case(model: DenoisingModel, path: Path, case_id: str, out_dir: Pa
     return outputs[0], []
 
 
-def channel_ranges(image: np.ndarray, intensity_range=None) -> list[tuple[float, float]]:
+def channel_ranges(image: np.ndarray, intensity_range=None, percentiles=None) -> list[tuple[float, float]]:
     """Each channel's ``(low, high)`` intensity: ``intensity_range`` when given, else robust to the noise: the
-    0.1 and 99.9 percentiles of a copy smoothed by one voxel."""
+    ``percentiles`` (None: ``range_percentiles`` of configs/denoise.yaml) of a copy smoothed by one voxel."""
     from scipy.ndimage import gaussian_filter
+
+    percentiles = [float(q) for q in (packaged_config("denoise")["range_percentiles"] if percentiles is None else percentiles)]
 
     if intensity_range is not None:
         low, high = (float(v) for v in intensity_range)
@@ -305,7 +308,7 @@ def channel_ranges(image: np.ndarray, intensity_range=None) -> list[tuple[float,
     ranges = []
     for channel in image:
         smoothed = gaussian_filter(np.asarray(channel, np.float32), [0 if n == 1 else 1.0 for n in channel.shape])
-        low, high = np.percentile(smoothed, [0.1, 99.9])
+        low, high = np.percentile(smoothed, percentiles)
         ranges.append((float(low), float(high) if high > low else float(low) + 1.0))
     return ranges
 
@@ -340,11 +343,12 @@ def noise_aware_normalization(data: np.ndarray, props: dict, sigmas_abs: list[fl
 
 def denoise_case(model: DenoisingModel, image: np.ndarray, geometry: Geometry, sigma: float, units: str = "range",
                  intensity_range=None, steps: int = 1, sampler: str | None = None, seed: int = 0,
-                 step_size: float = 0.5, sw_batch_size: int = 2) -> np.ndarray:
-    """The denoised ``(c, z, y, x)`` image on the input's grid, in its units."""
+                 step_size: float = 0.5, sw_batch_size: int = 2, range_percentiles=None) -> np.ndarray:
+    """The denoised ``(c, z, y, x)`` image on the input's grid, in its units (``range_percentiles``: see
+    ``channel_ranges``)."""
     from segforge.diffusion.samplers import denoise
 
-    ranges = channel_ranges(image, intensity_range) if units == "range" or any(
+    ranges = channel_ranges(image, intensity_range, range_percentiles) if units == "range" or any(
         n["scheme"] == "rescale" for n in model.plans["normalization"]) else None
     sigmas_abs = noise_levels(image, sigma, units, ranges)
     data, props = preprocess_image(image, geometry, model.plans, model.configuration)
@@ -361,7 +365,7 @@ def denoise_case(model: DenoisingModel, image: np.ndarray, geometry: Geometry, s
 
 def denoise_folder(model: DenoisingModel, input_path: Path, out_dir: Path, sigma: float, units: str = "range",
                    intensity_range=None, steps: int = 1, sampler: str | None = None, seed: int = 0,
-                   step_size: float = 0.5, sw_batch_size: int = 2) -> list[CaseResult]:
+                   step_size: float = 0.5, sw_batch_size: int = 2, range_percentiles=None) -> list[CaseResult]:
     """Denoise every case of ``input_path`` (a folder of ``CASE_XXXX<ending>`` or one image) into ``out_dir``."""
     if model.mask_values:
         raise SegforgeError("this model is conditioned on label maps; it synthesises images (`segforge sample "
@@ -383,13 +387,13 @@ def denoise_folder(model: DenoisingModel, input_path: Path, out_dir: Path, sigma
     for case_id in sorted(cases):
         run_case(case_id, channel_paths(out_dir, case_id, len(cases[case_id]), ending),
                  partial(denoise_file_case, model, case_id, cases[case_id], folder, out_dir, ending, sigma, units,
-                         intensity_range, steps, sampler, seed, step_size, sw_batch_size), results)
+                         intensity_range, steps, sampler, seed, step_size, sw_batch_size, range_percentiles), results)
     return results
 
 
 def denoise_file_case(model: DenoisingModel, case_id: str, channels: dict[int, Path], folder: Path, out_dir: Path,
                       ending: str, sigma: float, units: str, intensity_range, steps: int, sampler, seed: int,
-                      step_size: float, sw_batch_size: int) -> tuple[Path, list[str]]:
+                      step_size: float, sw_batch_size: int, range_percentiles=None) -> tuple[Path, list[str]]:
     """One case of ``denoise_folder``: read, checked, denoised and written on its grid."""
     start = time.perf_counter()
     files = channel_files(case_id, channels, model.plans["channel_names"], folder, ending)
@@ -398,7 +402,7 @@ def denoise_file_case(model: DenoisingModel, case_id: str, channels: dict[int, P
     for warning in warnings:
         log.warning("case %s: %s", case_id, warning)
     clean = denoise_case(model, image, geometry, sigma, units, intensity_range, steps, sampler, seed_of(seed, case_id),
-                         step_size, sw_batch_size)
+                         step_size, sw_batch_size, range_percentiles)
     outputs = write_channels(out_dir, case_id, clean, geometry, ending)
     log.info("denoised %s (%.1f s)", case_id, time.perf_counter() - start)
     return outputs[0], warnings

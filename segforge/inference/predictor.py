@@ -39,9 +39,11 @@ def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 class Predictor:
     def __init__(self, plans: dict, dataset_json: dict, configuration: str, networks: list[torch.nn.Module],
                  device: torch.device, step_size: float = 0.5, mirror: bool = True, sw_batch_size: int = 2,
-                 accumulate: str = "auto", patch_size: list[int] | None = None, mirror_axes: list[int] | None = None):
+                 accumulate: str = "auto", patch_size: list[int] | None = None, mirror_axes: list[int] | None = None,
+                 gaussian_sigma: float | None = None, gaussian_centre_weight: float | None = None):
         """``patch_size``, ``mirror_axes``: the window and the test-time flips, those the networks were trained with
-        (their weights file records them); default: the plan's."""
+        (their weights file records them); default: the plan's. ``gaussian_*``: the window weights (None:
+        ``predict.gaussian_*`` of configs/predict/default.yaml)."""
         self.plans, self.dataset_json, self.configuration = plans, dataset_json, configuration
         self.plan_config = plans["configurations"][configuration]
         self.patch_size = list(patch_size or self.plan_config["patch_size"])
@@ -49,6 +51,7 @@ class Predictor:
                                 if mirror_axes is None else mirror_axes)
         self.networks = [n.to(device).eval() for n in networks]
         self.device, self.step_size, self.mirror, self.sw_batch_size = device, step_size, mirror, sw_batch_size
+        self.gaussian = {"gaussian_sigma": gaussian_sigma, "gaussian_centre_weight": gaussian_centre_weight}
         if accumulate == "auto" and plans.get("aggregate") == "logits":  # nnU-Net models as nnU-Net predicts them
             accumulate = "float16"
         # auto: float32, or float16 once the buffer would be large (sliding_window.AUTO_HALF_BYTES)
@@ -59,14 +62,16 @@ class Predictor:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, folds=None, device: str = "auto", step_size: float = 0.5,
-                       mirror: bool = True, sw_batch_size: int = 2, accumulate: str = "auto") -> "Predictor":
+                       mirror: bool = True, sw_batch_size: int = 2, accumulate: str = "auto",
+                       gaussian_sigma: float | None = None, gaussian_centre_weight: float | None = None) -> "Predictor":
         model_dir = Path(model_dir)
+        gaussian = {"gaussian_sigma": gaussian_sigma, "gaussian_centre_weight": gaussian_centre_weight}
         from segforge.inference.nnunet_model import is_nnunet_model, load_nnunet_model
 
         if is_nnunet_model(model_dir):  # a trained nnU-Net v2 results folder, mapped onto segforge's pieces
             plans, dataset_json, configuration, networks = load_nnunet_model(model_dir, folds)
             return cls(plans, dataset_json, configuration, networks, select_device(device), step_size, mirror, sw_batch_size,
-                       accumulate)
+                       accumulate, **gaussian)
         plans, dataset_json = read_model_files(model_dir)
         fold_dirs = select_folds(model_dir, folds)
         torch_device = select_device(device)
@@ -87,7 +92,7 @@ class Predictor:
                                 "Fix: predict the folds that agree (predict.folds=[...])")
         patch_size, mirror_axes = next(iter(trained.values()))
         return cls(plans, dataset_json, configuration, networks, torch_device, step_size, mirror, sw_batch_size, accumulate,
-                   list(patch_size), list(mirror_axes))
+                   list(patch_size), list(mirror_axes), **gaussian)
 
     @property
     def average_logits(self) -> bool:
@@ -117,7 +122,7 @@ class Predictor:
         for network in self.networks:
             network.to(device)
             out = sliding_window(x, network, self.patch_size, self.step_size, axes, self.sw_batch_size, self.accumulate,
-                                 activation)
+                                 activation, **self.gaussian)
             total = out if total is None else total.add_(out)
         return (total / len(self.networks)).cpu()
 
@@ -253,7 +258,7 @@ class Predictor:
         activation = None if self.average_logits else self._activation
         x = host_to_device(data, device)
         streams = [sliding_window_slabs(x, network.to(device), self.patch_size, self.step_size,
-                                        axes, self.sw_batch_size, self.accumulate, activation)
+                                        axes, self.sw_batch_size, self.accumulate, activation, **self.gaussian)
                    for network in self.networks]
         labels = None
         cache: dict[int, torch.Tensor] = {}

@@ -131,94 +131,21 @@ def parse_dataset_json(root: Path, require_labels: bool = True) -> tuple[dict | 
     Without ``require_labels`` (an unlabelled dataset, for ``task=denoise``) a missing ``labels`` entry means
     ``{"background": 0}``."""
     path = root / "dataset.json"
-    if not path.is_file():
-        return None, [Problem(str(path), "dataset.json is missing", DATASET_JSON_FIX)]
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, [Problem(str(path), f"is not valid JSON ({exc})", DATASET_JSON_FIX)]
-    except RecursionError:  # e.g. 100,000 nested brackets: Python's parser gives up
-        return None, [Problem(str(path), "is nested too deeply to read (no dataset.json needs more than a few levels)",
-                              DATASET_JSON_FIX)]
-    if not isinstance(raw, dict):
-        return None, [Problem(str(path), "must hold a JSON object", DATASET_JSON_FIX)]
+    raw, problem = _read_dataset_json(path)
+    if problem is not None:
+        return None, [problem]
     problems = []
 
     def bad(msg: str, fix: str = DATASET_JSON_FIX) -> None:
         problems.append(Problem(str(path), msg, fix))
 
-    channel_names: dict[int, str] = {}
-    cn = raw.get("channel_names", raw.get("modality"))
-    if not isinstance(cn, dict) or not cn:
-        bad('"channel_names" is missing or not an object like {"0": "CT"}')
-    else:
-        for key, value in cn.items():
-            if not str(key).isdigit() or not isinstance(value, str):
-                bad(f'"channel_names" entry {key!r}: {value!r} must map a channel index string to a name')
-            elif int(key) in channel_names:  # "0" and "00": JSON keeps both, the second would win silently
-                twin = next(k for k in cn if str(k).isdigit() and int(k) == int(key) and k != key)
-                bad(f'"channel_names" has the keys {twin!r} and {key!r} for the same channel {int(key)}',
-                    f'keep one key per channel, written without leading zeros ("{int(key)}")')
-            else:
-                channel_names[int(key)] = value
-        if channel_names and sorted(channel_names) != list(range(len(channel_names))):
-            bad(f'"channel_names" indices must be 0..{len(channel_names) - 1}, got {sorted(channel_names)}')
-
-    labels: dict[str, int | list[int]] = {}
-    lb = raw.get("labels", None if require_labels else {"background": 0})
-    if not isinstance(lb, dict) or not lb:
-        bad('"labels" is missing or not an object like {"background": 0, "organ": 1}')
-    else:
-        for name, value in lb.items():
-            if isinstance(value, bool) or not (
-                isinstance(value, int) or (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
-            ):
-                bad(f'label {name!r} has value {value!r}; a label is an integer, or a list of integers for a region')
-            elif (isinstance(value, int) and value < 0) or (isinstance(value, list) and min(value) < 0):
-                bad(f"label {name!r} has a negative value {value!r}")
-            else:
-                labels[str(name)] = value
-        if labels and labels.get("background") != 0:
-            bad('"labels" needs "background": 0')
-        ints = [v for k, v in labels.items() if isinstance(v, int)]
-        if len(ints) != len(set(ints)):
-            bad(f'"labels" uses a value twice: {sorted(ints)}')
-        if "ignore" in labels:
-            ignore = labels["ignore"]
-            others = [v for k, v in labels.items() if k != "ignore" for v in (v if isinstance(v, list) else [v])]
-            if not isinstance(ignore, int) or (others and ignore <= max(others)):
-                bad(f'the "ignore" label must be a single integer above all others, got {ignore!r}')
-        classes = sorted(v for k, v in labels.items() if isinstance(v, int) and k != "ignore")
-        if not any(isinstance(v, list) for v in labels.values()) and len(classes) == len(set(classes)) \
-                and classes != list(range(len(classes))):
-            # the network has one output per class: value v is output v, so a gap has no output (nnU-Net's rule)
-            named = ", ".join(f'"{k}": {v}' for k, v in sorted(labels.items(), key=lambda kv: kv[1])
-                              if k != "ignore")
-            bad(f'"labels" values must be consecutive 0, 1, ..., {len(classes) - 1}; got {{{named}}} (a gap at '
-                f'{next(i for i, v in enumerate(classes) if v != i)})',
-                "renumber the labels consecutively in dataset.json and in every label file (e.g. 5 -> 2); "
-                'only "ignore" may sit above the others')
-
-    ending = raw.get("file_ending")
-    if isinstance(ending, str) and ending != ending.lower() and ending.lower() in SUPPORTED_ENDINGS:
-        # one rule everywhere: file_ending is lower case and file names end in it exactly (as in nnU-Net); an
-        # upper-case ending has no SimpleITK writer and would fail at the first mask written
-        bad(f'"file_ending" is {ending!r}; file endings are lower case',
-            f'write "file_ending": "{ending.lower()}" and name the files CASE_0000{ending.lower()}')
-    elif not isinstance(ending, str) or ending not in SUPPORTED_ENDINGS:
-        bad(f'"file_ending" is {ending!r}; use one of {", ".join(SUPPORTED_ENDINGS)}')
+    channel_names = _channel_names(raw.get("channel_names", raw.get("modality")), bad)
+    labels = _labels(raw.get("labels", None if require_labels else {"background": 0}), bad)
+    ending = _file_ending(raw.get("file_ending"), bad)
     num_training = raw.get("numTraining")
     if isinstance(num_training, bool) or not isinstance(num_training, int) or num_training < 0:
         bad(f'"numTraining" is {num_training!r}; it must be a non-negative integer')
-
-    regions_class_order = raw.get("regions_class_order")
-    has_regions = any(isinstance(v, list) for v in labels.values())
-    if has_regions:
-        n_regions = len([k for k, v in labels.items() if k not in ("background", "ignore")])
-        if not (isinstance(regions_class_order, list) and all(isinstance(v, int) for v in regions_class_order)):
-            bad('region-based labels (lists) need "regions_class_order": one integer per region, in painting order')
-        elif len(regions_class_order) != n_regions:
-            bad(f'"regions_class_order" has {len(regions_class_order)} entries for {n_regions} regions')
+    regions_class_order = _regions_class_order(raw.get("regions_class_order"), labels, bad)
     if problems:
         return None, problems
     return {
@@ -229,6 +156,104 @@ def parse_dataset_json(root: Path, require_labels: bool = True) -> tuple[dict | 
         "regions_class_order": regions_class_order,
         "raw": raw,
     }, []
+
+
+def _read_dataset_json(path: Path) -> tuple[dict | None, Problem | None]:
+    """dataset.json's object, or the one problem that stops reading it."""
+    if not path.is_file():
+        return None, Problem(str(path), "dataset.json is missing", DATASET_JSON_FIX)
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, Problem(str(path), f"is not valid JSON ({exc})", DATASET_JSON_FIX)
+    except RecursionError:  # e.g. 100,000 nested brackets: Python's parser gives up
+        return None, Problem(str(path), "is nested too deeply to read (no dataset.json needs more than a few levels)",
+                             DATASET_JSON_FIX)
+    if not isinstance(raw, dict):
+        return None, Problem(str(path), "must hold a JSON object", DATASET_JSON_FIX)
+    return raw, None
+
+
+def _channel_names(cn, bad) -> dict[int, str]:
+    """``channel_names`` (or the old ``modality``) as index -> name; each problem goes to ``bad``."""
+    channel_names: dict[int, str] = {}
+    if not isinstance(cn, dict) or not cn:
+        bad('"channel_names" is missing or not an object like {"0": "CT"}')
+        return channel_names
+    for key, value in cn.items():
+        if not str(key).isdigit() or not isinstance(value, str):
+            bad(f'"channel_names" entry {key!r}: {value!r} must map a channel index string to a name')
+        elif int(key) in channel_names:  # "0" and "00": JSON keeps both, the second would win silently
+            twin = next(k for k in cn if str(k).isdigit() and int(k) == int(key) and k != key)
+            bad(f'"channel_names" has the keys {twin!r} and {key!r} for the same channel {int(key)}',
+                f'keep one key per channel, written without leading zeros ("{int(key)}")')
+        else:
+            channel_names[int(key)] = value
+    if channel_names and sorted(channel_names) != list(range(len(channel_names))):
+        bad(f'"channel_names" indices must be 0..{len(channel_names) - 1}, got {sorted(channel_names)}')
+    return channel_names
+
+
+def _labels(lb, bad) -> dict[str, int | list[int]]:
+    """``labels``: the well-typed entries, then the rules over all of them (background 0, no value twice, ignore
+    on top, consecutive classes); each problem goes to ``bad``."""
+    labels: dict[str, int | list[int]] = {}
+    if not isinstance(lb, dict) or not lb:
+        bad('"labels" is missing or not an object like {"background": 0, "organ": 1}')
+        return labels
+    for name, value in lb.items():
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+        ):
+            bad(f'label {name!r} has value {value!r}; a label is an integer, or a list of integers for a region')
+        elif (isinstance(value, int) and value < 0) or (isinstance(value, list) and min(value) < 0):
+            bad(f"label {name!r} has a negative value {value!r}")
+        else:
+            labels[str(name)] = value
+    if labels and labels.get("background") != 0:
+        bad('"labels" needs "background": 0')
+    ints = [v for k, v in labels.items() if isinstance(v, int)]
+    if len(ints) != len(set(ints)):
+        bad(f'"labels" uses a value twice: {sorted(ints)}')
+    if "ignore" in labels:
+        ignore = labels["ignore"]
+        others = [v for k, v in labels.items() if k != "ignore" for v in (v if isinstance(v, list) else [v])]
+        if not isinstance(ignore, int) or (others and ignore <= max(others)):
+            bad(f'the "ignore" label must be a single integer above all others, got {ignore!r}')
+    classes = sorted(v for k, v in labels.items() if isinstance(v, int) and k != "ignore")
+    if not any(isinstance(v, list) for v in labels.values()) and len(classes) == len(set(classes)) \
+            and classes != list(range(len(classes))):
+        # the network has one output per class: value v is output v, so a gap has no output (nnU-Net's rule)
+        named = ", ".join(f'"{k}": {v}' for k, v in sorted(labels.items(), key=lambda kv: kv[1])
+                          if k != "ignore")
+        bad(f'"labels" values must be consecutive 0, 1, ..., {len(classes) - 1}; got {{{named}}} (a gap at '
+            f'{next(i for i, v in enumerate(classes) if v != i)})',
+            "renumber the labels consecutively in dataset.json and in every label file (e.g. 5 -> 2); "
+            'only "ignore" may sit above the others')
+    return labels
+
+
+def _file_ending(ending, bad):
+    """``file_ending``, which must be one of ``SUPPORTED_ENDINGS`` exactly; a problem goes to ``bad``."""
+    if isinstance(ending, str) and ending != ending.lower() and ending.lower() in SUPPORTED_ENDINGS:
+        # one rule everywhere: file_ending is lower case and file names end in it exactly (as in nnU-Net); an
+        # upper-case ending has no SimpleITK writer and would fail at the first mask written
+        bad(f'"file_ending" is {ending!r}; file endings are lower case',
+            f'write "file_ending": "{ending.lower()}" and name the files CASE_0000{ending.lower()}')
+    elif not isinstance(ending, str) or ending not in SUPPORTED_ENDINGS:
+        bad(f'"file_ending" is {ending!r}; use one of {", ".join(SUPPORTED_ENDINGS)}')
+    return ending
+
+
+def _regions_class_order(regions_class_order, labels: dict, bad):
+    """``regions_class_order``, which region-based labels need (one integer per region); a problem goes to ``bad``."""
+    if any(isinstance(v, list) for v in labels.values()):
+        n_regions = len([k for k, v in labels.items() if k not in ("background", "ignore")])
+        if not (isinstance(regions_class_order, list) and all(isinstance(v, int) for v in regions_class_order)):
+            bad('region-based labels (lists) need "regions_class_order": one integer per region, in painting order')
+        elif len(regions_class_order) != n_regions:
+            bad(f'"regions_class_order" has {len(regions_class_order)} entries for {n_regions} regions')
+    return regions_class_order
 
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")

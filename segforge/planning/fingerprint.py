@@ -16,12 +16,35 @@ import os
 import numpy as np
 from scipy import ndimage
 
+from segforge.configs import packaged_config
 from segforge.io.dataset import Case, DatasetSpec
 from segforge.io.image import read_case, read_image
 from segforge.parallel import progress_map
 from segforge.preprocessing.crop import crop, nonzero_bbox
 
-STAT_KEYS = ("mean", "median", "std", "min", "max", "percentile_00_5", "percentile_99_5")
+STAT_KEYS = ("mean", "median", "std", "min", "max")  # and the clip percentiles' (percentile_key)
+
+
+def fingerprint_settings(total_samples: int | None = None, seed: int | None = None, clip_percentiles=None) -> dict:
+    """The settings a fingerprint is computed with (and reused while unchanged); None: ``fingerprint.*`` of
+    configs/plan.yaml."""
+    packaged = packaged_config("plan")["fingerprint"]
+    given = {"total_samples": total_samples, "seed": seed, "clip_percentiles": clip_percentiles}
+    settings = {k: packaged[k] if v is None else v for k, v in given.items()}
+    return {"total_samples": int(settings["total_samples"]), "seed": int(settings["seed"]),
+            "clip_percentiles": [float(q) for q in settings["clip_percentiles"]]}
+
+
+def percentile_key(q: float) -> str:
+    """The fingerprint's (nnU-Net's) name of a percentile: 0.5 -> percentile_00_5, 99.5 -> percentile_99_5."""
+    return "percentile_" + f"{float(q):04.1f}".replace(".", "_")
+
+
+def clip_keys(fingerprint: dict) -> tuple[str, str]:
+    """The names of the low and high clip percentiles in ``fingerprint``'s intensity statistics (a fingerprint
+    written before they were a setting took the packaged ones)."""
+    low, high = (fingerprint.get("settings") or {}).get("clip_percentiles") or fingerprint_settings()["clip_percentiles"]
+    return percentile_key(low), percentile_key(high)
 
 
 def class_summary(label: np.ndarray, label_values: list[int]) -> tuple[dict, dict]:
@@ -67,13 +90,15 @@ def fingerprint_case(case: Case, label_values: list[int], samples_per_case: int,
     return result
 
 
-def intensity_stats(values: np.ndarray) -> dict:
+def intensity_stats(values: np.ndarray, clip_percentiles=None) -> dict:
+    """Mean, median, std, min, max and the clip percentiles (default ``fingerprint.clip_percentiles``) of ``values``."""
+    q_low, q_high = fingerprint_settings(clip_percentiles=clip_percentiles)["clip_percentiles"]
+    keys = (*STAT_KEYS, percentile_key(q_low), percentile_key(q_high))
     if values.size == 0:
-        return {k: 0.0 for k in STAT_KEYS}
-    low, median, high = np.percentile(values, [0.5, 50.0, 99.5])
+        return {k: 0.0 for k in keys}
+    low, median, high = np.percentile(values, [q_low, 50.0, q_high])
     return {"mean": float(values.mean()), "median": float(median), "std": float(values.std()),
-            "min": float(values.min()), "max": float(values.max()),
-            "percentile_00_5": float(low), "percentile_99_5": float(high)}
+            "min": float(values.min()), "max": float(values.max()), keys[-2]: float(low), keys[-1]: float(high)}
 
 
 def dataset_signature(spec: DatasetSpec, settings: dict) -> str:
@@ -87,8 +112,12 @@ def dataset_signature(spec: DatasetSpec, settings: dict) -> str:
     return digest.hexdigest()
 
 
-def compute_fingerprint(spec: DatasetSpec, num_workers: int = 2, total_samples: int = 100_000, seed: int = 0) -> dict:
-    """The fingerprint of every training case (parallel over cases), as a JSON-ready dict."""
+def compute_fingerprint(spec: DatasetSpec, num_workers: int = 2, total_samples: int | None = None,
+                        seed: int | None = None, clip_percentiles=None) -> dict:
+    """The fingerprint of every training case (parallel over cases), as a JSON-ready dict; settings left None are
+    ``fingerprint.*`` of configs/plan.yaml (``fingerprint_settings``)."""
+    settings = fingerprint_settings(total_samples, seed, clip_percentiles)
+    total_samples, seed = settings["total_samples"], settings["seed"]
     per_case_samples = max(1, total_samples // max(1, len(spec.cases)))
     args = [(case, spec.label_values, per_case_samples, seed + i) for i, case in enumerate(spec.cases)]
     results, samples = [], []
@@ -102,7 +131,8 @@ def compute_fingerprint(spec: DatasetSpec, num_workers: int = 2, total_samples: 
         "num_cases": len(results),
         "channel_names": {str(k): v for k, v in spec.channel_names.items()},
         "labels": spec.labels,
-        "settings": {"total_samples": total_samples, "seed": seed},
-        "intensity_foreground": {str(c): intensity_stats(pooled[c]) for c in range(spec.num_channels)},
+        "settings": settings,
+        "intensity_foreground": {str(c): intensity_stats(pooled[c], settings["clip_percentiles"])
+                                 for c in range(spec.num_channels)},
         "cases": results,
     }

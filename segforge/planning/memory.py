@@ -144,9 +144,6 @@ def spec_from_plan(plans: dict, configuration: str, batch_size: int | None = Non
         optimizer=memory["optimizer"]), **denoiser)
 
 
-_LOSS_CFG = {"dice_weight": 1.0, "ce_weight": 1.0, "batch_dice": False}
-
-
 TASKS = ("segment", "denoise")
 
 
@@ -158,7 +155,7 @@ def _build(spec: StepSpec):
     else:
         network = UNet(**spec.network_kwargs())
         num_outputs = len(spec.strides) - 1 if spec.deep_supervision else 1
-        loss = make_segmentation_loss(OmegaConf.create(_LOSS_CFG), num_outputs)
+        loss = make_segmentation_loss(None, num_outputs)  # task.loss of configs/task/segment.yaml
     network.train()
     optim_cfg = {"sgd": {"name": "sgd", "lr": 0.01, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5},
                  "adamw": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 1e-4}}[spec.optimizer]

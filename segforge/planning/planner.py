@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from segforge.configs import packaged_defaults
 from segforge.io.dataset import count_outputs
 from segforge.planning.budget import (
     Fit,
@@ -25,9 +26,10 @@ from segforge.planning.budget import (
     choose_candidate,
     describe,
 )
+from segforge.planning.fingerprint import clip_keys
 from segforge.planning.memory import StepSpec
 from segforge.planning.precision import planned_precision
-from segforge.preprocessing.resample import DEFAULT_RESAMPLING, resampling_modes
+from segforge.preprocessing.resample import resampling_modes, with_default_rules
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +136,19 @@ def normalization_scheme(channel_name: str) -> str:
     return NAME_TO_SCHEME.get(channel_name.strip().lower(), "zscore")
 
 
-def plan_normalization(fingerprint: dict, median_relative_size: float, overrides=None, denoising: bool = False) -> list[dict]:
-    """Per channel: CT (clip to the foreground 0.5-99.5 percentiles, z-score with the foreground mean/std), per-image
-    z-score (inside the nonzero mask when cropping removed a lot), global (z-score with the dataset's foreground
+def plan_normalization(fingerprint: dict, median_relative_size: float, overrides=None, denoising: bool = False,
+                       nonzero_mask_threshold: float | None = None) -> list[dict]:
+    """Per channel: CT (clip to the foreground percentiles the fingerprint took, ``fingerprint.clip_percentiles``,
+    z-score with the foreground mean/std), per-image z-score (inside the nonzero mask when cropping kept less than
+    ``nonzero_mask_threshold`` of the median image, default ``plan.nonzero_mask_threshold``), global (z-score with the dataset's foreground
     mean/std, no clipping), rescale to [0, 1], or none. The scheme follows the channel name in dataset.json;
     ``overrides`` (channel index or name -> scheme) wins. ``denoising`` (``plan DATASET task=denoise``): global
     instead of per-image z-score, since a denoiser's input and output must share one intensity map whatever the
     image's noise and field of view (per-image statistics change with both)."""
     overrides = {str(k): str(v) for k, v in dict(overrides or {}).items()}
+    if nonzero_mask_threshold is None:
+        nonzero_mask_threshold = packaged_defaults("plan")["nonzero_mask_threshold"]
+    low_key, high_key = clip_keys(fingerprint)
     out = []
     for index, name in sorted(fingerprint["channel_names"].items(), key=lambda kv: int(kv[0])):
         stats = fingerprint["intensity_foreground"][index]
@@ -151,11 +158,11 @@ def plan_normalization(fingerprint: dict, median_relative_size: float, overrides
             raise ValueError(f"plan.normalization for channel {index} ({name}) is {scheme!r}; use one of {list(SCHEMES)}")
         entry = {"channel": int(index), "name": name, "scheme": scheme}
         if scheme == "ct":
-            entry.update(clip=[stats["percentile_00_5"], stats["percentile_99_5"]], mean=stats["mean"], std=stats["std"])
+            entry.update(clip=[stats[low_key], stats[high_key]], mean=stats["mean"], std=stats["std"])
         elif scheme == "global":
             entry.update(mean=stats["mean"], std=stats["std"])
         elif scheme == "zscore":
-            entry["use_nonzero_mask"] = bool(median_relative_size < 0.75)
+            entry["use_nonzero_mask"] = bool(median_relative_size < float(nonzero_mask_threshold))
         out.append(entry)
     return out
 
@@ -265,8 +272,8 @@ def lowres_spacing(spacing: list[float], median_shape: list[float], fullres: Fit
 
 
 def resampling_rules(rules) -> dict:
-    """The ``resampling`` entry of plans.json: the config's rules over the defaults, checked."""
-    settings = {**DEFAULT_RESAMPLING, **(OmegaConf.to_container(rules) if isinstance(rules, DictConfig) else dict(rules or {}))}
+    """The ``resampling`` entry of plans.json: the plan config's rules (over the packaged ones), checked."""
+    settings = with_default_rules(OmegaConf.to_container(rules) if isinstance(rules, DictConfig) else dict(rules or {}))
     resampling_modes([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], settings)  # raises on an unknown mode
     return settings
 
@@ -300,10 +307,13 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
     if not patches:
         raise ValueError(f"no patch of at least 3 U-Net stages fits the median image {median_shape} for a budget configuration")
     measure = (lambda spec, **kwargs: measure_step_seconds(spec, device, **kwargs)) if not compute.tflops else None
-    # precision is measured on a mid-sized step (about 32^3 or 128^2 voxels, 16 features first)
-    probe_patch, probe_topo = min(patches, key=lambda pt: abs(math.log(math.prod(pt[0]) / (32**3 if dims == 3 else 128**2))))
+    # precision is measured on a mid-sized step (plan.compute.precision_probe)
+    sizes = compute.precision_probe
+    probe_voxels = float(sizes.voxels_3d if dims == 3 else sizes.voxels_2d)
+    probe_patch, probe_topo = min(patches, key=lambda pt: abs(math.log(math.prod(pt[0]) / probe_voxels)))
     probe = replace(step_spec(probe_patch, probe_topo, rules, in_channels, num_classes, int(compute.batch_size)),
-                    features_per_stage=tuple(features_per_stage(len(probe_topo["strides"]), 16, 160)),
+                    features_per_stage=tuple(features_per_stage(len(probe_topo["strides"]), int(sizes.features_base),
+                                                                int(sizes.features_max))),
                     optimizer=str(compute.optimizer))
     if compute.tflops:
         precision, why = gpu_precision if str(compute.precision) == "auto" else (str(compute.precision), "plan.compute.precision")
@@ -408,7 +418,8 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
         "original_median_spacing": [float(v) for v in np.median(np.asarray(spacings), axis=0)],
         "original_median_shape": [float(v) for v in np.median(np.asarray(shapes), axis=0)],
         "normalization": plan_normalization(fingerprint, median_relative_size, rules.get("normalization"),
-                                            denoising=bool(rules.get("denoiser_step"))),
+                                            denoising=bool(rules.get("denoiser_step")),
+                                            nonzero_mask_threshold=float(rules["nonzero_mask_threshold"])),
         # a denoiser meets noisy images, which have no zero border to crop: it trains on whole images
         **({"crop_to_nonzero": False} if rules.get("denoiser_step") else {}),
         "resampling": resampling_rules(rules.get("resampling")),

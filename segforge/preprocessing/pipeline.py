@@ -33,8 +33,8 @@ from segforge.io.storage import check_writable
 from segforge.parallel import progress_map
 from segforge.preprocessing.crop import crop, nonzero_bbox, paste
 from segforge.preprocessing.normalize import apply_normalization, invert_normalization, normalization_parameters
-from segforge.preprocessing.resample import (DEFAULT_RESAMPLING, resample, resample_image, resample_label,
-                                             resample_probabilities, resampling_modes, shape_at_spacing)
+from segforge.preprocessing.resample import (resample, resample_image, resample_label, resample_probabilities,
+                                             resampling_modes, shape_at_spacing, with_default_rules)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ PREPROCESSING_VERSION = 2
 
 
 def resampling_settings(plans: dict) -> dict:
-    """The plan's resampling rules (plans written before they were recorded get the defaults of that time)."""
-    return {**DEFAULT_RESAMPLING, **(plans.get("resampling") or {})}
+    """The plan's resampling rules (plans written before they were recorded get the packaged default)."""
+    return with_default_rules(plans.get("resampling"))
 
 
 def plan_hash(plans: dict, configuration: str) -> str:

@@ -25,9 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-# the plan's "resampling" entry when a plans.json predates it; `plan.resampling` in configs/plan/default.yaml
-DEFAULT_RESAMPLING = {"image": "cubic", "label": "linear", "probabilities": "linear",
-                      "separate_axis_threshold": 3.0, "across_slices": "nearest"}
+from segforge.configs import packaged_defaults
+
 MODES = ("cubic", "linear", "nearest", "spline")
 
 
@@ -47,9 +46,15 @@ def separate_axis(spacing: Sequence[float], target: Sequence[float | None], thre
     return None
 
 
+def with_default_rules(settings: dict | None) -> dict:
+    """``settings`` (a plan's or the config's ``resampling``) over ``plan.resampling`` of configs/plan/default.yaml:
+    what a plans.json written before the rules were recorded in it is resampled with."""
+    return {**packaged_defaults("plan")["resampling"], **(settings or {})}
+
+
 def resampling_modes(spacing: Sequence[float], target: Sequence[float | None], settings: dict | None = None) -> dict:
     """Per-axis modes for the image, the label and probabilities of one case, and the separate axis if any."""
-    settings = {**DEFAULT_RESAMPLING, **(settings or {})}
+    settings = with_default_rules(settings)
     for key in ("image", "probabilities", "across_slices"):
         if settings[key] not in MODES:
             raise ValueError(f"resampling.{key}={settings[key]!r}; use one of {', '.join(MODES)}")
@@ -212,6 +217,39 @@ def _window(index: torch.Tensor, low: int, high: int) -> tuple[int, int, int, in
     return out0, out1, int(rows.min()), int(rows.max()) + 1
 
 
+def label_values(label: torch.Tensor) -> tuple[list[int], int]:
+    """The values present in the integer ``label`` (ascending) and the most common one (the lowest of a tie)."""
+    flat = label.reshape(-1)
+    low = int(flat.min())
+    counts = torch.bincount(flat - low if low else flat)
+    return (torch.nonzero(counts).flatten() + low).tolist(), int(torch.argmax(counts)) + low
+
+
+class LabelVote:
+    """The indicator-argmax of a resampled label, shared by grid resampling here and the augmentation's warp
+    (``training/spatial.py``): every value's interpolated indicator is its score and each voxel takes the value of
+    highest score (ties go to the later, higher value, so a thin structure beats background). The most common value
+    (``base``) is never interpolated: its score is 1 minus the sum of the others' (the indicators sum to one)."""
+
+    def __init__(self, shape, base: int, dtype: torch.dtype, device=None):
+        self.base = base
+        self.labels = torch.full(list(shape), base, dtype=dtype, device=device)
+        self.best = torch.zeros(list(shape), device=device)
+        self.total = torch.zeros(list(shape), device=device)
+
+    def add(self, value: int, score: torch.Tensor, region=...) -> None:
+        """The score of ``value`` over ``region`` (a box of the output; default all of it); add values ascending."""
+        best = self.best[region]
+        better = score >= best
+        self.labels[region][better] = value
+        self.best[region] = torch.where(better, score, best)
+        self.total[region] += score
+
+    def result(self) -> torch.Tensor:
+        self.labels[(1 - self.total) > self.best] = self.base
+        return self.labels
+
+
 def resample_label(label: np.ndarray, new_shape: list[int], values: Sequence[int] | None = None,
                    modes: Sequence[str] | None = None) -> np.ndarray:
     """``(z, y, x)`` integer label to ``new_shape``: nearest axes first (exact selection), then the classes' indicators
@@ -229,16 +267,11 @@ def resample_label(label: np.ndarray, new_shape: list[int], values: Sequence[int
         linear = [a for a in range(len(new_shape)) if current.shape[a] != new_shape[a]]
         if not linear:
             return current.numpy().astype(dtype)
+        present, base = label_values(current)
         current = current.numpy()
         taps = {a: axis_taps(current.shape[a], int(new_shape[a]), "linear") for a in linear}
-        low = int(current.min())
-        counts = np.bincount((current - low).ravel())
-        present = np.flatnonzero(counts) + low
-        base = int(np.argmax(counts)) + low  # the most common value (background, as a rule) is never interpolated
-        out = torch.full(list(new_shape), base, dtype=torch.int32)
-        best = torch.zeros(list(new_shape))
-        total = torch.zeros(list(new_shape))
-        boxes = _boxes(current, [int(v) for v in present if v != base])
+        vote = LabelVote(new_shape, base, torch.int32)
+        boxes = _boxes(current, [v for v in present if v != base])
         for value, box in boxes:
             out_slices, in_slices, axis_taps_rel = [], [], {}
             for a in range(len(new_shape)):
@@ -256,14 +289,8 @@ def resample_label(label: np.ndarray, new_shape: list[int], values: Sequence[int
                 score = torch.from_numpy((current[tuple(in_slices)] == value).astype(np.float32))
                 for a, (index, weights) in axis_taps_rel.items():
                     score = resample_axis(score, a, index, weights)
-                region = tuple(out_slices)
-                better = score >= best[region]  # ties go to the later (higher) value
-                out[region][better] = value
-                best[region] = torch.where(better, score, best[region])
-                total[region] += score
-        # the base value's score is 1 - the sum of the others (the indicators sum to one everywhere)
-        out[(1 - total) > best] = base
-        return out.numpy().astype(dtype)
+                vote.add(value, score, tuple(out_slices))
+        return vote.result().numpy().astype(dtype)
 
 
 def _boxes(label: np.ndarray, values: list[int]) -> list[tuple[int, tuple[slice, ...]]]:

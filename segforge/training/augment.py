@@ -17,52 +17,55 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from segforge.configs import packaged_defaults
 from segforge.training import intensity
 from segforge.training.spatial import affine_matrix, sampling_grid, smooth_displacement, warp_image, warp_label
 
 
 @dataclass(frozen=True)
 class AugmentationSettings:
-    """``data.augmentation`` with its defaults (nnU-Net's set and ranges); see configs/data/default.yaml."""
+    """``data.augmentation``; its defaults (nnU-Net's set and ranges) live only in configs/data/default.yaml, which
+    ``from_config`` merges under the given values."""
 
-    rotation_prob: float = 0.2
-    rotation_deg: float | None = None
-    scale_prob: float = 0.2
-    scale_range: tuple[float, float] = (0.7, 1.4)
-    elastic_prob: float = 0.0
-    elastic_spacing: tuple[float, float] = (0.15, 0.3)
-    elastic_magnitude: tuple[float, float] = (0.0, 0.05)
-    pseudo_2d: bool | str = "auto"
-    label_interpolation: str = "linear"
-    noise_prob: float = 0.1
-    noise_std: tuple[float, float] = (0.0, 0.1)
-    blur_prob: float = 0.2
-    blur_prob_per_channel: float = 0.5
-    blur_sigma: tuple[float, float] = (0.5, 1.0)
-    brightness_prob: float = 0.15
-    brightness_range: tuple[float, float] = (0.75, 1.25)
-    contrast_prob: float = 0.15
-    contrast_range: tuple[float, float] = (0.75, 1.25)
-    lowres_prob: float = 0.25
-    lowres_prob_per_channel: float = 0.5
-    lowres_scale: tuple[float, float] = (0.5, 1.0)
-    gamma_inverted_prob: float = 0.1
-    gamma_prob: float = 0.3
-    gamma_range: tuple[float, float] = (0.7, 1.5)
-    mirror_prob: float = 0.5
-    mirror_axes: tuple[int, ...] | None = None
+    rotation_prob: float
+    rotation_deg: float | None
+    scale_prob: float
+    scale_range: tuple[float, float]
+    elastic_prob: float
+    elastic_spacing: tuple[float, float]
+    elastic_magnitude: tuple[float, float]
+    pseudo_2d: bool | str
+    label_interpolation: str
+    noise_prob: float
+    noise_std: tuple[float, float]
+    blur_prob: float
+    blur_prob_per_channel: float
+    blur_sigma: tuple[float, float]
+    brightness_prob: float
+    brightness_range: tuple[float, float]
+    contrast_prob: float
+    contrast_range: tuple[float, float]
+    lowres_prob: float
+    lowres_prob_per_channel: float
+    lowres_scale: tuple[float, float]
+    gamma_inverted_prob: float
+    gamma_prob: float
+    gamma_range: tuple[float, float]
+    mirror_prob: float
+    mirror_axes: tuple[int, ...] | None
 
     @classmethod
-    def from_config(cls, cfg) -> "AugmentationSettings":
-        """From a plain dict (``OmegaConf.to_container`` of ``data.augmentation``); unknown keys are refused."""
+    def from_config(cls, cfg=None) -> "AugmentationSettings":
+        """From a plain dict (``OmegaConf.to_container`` of ``data.augmentation``) over the packaged defaults;
+        unknown keys are refused, and None keeps the default of a key whose default is not None itself."""
         values = dict(cfg or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown data.augmentation key(s) {unknown}; known: {sorted(known)}")
-        values = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-                  for k, v in values.items() if v is not None or k in ("rotation_deg", "mirror_axes")}
-        settings = cls(**values)
+        defaults = packaged_defaults("data")["augmentation"]
+        values = {**defaults, **{k: v for k, v in values.items() if v is not None or defaults[k] is None}}
+        settings = cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})
         if settings.label_interpolation not in ("linear", "nearest"):
             raise ValueError(f"data.augmentation.label_interpolation={settings.label_interpolation!r}; use linear or nearest")
         return settings

@@ -20,6 +20,7 @@ import lightning as L
 import psutil
 import torch
 
+from segforge.configs import packaged_config
 from segforge.errors import SegforgeError
 from segforge.inference.sliding_window import window_starts
 
@@ -32,15 +33,20 @@ def elapsed_since(started_at: float | None) -> float:
 
 @torch.no_grad()
 def forward_seconds(network: torch.nn.Module, in_channels: int, patch_size: list[int], batch: int = 1,
-                    device: torch.device | str = "cpu", repeats: int = 2, windows_per_pass: int = 2,
-                    enough_s: float = 2.0) -> float:
+                    device: torch.device | str = "cpu", repeats: int | None = None, windows_per_pass: int | None = None,
+                    enough_s: float | None = None) -> float:
     """Seconds the sliding window spends on ``batch`` windows: the fastest of ``repeats`` inference passes (after a
     warm-up) of ``windows_per_pass`` windows at a time, as the sliding window runs them (``sw_batch_size``). A
     warm-up pass longer than ``enough_s`` is the measurement (the budget pays for timing: three passes of a full-size
-    3D network took a minute on a CPU, and first-call overheads are small beside such a pass).
+    3D network took a minute on a CPU, and first-call overheads are small beside such a pass). None: configs/train.yaml's
+    ``budgeting.forward_repeats``, ``final_validation.sw_batch_size`` and ``budgeting.forward_enough_s``.
 
     Not timed one window at a time: for a single small input PyTorch takes its im2col convolution on a CPU instead
     of oneDNN's (3-5x slower for a 24x32x28 window with 8 features; the sliding window never runs that path)."""
+    packaged = packaged_config("train")
+    repeats = int(packaged["budgeting"]["forward_repeats"] if repeats is None else repeats)
+    windows_per_pass = packaged["final_validation"]["sw_batch_size"] if windows_per_pass is None else windows_per_pass
+    enough_s = float(packaged["budgeting"]["forward_enough_s"] if enough_s is None else enough_s)
     was_training = network.training
     network.eval()
     per_pass = max(int(batch), int(windows_per_pass))

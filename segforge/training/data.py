@@ -47,7 +47,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.cfg = _plain(data_cfg)
         augmentation = self.cfg.get("augmentation")
         self.settings = AugmentationSettings.from_config(augmentation) if augmentation else None
-        self.geometry = PatchGeometry.resolve(self.settings or AugmentationSettings(), self.patch_size, mirror_axes)
+        self.geometry = PatchGeometry.resolve(self.settings or AugmentationSettings.from_config(), self.patch_size, mirror_axes)
         self.policy: ThreadPolicy | None = None
 
     @property

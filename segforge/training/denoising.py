@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from segforge.configs import packaged_defaults
 from segforge.diffusion.process import DiffusionProcess
 from segforge.errors import SegforgeError
 from segforge.training.callbacks import MetricEMA
@@ -30,10 +31,19 @@ def one_hot_mask(label: torch.Tensor, values: list[int]) -> torch.Tensor:
     return torch.cat([(label == v) for v in values], dim=1).float()
 
 
-def range_psnr(estimate: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+def sample_ranges(x: torch.Tensor, floor: float | None = None) -> torch.Tensor:
+    """Each sample's intensity range, at least ``floor`` (a flat patch; None: ``task.validation.range_floor`` of
+    configs/task/denoise.yaml)."""
+    if floor is None:
+        floor = packaged_defaults("task", "denoise")["validation"]["range_floor"]
+    dims = tuple(range(1, x.ndim))
+    return (x.amax(dims) - x.amin(dims)).clamp_min(float(floor))
+
+
+def range_psnr(estimate: torch.Tensor, clean: torch.Tensor, range_floor: float | None = None) -> torch.Tensor:
     """Per-sample PSNR (dB) of ``estimate`` against ``clean``, with each clean sample's intensity range as the peak."""
     dims = tuple(range(1, clean.ndim))
-    peak = (clean.amax(dims) - clean.amin(dims)).clamp_min(1e-6)
+    peak = sample_ranges(clean, range_floor)
     mse = ((estimate.float() - clean.float()) ** 2).mean(dims).clamp_min(1e-12)
     return 10 * torch.log10(peak**2 / mse)
 
@@ -44,8 +54,9 @@ class DenoisingModule(MetricEMA, L.LightningModule):
     def __init__(self, network: nn.Module, process: DiffusionProcess, optim_cfg, *, seed: int = 0,
                  mask_values: list[int] | None = None, cond_dropout: float = 0.0, time_band: tuple[float, float] = (0.0, 1.0),
                  validation_sigma: float = 0.1, metric_ema_decay: float = 0.9, weight_ema_decay: float | None = 0.999,
-                 channels_last: bool = False, compile: bool = False):
+                 channels_last: bool = False, compile: bool = False, range_floor: float | None = None):
         super().__init__()
+        self.range_floor = range_floor  # None: the packaged task.validation.range_floor (sample_ranges)
         self.network, self.process, self.optim_cfg, self.seed = network, process, optim_cfg, int(seed)
         self.__dict__["_run"] = torch.compile(network) if compile else network  # see SegmentationModule
         self.mask_values, self.cond_dropout = list(mask_values) if mask_values else None, float(cond_dropout)
@@ -132,8 +143,7 @@ class DenoisingModule(MetricEMA, L.LightningModule):
 
     def one_step_estimate(self, network, image: torch.Tensor, label, generator: torch.Generator) -> torch.Tensor:
         """x0 estimated in one step from ``image`` plus Gaussian noise of ``validation_sigma`` x each sample's range."""
-        dims = tuple(range(1, image.ndim))
-        sigmas = self.validation_sigma * (image.amax(dims) - image.amin(dims)).clamp_min(1e-6)
+        sigmas = self.validation_sigma * sample_ranges(image, self.range_floor)
         entries = [self.process.entry_for_sigma(float(s)) for s in sigmas]
         t = torch.tensor([e[0] for e in entries], device=image.device, dtype=torch.float32)
         scale = torch.tensor([e[1] for e in entries], device=image.device, dtype=image.dtype)
@@ -149,7 +159,7 @@ class DenoisingModule(MetricEMA, L.LightningModule):
         network = self.averaged
         loss = self._loss(network, image, label, generator, dropout=False)
         self.log("val_loss", loss, on_epoch=True, batch_size=image.shape[0], sync_dist=True)
-        psnr = range_psnr(self.one_step_estimate(network, image, label, generator), image)
+        psnr = range_psnr(self.one_step_estimate(network, image, label, generator), image, self.range_floor)
         self._val[0] += psnr.double().sum()
         self._val[1] += psnr.numel()
 

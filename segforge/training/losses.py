@@ -14,12 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segforge.configs import packaged_defaults
 
-def deep_supervision_weights(num_outputs: int) -> list[float]:
-    """1/2^i per output from full resolution down, the lowest switched off, normalised to sum 1."""
-    weights = [0.5**i for i in range(num_outputs)]
-    if num_outputs > 1:
-        weights[-1] = 0.0
+
+def deep_supervision_weights(num_outputs: int, levels: int | None = None) -> list[float]:
+    """1/2^i per output from full resolution down for the first ``levels`` outputs (None: all but the lowest; at most
+    ``num_outputs``), the others switched off, normalised to sum 1."""
+    if levels is None:
+        levels = max(1, num_outputs - 1)
+    if isinstance(levels, bool) or int(levels) != levels or levels < 1:
+        raise ValueError(f"task.loss.deep_supervision_levels={levels}: give the number of decoder outputs with a "
+                         f"loss term (1: full resolution only), or null for all but the lowest")
+    weights = [0.5**i if i < levels else 0.0 for i in range(num_outputs)]
     total = sum(weights)
     return [w / total for w in weights]
 
@@ -34,7 +40,7 @@ class DiceCELoss(nn.Module):
     """Softmax over ``num_classes`` outputs: soft Dice of the foreground classes + cross-entropy."""
 
     def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, batch_dice: bool = False,
-                 ignore_label: int | None = None, smooth: float = 1e-5):
+                 ignore_label: int | None = None, *, smooth: float):
         super().__init__()
         self.dice_weight, self.ce_weight, self.batch_dice = dice_weight, ce_weight, batch_dice
         self.ignore_label, self.smooth = ignore_label, smooth
@@ -65,7 +71,7 @@ class RegionDiceBCELoss(nn.Module):
     """One sigmoid output per region (a set of label values, e.g. BraTS' whole tumour): soft Dice + BCE."""
 
     def __init__(self, regions: list[list[int]], dice_weight: float = 1.0, ce_weight: float = 1.0,
-                 batch_dice: bool = False, ignore_label: int | None = None, smooth: float = 1e-5):
+                 batch_dice: bool = False, ignore_label: int | None = None, *, smooth: float):
         super().__init__()
         self.regions = [list(r) for r in regions]
         self.dice_weight, self.ce_weight, self.batch_dice = dice_weight, ce_weight, batch_dice
@@ -116,8 +122,11 @@ class DeepSupervisionLoss(nn.Module):
 
 def make_segmentation_loss(loss_cfg, num_outputs: int, regions: list[list[int]] | None = None,
                            ignore_label: int | None = None) -> nn.Module:
-    """The training loss from ``task.loss``: Dice + CE (or + BCE for regions), over ``num_outputs`` decoder outputs."""
-    common = {"dice_weight": float(loss_cfg.dice_weight), "ce_weight": float(loss_cfg.ce_weight),
-              "batch_dice": bool(loss_cfg.batch_dice), "ignore_label": ignore_label}
+    """The training loss from ``task.loss`` (keys it lacks: configs/task/segment.yaml's): Dice + CE (or + BCE for
+    regions), over ``num_outputs`` decoder outputs, ``deep_supervision_levels`` of them weighted."""
+    settings = {**packaged_defaults("task", "segment")["loss"], **dict(loss_cfg or {})}
+    common = {"dice_weight": float(settings["dice_weight"]), "ce_weight": float(settings["ce_weight"]),
+              "batch_dice": bool(settings["batch_dice"]), "ignore_label": ignore_label,
+              "smooth": float(settings["smooth"])}
     base = RegionDiceBCELoss(regions, **common) if regions else DiceCELoss(**common)
-    return DeepSupervisionLoss(base, deep_supervision_weights(num_outputs))
+    return DeepSupervisionLoss(base, deep_supervision_weights(num_outputs, settings["deep_supervision_levels"]))

@@ -355,7 +355,8 @@ def _split_budget(budget_s: float, started_at: float | None, network, passes: in
     windows = 0
     if validating:
         network.to(device)
-        forward_s = forward_seconds(network, spec.num_channels, patch_size, 1, device)
+        forward_s = forward_seconds(network, spec.num_channels, patch_size, 1, device, int(cfg.budgeting.forward_repeats),
+                                    int(cfg.final_validation.sw_batch_size), float(cfg.budgeting.forward_enough_s))
         network.to("cpu")
         shapes = [read_json(data_dir / f"{case}.json")["shape_after_resampling"] for case in val_ids]
         windows = passes * validation_windows(shapes, patch_size, float(cfg.final_validation.step_size))

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segforge.preprocessing.resample import LabelVote, label_values, resample
+
 
 def rotation_matrix(angles: Sequence[float]) -> np.ndarray:
     """Rotation in array axis order: 2D one angle in the (y, x) plane; 3D angles about the z, y and x axes."""
@@ -63,8 +65,6 @@ def _centred_coordinates(patch: tuple[int, ...]) -> torch.Tensor:
 def smooth_displacement(coarse: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
     """A ``(*patch, dims)`` field from ``(dims, *control_points)`` values: cubic interpolation over the patch, clamped
     per axis to the control points' largest magnitude (the cubic overshoots it, and ``source_box`` is sized by it)."""
-    from segforge.preprocessing.resample import resample
-
     coarse = coarse.float()
     field = resample(coarse, list(patch), ["cubic"] * len(patch))
     limit = coarse.reshape(coarse.shape[0], -1).abs().amax(1).reshape(-1, *([1] * len(patch)))
@@ -103,30 +103,20 @@ def warp_image(source: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 def warp_label(source: torch.Tensor, grid: torch.Tensor, mode: str = "linear") -> torch.Tensor:
     """``(1, *source)`` integer label sampled on ``grid``, with no value that is not in ``source``.
 
-    ``linear``: each value's indicator is interpolated and every voxel takes the value of highest score (ties go to
-    the higher value); the most common value is never interpolated, its score is 1 minus the others'. ``nearest``:
-    the nearest source voxel. The grid must stay inside the source (``source_box`` sees to that); where the
+    ``linear``: each value's indicator interpolated on the grid, then the vote of ``LabelVote`` (the label
+    resampler's, preprocessing/resample.py). ``nearest``: the nearest source voxel. The grid must stay inside the source (``source_box`` sees to that); where the
     source box left the case, the loader padded it with background.
     """
     spatial = grid.shape[:-1]
     if mode == "nearest":
         return F.grid_sample(source[None].float(), grid[None], mode="nearest", padding_mode="zeros",
                              align_corners=True)[0].round().to(source.dtype)
-    flat = source.reshape(-1)
-    low = int(flat.min())
-    counts = torch.bincount(flat - low if low else flat)
-    base = int(torch.argmax(counts)) + low
-    out = torch.full(spatial, base, dtype=source.dtype, device=source.device)
-    best = torch.zeros(spatial, device=source.device)
-    total = torch.zeros(spatial, device=source.device)
-    for value in (torch.nonzero(counts).flatten() + low).tolist():
+    present, base = label_values(source)
+    vote = LabelVote(spatial, base, source.dtype, source.device)
+    for value in present:
         if value == base:
             continue
         indicator = (source == value).float()
         score = F.grid_sample(indicator[None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0]
-        better = score >= best  # ascending values: ties go to the higher one
-        out[better] = value
-        best = torch.where(better, score, best)
-        total += score
-    out[(1 - total) > best] = base  # the grid stays inside the source box, where the indicators sum to one
-    return out[None]
+        vote.add(value, score)
+    return vote.result()[None]  # the grid stays inside the source box, where the indicators sum to one

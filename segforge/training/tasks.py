@@ -99,7 +99,7 @@ class SegmentTask:
         final = self.cfg.final_validation
         summary = validate_fold(network, plans, read_json(self.spec.root / "dataset.json"), configuration, self.spec,
                                 val_ids, fold_dir / "validation", device, mirror=bool(final.mirror),
-                                step_size=float(final.step_size),
+                                step_size=float(final.step_size), sw_batch_size=int(final.sw_batch_size),
                                 save_probabilities=bool(final.get("save_probabilities", False)),
                                 patch_size=patch_size, mirror_axes=mirror_axes)
         log.info("validation of fold %s (%d cases, sliding window): mean foreground Dice %.4f", self.cfg.fold,
@@ -183,6 +183,7 @@ class DenoiseTask(SegmentTask):
                                cond_dropout=float(self.task.cond_dropout), time_band=tuple(self.task.time_band),
                                validation_sigma=float(self.task.validation.sigma),
                                metric_ema_decay=float(self.task.validation.metric_ema_decay),
+                               range_floor=float(self.task.validation.range_floor),
                                weight_ema_decay=float(ema.decay) if ema.enabled else None,
                                channels_last=bool(self.cfg.model.get("channels_last")),
                                compile=bool(self.cfg.model.get("compile")))
@@ -222,7 +223,8 @@ class DenoiseTask(SegmentTask):
         summary = validate_denoiser(network, self.process, self.data_dir, val_ids, windows,
                                     list(self.task.final_validation_sigmas), fold_dir / "validation", device,
                                     self.spec.mask_values if self.masks else None, int(self.cfg.seed),
-                                    step_size=float(self.cfg.final_validation.step_size))
+                                    step_size=float(self.cfg.final_validation.step_size),
+                                    sw_batch_size=int(self.cfg.final_validation.sw_batch_size))
         log.info("validation of fold %s (%d cases): PSNR noisy -> denoised %s", self.cfg.fold, len(val_ids),
                  ", ".join(f"sigma {s}: {v['noisy_psnr']:.2f} -> {v['denoised_psnr']:.2f} dB"
                            for s, v in summary["by_sigma"].items()))

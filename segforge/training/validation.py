@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from segforge.configs import packaged_config
 from segforge.evaluation.metrics import evaluate_folders
 from segforge.io.dataset import DatasetSpec
 from segforge.io.image import write_image
@@ -17,12 +18,18 @@ log = logging.getLogger("segforge")
 
 
 def validate_fold(network: torch.nn.Module, plans: dict, dataset_json: dict, configuration: str, spec: DatasetSpec,
-                  val_ids: list[str], out_dir: Path, device: torch.device, mirror: bool = True,
-                  step_size: float = 0.5, sw_batch_size: int = 2, save_probabilities: bool = False,
+                  val_ids: list[str], out_dir: Path, device: torch.device, mirror: bool | None = None,
+                  step_size: float | None = None, sw_batch_size: int | None = None, save_probabilities: bool = False,
                   patch_size: list[int] | None = None, mirror_axes: list[int] | None = None) -> dict:
-    """``patch_size``, ``mirror_axes``: those the network was trained with (default: the plan's)."""
+    """``patch_size``, ``mirror_axes``: those the network was trained with (default: the plan's); ``mirror``,
+    ``step_size``, ``sw_batch_size`` left None: ``final_validation.*`` of configs/train.yaml."""
     from segforge.inference.folder import save_probabilities as save_npz
     from segforge.inference.predictor import Predictor
+
+    packaged = packaged_config("train")["final_validation"]
+    mirror = bool(packaged["mirror"] if mirror is None else mirror)
+    step_size = float(packaged["step_size"] if step_size is None else step_size)
+    sw_batch_size = int(packaged["sw_batch_size"] if sw_batch_size is None else sw_batch_size)
 
     predictor = Predictor(plans, dataset_json, configuration, [network], device, step_size, mirror, sw_batch_size,
                           patch_size=patch_size, mirror_axes=mirror_axes)
