@@ -23,16 +23,21 @@ def folder_kind(path: Path) -> str | None:
         return None
     if (path / "dataset.json").is_file() and ((path / "imagesTr").is_dir() or (path / "labelsTr").is_dir()):
         return "dataset"
-    if (path / "plans.json").is_file() and list(path.glob("fold_*")):
+    if _holds_folds(path):
         return "model"
     if path.name.startswith("fold_") and ((path / FINAL_WEIGHTS).is_file() or (path / "config.yaml").is_file()
                                           or (path / "checkpoints").is_dir()):
         return "fold"
-    if any((child / "plans.json").is_file() and list(child.glob("fold_*")) for child in path.iterdir() if child.is_dir()):
+    if any(_holds_folds(child) for child in path.iterdir() if child.is_dir()):
         return "task"
     if (path / "plans.json").is_file() or (path / "fingerprint.json").is_file():
         return "work"
     return None
+
+
+def _holds_folds(path: Path) -> bool:
+    """plans.json beside fold folders (trained or not): a model folder."""
+    return (path / "plans.json").is_file() and any(p.name.startswith("fold_") and p.is_dir() for p in path.iterdir())
 
 
 def check_folder_kind(command: str, path: Path) -> None:
