@@ -69,7 +69,10 @@ def demo_budget(cfg) -> float | None:
     value = cfg.get("budget")
     if value is None or str(value).lower() in ("null", "none", ""):
         return None
-    return float(cfg.budget_auto[int(cfg.dim)]) if str(value) == "auto" else parse_duration(value, "budget")
+    if str(value) == "auto":
+        auto = cfg.budget_auto[int(cfg.dim)]
+        return None if auto is None else float(auto)
+    return parse_duration(value, "budget")
 
 
 def check_demo_budget(budget_s: float, train_budget_s: float) -> None:
