@@ -120,10 +120,26 @@ def test_an_nnunet_weight_without_a_place_in_segforge_is_refused_by_name():
         map_state_dict({"decoder.attention.0.weight": weight})
 
 
+@pytest.mark.parametrize("new_shape, separate_z", [([14, 36, 37], True), ([12, 36, 37], True), ([12, 36, 37], False)])
+def test_spline_resampling_is_nnunets(new_shape, separate_z):
+    """``spline`` (the image resampling of nnU-Net model folders) against nnU-Net's own resample_data_or_seg on
+    noise (cubic overshoot everywhere): with a separate z axis nnU-Net resizes slice by slice, so each slice is clipped
+    to its own range (clipping to the volume's range was 0.28 off)."""
+    resampling = pytest.importorskip("nnunetv2.preprocessing.resampling.default_resampling")
+    from segforge.preprocessing.resample import resample_image
+
+    image = np.random.default_rng(0).normal(size=(1, 14, 40, 44)).astype(np.float32)
+    theirs = resampling.resample_data_or_seg(image, new_shape, False, 0, 3, separate_z, 0)
+    ours = resample_image(image, new_shape, ["nearest", "spline", "spline"] if separate_z else ["spline"] * 3)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
 # nnU-Net's recipe, shortened: 5 x 40 steps at 3e-2 learn both classes of conftest's data (held-out Dice ~0.9 / ~0.8)
 EPOCHS, ITERATIONS, LR = 5, 40, 0.03
-# held-out cases: one on the training grid (no resampling; several sliding windows), one resampled in-plane
-HELD_OUT = {"same_grid": ((14, 40, 44), (3.0, 0.9, 0.9)), "resampled": ((14, 40, 44), (3.0, 0.8, 0.75))}
+# held-out cases (seed, shape, spacing): on the training grid (no resampling; several sliding windows), resampled
+# in-plane (0.8 x 0.75 mm -> 0.9 mm: B-spline slice by slice), resampled across slices (2.6 mm -> 3 mm: nearest)
+HELD_OUT = {"same_grid": (7, (14, 40, 44), (3.0, 0.9, 0.9)), "in_plane": (8, (14, 40, 44), (3.0, 0.8, 0.75)),
+            "across_slices": (9, (12, 36, 36), (2.6, 0.95, 0.95))}
 
 
 def dice(mask, reference, value) -> float:
@@ -134,10 +150,9 @@ def dice(mask, reference, value) -> float:
 @pytest.mark.skipif(not HAS_NNUNET, reason="needs nnunetv2 (bench extra: source scripts/setup_env.sh dev,bench)")
 def test_an_nnunet_model_predicts_the_same_masks_through_segforge(tmp_path, one_torch_thread):
     """nnU-Net plans, preprocesses, trains and predicts (tests/nnunet_reference_run.py); segforge predicts the same
-    held-out cases from the model folder. On the training grid the masks are identical. A resampled case may differ in
-    a few voxels where nnU-Net itself is at a near tie: the image resampling differs slightly (nnU-Net resizes slice
-    by slice in float64 with skimage, segforge zooms in float32 with scipy; on the same grid probabilities agree to
-    3e-3, resampled to 0.05): measured 1 of 24,640 voxels, nnU-Net's top two probabilities 0.503 / 0.497 there."""
+    held-out cases from the model folder: identical masks, except where nnU-Net's own top two classes tie (top two
+    probabilities within 1e-3): there float rounding picks the class. Measured: 0 voxels differ on the training grid
+    and in-plane; across slices 2 of 15,552, both at an exact tie (0.49999994 / 0.49999994) in nnU-Net."""
     from conftest import ROTATED, make_case, write_dataset
     from segforge.cli.main import main
     from segforge.io.image import Geometry, read_image, write_image
@@ -146,8 +161,8 @@ def test_an_nnunet_model_predicts_the_same_masks_through_segforge(tmp_path, one_
     images = tmp_path / "held_out"
     images.mkdir()
     references = {}
-    for index, (case, (shape, spacing)) in enumerate(HELD_OUT.items()):
-        image, references[case] = make_case(np.random.default_rng(100 + index), shape)
+    for case, (seed, shape, spacing) in HELD_OUT.items():
+        image, references[case] = make_case(np.random.default_rng(seed), shape)
         write_image(images / f"{case}_0000.nii.gz", image, Geometry(spacing=spacing, origin=(1.0, 2.0, 3.0),
                                                                         direction=ROTATED, ndim=3))
     env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
@@ -164,13 +179,12 @@ def test_an_nnunet_model_predicts_the_same_masks_through_segforge(tmp_path, one_
         ours, our_geometry = read_image(tmp_path / "sf" / f"{case}.nii.gz")
         assert ours.shape == theirs.shape and our_geometry.same_grid(their_geometry, tol=1e-6) == []
         # a trained model, not a trivial one: both classes found on unseen cases (chance Dice here is below 0.05)
-        assert min(dice(theirs, reference, value) for value in (1, 2)) > 0.5, case
+        scores = [dice(theirs, reference, value) for value in (1, 2)]
         differing = np.argwhere(ours != theirs)
-        if case == "same_grid":
-            assert len(differing) == 0, (case, len(differing))
-            continue
+        print(case, "Dice", np.round(scores, 3), "voxels differing", len(differing), "of", ours.size)
+        assert min(scores) > 0.5, (case, scores)
         assert len(differing) <= 5, (case, len(differing))
         probabilities = np.load(tmp_path / "nn" / f"{case}.npz")["probabilities"]
         for voxel in map(tuple, differing):
             top_two = np.sort(probabilities[(slice(None), *voxel)])[-2:]
-            assert top_two[1] - top_two[0] < 0.1, (case, voxel, top_two)  # a near tie in nnU-Net's own prediction
+            assert top_two[1] - top_two[0] < 1e-3, (case, voxel, top_two)  # a tie in nnU-Net's own prediction
