@@ -156,8 +156,9 @@ def test_folders_a_user_cannot_write_are_refused_before_work_starts():
 
 
 def test_stale_temporaries_are_removed_but_another_ranks_write_probe_is_left(tmp_path, monkeypatch):
-    """Under DDP each rank removes the stale ``.tmp-*`` files of a killed run while another may be proving the folder
-    writable: the clean-up leaves probes alone, and a probe removed by someone else is no write failure."""
+    """The stale ``.tmp-*`` files of a killed run are removed, write probes (their writer's, e.g. another process
+    proving the folder writable) are left alone, and a probe removed by someone else is no write failure. That ranks
+    never clean up each other's live temporaries: tests/test_training.py, with 2 real ranks."""
     from segforge.io import storage
 
     fold = tmp_path / "fold_0"

@@ -166,6 +166,63 @@ def test_ddp_ranks_under_a_budget_agree_although_one_rank_is_slow(planned, tmp_p
     assert all(torch.equal(first["weights"][k], second["weights"][k]) for k in first["weights"])
 
 
+def run_two_ranks(command: list[str], cwd: Path, log: Path) -> None:
+    """A 2-rank gloo run of ``command`` (Lightning starts the second rank); killed with its ranks if it hangs."""
+    import os
+    import signal
+    import subprocess
+
+    with open(log, "w") as handle:
+        ranks = subprocess.Popen(command, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=cwd, stdout=handle,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = ranks.wait(timeout=300)  # a hung collective fails the test instead of blocking it
+        finally:
+            if ranks.poll() is None:
+                os.killpg(ranks.pid, signal.SIGKILL)  # both ranks: Lightning's second is in the same session
+    assert code == 0, log.read_text()[-3000:]
+
+
+DDP = ["trainer.devices=2", "trainer.strategy=ddp", "data.num_workers=0"]
+
+
+@pytest.mark.slow
+def test_a_two_rank_ddp_run_resumed_ends_with_the_uninterrupted_runs_weights(planned, tmp_path):
+    """Two gloo ranks, stopped after 2 of 3 epochs and resumed, end where the uninterrupted 2-rank run ends: every
+    weight (rtol 1e-5, atol 1e-6), the step and every Adam second moment (atol 1e-9), not only the step count."""
+    import sys
+
+    dataset, work = planned
+    run = [sys.executable, "-m", "segforge", "train", str(dataset), *QUICK, *DDP, "trainer.max_epochs=3"]
+    run_two_ranks([*run, *roots(work, "ddp_straight")], tmp_path, tmp_path / "straight.log")
+    run_two_ranks([*run, *roots(work, "ddp_resumed"), "+trainer.max_steps=12"], tmp_path, tmp_path / "first.log")
+    resumed = fold_dir(work, dataset, "ddp_resumed")
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    run_two_ranks([*run, *roots(work, "ddp_resumed")], tmp_path, tmp_path / "second.log")
+    assert "Restoring states from the checkpoint" in (tmp_path / "second.log").read_text()
+    assert_resumed_equals_straight(fold_dir(work, dataset, "ddp_straight"), resumed, "exp_avg_sq", atol=1e-9)
+
+
+@pytest.mark.slow
+def test_no_ranks_stale_temporary_clean_up_deletes_another_ranks_live_temporary(planned, tmp_path):
+    """Two gloo ranks (tests/ddp_cleanup_probe.py): each starts a temporary of its own right after the clean-up of a
+    killed run's ``.tmp-*`` files returns to it, the second rank 2 s late; both finish (rename) theirs, and the
+    killed run's leftovers are gone."""
+    import sys
+
+    dataset, work = planned
+    fold = fold_dir(work, dataset, "ddp_cleanup")
+    (fold / "checkpoints").mkdir(parents=True)
+    leftovers = [fold / "checkpoints" / ".tmp-4242-last.ckpt", fold / ".tmp-progress.png-x"]
+    for path in leftovers:
+        path.write_bytes(b"half written by a killed run")
+    probe = Path(__file__).parent / "ddp_cleanup_probe.py"
+    run_two_ranks([sys.executable, str(probe), "train", str(dataset), *roots(work, "ddp_cleanup"), *QUICK, *DDP,
+                   "trainer.max_epochs=1", "data.iterations_per_epoch=2"], tmp_path, tmp_path / "ranks.log")
+    assert (fold / "live-rank0").is_file() and (fold / "live-rank1").is_file()
+    assert not any(path.exists() for path in leftovers) and not list(fold.rglob(".tmp-*"))
+
+
 def test_bf16_mixed_trains_on_cpu_and_16_mixed_is_refused(planned, capsys):
     dataset, work = planned
     assert main(["train", str(dataset), *roots(work, "bf16"), *QUICK, "trainer.max_epochs=1",

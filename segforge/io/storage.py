@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from segforge.errors import SegforgeError
 
@@ -37,13 +38,19 @@ def human(size: float) -> str:
 PROBE_PREFIX = ".tmp-probe-"  # lives for microseconds; a stale-file clean-up leaves it to its writer
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the ``.tmp-*`` leftovers of a run killed while writing, except write probes: under DDP every rank
-    cleans while the others may be probing the same folder (``check_writable``)."""
-    for stale in Path(folder).rglob(".tmp-*"):
-        if stale.name.startswith(PROBE_PREFIX):
-            continue
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+def remove_stale_temporaries(folder: Path, rank: int = 0, barrier: Callable[[], object] | None = None) -> None:
+    """Delete the ``.tmp-*`` leftovers of a run killed while writing (write probes aside: see check_writable).
+
+    Under DDP every rank calls this once all are in the process group and before any writes: only global rank 0
+    (``rank``) deletes, and ``barrier`` (the group's) holds every rank until it has, so no rank's clean-up can reach
+    a temporary another rank is already writing."""
+    if rank == 0:
+        for stale in Path(folder).rglob(".tmp-*"):
+            if stale.name.startswith(PROBE_PREFIX):
+                continue
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if barrier is not None:
+        barrier()
 
 
 def check_writable(folder: Path, needed_bytes: int = 0, *, what: str, setting: str, create: bool = True) -> None:

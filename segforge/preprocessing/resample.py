@@ -183,9 +183,12 @@ def _spline(image: np.ndarray, new_shape: list[int], modes: Sequence[str]) -> np
     from scipy import ndimage
 
     zoom = [new_shape[a] / image.shape[1 + a] if m == "spline" else 1.0 for a, m in enumerate(modes)]
+    # skimage clips to its input's range, and nnU-Net resizes slice by slice along a separate (non-spline) axis:
+    # the range is then each slice's, not the volume's
+    resized = tuple(a for a, m in enumerate(modes) if m == "spline")
     out = []
     for channel in image:
-        low, high = float(channel.min()), float(channel.max())
+        low, high = channel.min(axis=resized, keepdims=True), channel.max(axis=resized, keepdims=True)
         zoomed = ndimage.zoom(np.asarray(channel, np.float32), zoom, order=3, mode="nearest", grid_mode=True)
         out.append(np.clip(zoomed, low, high))
     return np.stack(out)

@@ -152,8 +152,6 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     copies = {model_dir / "plans.json": inputs.workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}
     task_files = {model_dir / name: text for name, text in task.model_files().items()}
     check_model_folder(model_dir, copies, task_files)
-    # temporary files of a run killed while writing (a checkpoint, the plot); no rank writes before all have started
-    remove_stale_temporaries(fold_dir)
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     kwargs = task.network_kwargs()
@@ -183,7 +181,11 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         copies=copies)
     schedule = ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps,
                                 max_time_s)
-    callbacks = [writer, schedule, *run_callbacks(cfg, fold_dir, module.monitor, bool(inputs.val_ids))]
+    # temporaries of a run killed while writing (a checkpoint, the plot): at setup every rank is in the process group
+    # and none has written yet; rank 0 alone removes them while the others wait at its barrier
+    clean_up = L.pytorch.callbacks.LambdaCallback(setup=lambda trainer, pl_module, stage: remove_stale_temporaries(
+        fold_dir, trainer.global_rank, trainer.strategy.barrier))
+    callbacks = [clean_up, writer, schedule, *run_callbacks(cfg, fold_dir, module.monitor, bool(inputs.val_ids))]
     if split is not None:
         callbacks.append(budget_pacer(cfg, split, schedule, datamodule, inputs.plan_config))
     requeue = RequeueOnSignal(fold_dir) if slurm_requeue_wanted() else None
