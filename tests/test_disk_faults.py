@@ -141,7 +141,7 @@ def test_folders_a_user_cannot_write_are_refused_before_work_starts():
                            f"paths.preprocessed_root={base / 'elsewhere'}"],
             "train": ["train", str(dataset), f"paths.work_root={work}", *QUICK],
             "predict": ["predict", "-i", str(dataset / "imagesTs"), "-o", str(base / "masks"), "--model",
-                        str(work / dataset.name)],  # refused before the model is even looked at
+                        str(work / dataset.name / "results" / "segment" / "3d_fullres")],  # refused before the model is read
         }
         for name, args in cases.items():
             done = subprocess.run([*as_nobody, *args], capture_output=True, text=True, env=env, cwd="/tmp", timeout=300)
