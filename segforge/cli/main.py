@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("destination", help="the model folder to create (must not exist)")
         if name == "select":
             p.add_argument("task_dir", help="<results>/<dataset>/results/<task>: the folder holding one model folder per configuration")
+        if name == "train":
+            p.add_argument("-m", "--multirun", action="store_true",
+                           help="one run per combination of comma-separated values, through Hydra's launcher: "
+                                "fold=0,1,2,3,4 configuration=3d_fullres,2d (hydra/launcher=slurm: one SLURM job each)")
         if name == "plan":
             p.add_argument("--verify", action="store_true",
                            help="on a CUDA machine: run each planned training step and report predicted vs measured peak memory")
@@ -277,20 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         overrides = implied_overrides(args.command, split_overrides(args))
-        cfg = compose_config(CONFIG_OF.get(args.command, args.command), overrides)
-        from segforge.cli.targets import check_targets
+        if getattr(args, "multirun", False) and not args.cfg:
+            from segforge.cli.multirun import run_multirun
 
-        check_targets(cfg, CONFIG_DIR)  # a `_target_` typed on the command line names no arbitrary callable
-        if args.cfg:
-            from omegaconf import OmegaConf
-
-            print(OmegaConf.to_yaml(cfg, resolve=True))
-            return 0
-        from segforge.cli import commands
-        from segforge.cli.folder_kinds import check_arguments
-
-        check_arguments(args.command, args)  # a model folder given to train, a dataset to --model: say which command
-        return int(getattr(commands, f"run_{args.command.replace('-', '_')}")(args, cfg, overrides) or 0)
+            return run_multirun(str(CONFIG_DIR), CONFIG_OF.get(args.command, args.command), overrides,
+                                lambda cfg, job_overrides: run_command(args, cfg, job_overrides))
+        return run_command(args, compose_config(CONFIG_OF.get(args.command, args.command), overrides), overrides)
     except SegforgeError as exc:
         print(printable(f"segforge {args.command}: error: {exc}"), file=sys.stderr)
         return exc.exit_code
@@ -305,6 +301,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"segforge {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def run_command(args, cfg, overrides: list[str]) -> int:
+    """One command on its composed config: the config's ``_target_``s and the folders checked, then the stage."""
+    from segforge.cli.targets import check_targets
+
+    check_targets(cfg, CONFIG_DIR)  # a `_target_` typed on the command line names no arbitrary callable
+    if args.cfg:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return 0
+    from segforge.cli import commands
+    from segforge.cli.folder_kinds import check_arguments
+
+    check_arguments(args.command, args)  # a model folder given to train, a dataset to --model: say which command
+    return int(getattr(commands, f"run_{args.command.replace('-', '_')}")(args, cfg, overrides) or 0)
 
 
 if __name__ == "__main__":
