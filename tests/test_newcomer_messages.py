@@ -19,9 +19,11 @@ from segforge.cli.main import main
     ("optim=sgd_polly", "optim has no option 'sgd_polly' (options: adamw_cosine, "),
     ("optim=sgd_polly", "did you mean sgd_poly? Fix: optim=sgd_poly"),
     ("data.augmentation.rotation_prb=0.1", "did you mean data.augmentation.rotation_prob?"),
+    (["task=denoise", "task.mask_conditionin=true"], "did you mean task.mask_conditioning? Fix: task.mask_conditioning=true"),
 ])
 def test_a_typo_in_an_override_names_the_closest_key(tmp_path, capsys, override, expected):
-    assert main(["train", str(tmp_path / "Dataset001_X"), override]) == 2
+    overrides = override if isinstance(override, list) else [override]
+    assert main(["train", str(tmp_path / "Dataset001_X"), *overrides]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
 

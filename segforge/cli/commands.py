@@ -228,7 +228,9 @@ def run_train(args, cfg, overrides) -> int:
         check_not_inside(folder, spec.root, "dataset folder", fix=f"set paths.{setting}=DIR to a folder outside it")
     fold_dir = train(cfg, spec, overrides, started_at=getattr(args, "started_at", None))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        print(f"model folder: {fold_dir.parent}\nrun folder:   {fold_dir}\nreport:       segforge report {fold_dir}")
+        print(f"model folder: {fold_dir.parent}\nrun folder:   {fold_dir}")
+        if task_name(cfg) == "segment" and (fold_dir / "validation" / "summary.json").is_file():  # what report reads
+            print(f"report:       segforge report {fold_dir}")
     return 0
 
 

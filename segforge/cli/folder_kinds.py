@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from segforge.errors import SegforgeError
-from segforge.io.model_folder import FINAL_WEIGHTS
+from segforge.io.model_folder import FINAL_WEIGHTS, fold_dirs
 
 DATASET_COMMANDS = ("check", "plan", "preprocess", "train")
 MODEL_COMMANDS = ("predict", "sample", "denoise", "export-model")
@@ -37,7 +37,7 @@ def folder_kind(path: Path) -> str | None:
 
 def _holds_folds(path: Path) -> bool:
     """plans.json beside fold folders (trained or not): a model folder."""
-    return (path / "plans.json").is_file() and any(p.name.startswith("fold_") and p.is_dir() for p in path.iterdir())
+    return (path / "plans.json").is_file() and bool(fold_dirs(path))
 
 
 def check_folder_kind(command: str, path: Path) -> None:

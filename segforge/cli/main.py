@@ -149,6 +149,9 @@ def suggestion(exc: Exception, overrides: list[str], config_name: str) -> str | 
     import difflib
     import re
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     text = str(exc)
     missing = re.search(r"Could not override '([^']+)'", text)
     option = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
@@ -156,8 +159,12 @@ def suggestion(exc: Exception, overrides: list[str], config_name: str) -> str | 
         key = missing.group(1)
         from hydra import compose, initialize_config_dir
 
+        others = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != key]  # e.g. task=denoise: its keys
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=config_name):
-            keys = config_keys(compose(config_name=config_name))
+            try:
+                keys = config_keys(compose(config_name=config_name, overrides=others))
+            except (HydraException, OmegaConfBaseException):
+                keys = config_keys(compose(config_name=config_name))
         parent = key.rpartition(".")[0]
         siblings = [k for k in keys if k.rpartition(".")[0] == parent]  # a typo of the last part first
         close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)

@@ -24,6 +24,7 @@ from segforge.errors import SegforgeError
 from segforge.evaluation.metrics import nan_mean
 from segforge.evaluation.report_images import case_views, colour, curves_from_logs
 from segforge.io.artifacts import atomic_write_text, read_json
+from segforge.io.model_folder import trained_folds
 from segforge.io.image import file_ending
 
 log = logging.getLogger("segforge")
@@ -56,12 +57,15 @@ def find_source(path: Path) -> Source:
     if not path.is_dir():
         raise SegforgeError(f"{path}: not found or not a folder. Fix: give a prediction folder evaluated by "
                             "`segforge evaluate PRED REF`, or a fold folder (<results>/segment/<configuration>/fold_k)")
-    if (path / "summary.json").is_file():
-        return Source(path, path / "summary.json", read_json(path / "summary.json", "summary"))
-    if (path / "validation" / "summary.json").is_file():
-        return Source(path, path / "validation" / "summary.json",
-                      read_json(path / "validation" / "summary.json", "summary"), fold_dir=path)
-    folds = sorted(p.parent.parent for p in path.glob("fold_*/validation/summary.json"))
+    for summary_path, fold_dir in ((path / "summary.json", None), (path / "validation" / "summary.json", path)):
+        if summary_path.is_file():
+            summary = read_json(summary_path, "summary")
+            if "classes" not in summary or "by_sigma" in summary:  # e.g. a denoising run's PSNR validation
+                raise SegforgeError(f"{summary_path}: is not a segmentation summary (no per-class scores); a report "
+                                    "covers segmentation: a prediction folder evaluated by `segforge evaluate PRED "
+                                    "REF`, or the fold folder of a task=segment run")
+            return Source(path, summary_path, summary, fold_dir=fold_dir)
+    folds = trained_folds(path, "validation/summary.json")  # the folds with a validation to report
     if folds:  # a model folder: its folds have reports
         raise SegforgeError(f"{path}: is a model folder; a report is of one fold's validation (or of a prediction "
                             f"folder). Fix: segforge report {folds[0]}")

@@ -17,13 +17,14 @@ from segforge.evaluation.metrics import label_classes, metrics_per_class, nan_me
 from segforge.inference.postprocessing import save_rules, search_postprocessing
 from segforge.io.artifacts import read_json, write_json
 from segforge.io.image import read_image
+from segforge.io.model_folder import fold_dirs, trained_folds
 
 log = logging.getLogger("segforge")
 
 
 def cross_validation(model_dir: Path) -> dict:
     """Pooled validation of a model folder's folds: mean Dice per class, and (prediction, reference) per case."""
-    folds = sorted(p for p in Path(model_dir).glob("fold_*") if (p / "validation" / "summary.json").is_file())
+    folds = trained_folds(model_dir, "validation/summary.json")
     cases, references, predictions = [], {}, {}
     for fold in folds:
         summary = read_json(fold / "validation" / "summary.json", "summary")
@@ -41,7 +42,7 @@ def cross_validation(model_dir: Path) -> dict:
 
 
 def _probability_files(model_dir: Path) -> dict[str, Path]:
-    return {p.stem: p for fold in Path(model_dir).glob("fold_*") for p in (fold / "validation").glob("*.npz")}
+    return {p.stem: p for fold in fold_dirs(model_dir) for p in (fold / "validation").glob("*.npz")}
 
 
 def _ensemble_score(models: list[Path], references: dict[str, Path], labels: dict, regions_order) -> dict | None:
@@ -73,7 +74,7 @@ def select(task_dir: Path, postprocessing: bool = True) -> dict:
     """Compare the configurations under ``task_dir`` (and their pairwise ensembles), pick the best, search its
     postprocessing; writes ``selection.json`` in ``task_dir``."""
     task_dir = Path(task_dir)
-    models = sorted(p for p in task_dir.iterdir() if (p / "plans.json").is_file() and list(p.glob("fold_*")))
+    models = sorted(p for p in task_dir.iterdir() if (p / "plans.json").is_file() and fold_dirs(p))
     if not models:
         raise SegforgeError(f"{task_dir}: no model folder (plans.json and fold_*) inside. Fix: pass "
                             "<results>/<dataset>/results/<task>, the folder that holds one folder per configuration")

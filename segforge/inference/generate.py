@@ -126,7 +126,7 @@ class DenoisingModel:
         process = read_process(model_dir / PROCESS_FILE)
         plans, dataset_json = read_model_files(model_dir)
         source = select_folds(model_dir, None if fold is None else [fold],
-                              "a finished `segforge train DATASET task=denoise` run")[0] / FINAL_WEIGHTS
+                              "a finished `segforge train DATASET task=denoise` run", hint="generate.fold=all")[0] / FINAL_WEIGHTS
         payload = read_weights(source)
         if not isinstance(payload, dict) or payload.get("task") != "denoise" or "diffusion" not in payload:
             task = payload.get("task", "segment") if isinstance(payload, dict) else type(payload).__name__

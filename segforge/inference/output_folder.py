@@ -2,8 +2,8 @@
 
 ``predict`` writes a mask per case (``CASE<ending>``, with ``--save-probabilities`` also ``CASE.npz`` and
 ``CASE.probabilities.json``) and the folder's own files (``dataset.json``, ``predict_config.yaml``,
-``predict_overrides.yaml``, ``predict_report*.json``; ``evaluate`` adds ``summary.json``, ``report``
-``report.html``). Those names have no dot before their extension and a case's files always do, so no case name can
+``predict_overrides.yaml``, ``predict_report*.json``; ``evaluate`` adds ``summary.json``, ``segforge report``
+adds ``report.html``). Those names have no dot before their extension and a case's files always do, so no case name can
 take one. ``predict_config.yaml`` is
 written before the first mask: it marks the folder as segforge's, so that a re-run or ``--continue`` after a kill
 may write there again. Any other existing folder that holds a ``dataset.json`` or image files is refused: they may be

@@ -39,18 +39,25 @@ def select_device(device: str) -> torch.device:
 
 # ---- folds ---------------------------------------------------------------------------------------------------------
 
-def trained_folds(model_dir: Path, weights: str = FINAL_WEIGHTS) -> list[Path]:
-    """Every fold folder of ``model_dir`` that holds finished weights (``weights``: the file's name; nnU-Net's is
-    ``checkpoint_final.pth``), numbered folds in order, then ``fold_all``."""
-    found = [p for p in Path(model_dir).glob("fold_*") if (p / weights).is_file()]
+def fold_dirs(model_dir: Path) -> list[Path]:
+    """Every ``fold_*`` folder of ``model_dir``, started or finished, in ``trained_folds``' order."""
+    found = [p for p in Path(model_dir).glob("fold_*") if p.is_dir()] if Path(model_dir).is_dir() else []
     return sorted(found, key=lambda p: (not p.name[5:].isdigit(), int(p.name[5:]) if p.name[5:].isdigit() else 0, p.name))
 
 
+def trained_folds(model_dir: Path, weights: str = FINAL_WEIGHTS) -> list[Path]:
+    """Every fold folder of ``model_dir`` that holds finished weights (``weights``: the file's name; nnU-Net's is
+    ``checkpoint_final.pth``; or another file that marks what is looked for, e.g. ``validation/summary.json``),
+    numbered folds in order, then ``fold_all``."""
+    return [p for p in fold_dirs(model_dir) if (p / weights).is_file()]
+
+
 def select_folds(model_dir: Path, folds=None, what: str = "a finished `segforge train` run",
-                 weights: str = FINAL_WEIGHTS) -> list[Path]:
+                 weights: str = FINAL_WEIGHTS, hint: str | None = "predict.folds=[all]") -> list[Path]:
     """The fold folders to use: ``folds`` (numbers or ``all``) when given, else the default ensemble: the numbered
     folds, and ``fold_all`` (trained on every case, so never cross-validated) only when it is the only one.
-    Refused in words when nothing is left; ``what``: the command that makes such a folder."""
+    Refused in words when nothing is left; ``what``: the command that makes such a folder; ``hint``: the setting that
+    asks for ``fold_all`` (logged when it is left out; None: say nothing)."""
     model_dir = Path(model_dir)
     available = trained_folds(model_dir, weights)
     if folds is not None:
@@ -63,9 +70,8 @@ def select_folds(model_dir: Path, folds=None, what: str = "a finished `segforge 
         have = f" (trained: {', '.join(p.name for p in available)})" if available else ""
         raise SegforgeError(f"{model_dir}: no fold_*/{weights} found{asked}{have}. Fix: pass the model folder "
                             f"of {what}")
-    if folds is None and len(chosen) < len(available):
-        log.info("%s: predicting with %s (fold_all is used when asked: predict.folds=[all])", model_dir,
-                 ", ".join(p.name for p in chosen))
+    if folds is None and len(chosen) < len(available) and hint:
+        log.info("%s: using %s (fold_all is used when asked: %s)", model_dir, ", ".join(p.name for p in chosen), hint)
     return chosen
 
 
@@ -78,7 +84,7 @@ def weights_file(source: Path, setting: str = "init_from") -> Path:
     if (source / FINAL_WEIGHTS).is_file():
         return source / FINAL_WEIGHTS
     try:
-        return select_folds(source)[0] / FINAL_WEIGHTS
+        return select_folds(source, hint=None)[0] / FINAL_WEIGHTS
     except SegforgeError:
         raise SegforgeError(f"{setting}={source}: no {FINAL_WEIGHTS} there or in a fold_* folder. Fix: point {setting} "
                             "at a trained segforge model folder, fold folder or weights file") from None

@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from segforge.errors import SegforgeError
-from segforge.io.artifacts import atomic_path, read_json, stamp, write_json
+from segforge.io.artifacts import read_json, write_json
 from segforge.io.dataset import DatasetSpec
 from segforge.io.model_folder import FINAL_WEIGHTS, build_network, check_model_folder, write_weights
 from segforge.io.storage import check_writable, remove_stale_temporaries
