@@ -233,3 +233,27 @@ def test_denoising_range_floor_and_percentiles_come_from_the_config():
     cfg = compose_config("denoise", ["range_percentiles=[5,95]"])
     narrow, packaged = channel_ranges(image, None, cfg.range_percentiles)[0], channel_ranges(image)[0]
     assert narrow[0] > packaged[0] and narrow[1] < packaged[1]
+
+
+def test_segforge_predict_hands_the_gaussian_settings_to_the_predictor(tmp_path, monkeypatch):
+    """The command, not only the function: `predict.gaussian_*` on the command line reach ``Predictor``."""
+    from segforge.cli.main import main
+    from segforge.errors import SegforgeError
+    from segforge.inference.predictor import Predictor
+
+    model = tmp_path / "model"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "plans.json").write_text("{}")
+    images = tmp_path / "images"
+    images.mkdir()
+    seen = {}
+
+    def recording(cls, model_dir, **kwargs):
+        seen.update(kwargs)
+        raise SegforgeError("recorded")
+
+    monkeypatch.setattr(Predictor, "from_model_dir", classmethod(recording))
+    assert main(["predict", "-i", str(images), "-o", str(tmp_path / "out"), "--model", str(model),
+                 "predict.gaussian_sigma=0.25", "predict.gaussian_centre_weight=4"]) == 2
+    assert (seen["gaussian_sigma"], seen["gaussian_centre_weight"]) == (0.25, 4.0)
+
