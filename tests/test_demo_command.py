@@ -42,16 +42,16 @@ def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
 
 def test_a_budgeted_demo_plans_and_trains_the_budget_configuration(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "num_train=5", "num_test=2", "budget=75s",
+    assert main(["demo", "--out", str(out), "num_train=5", "num_test=2", "budget=150s",
                  "train_overrides=['data.num_workers=0']"]) == 0
     report = json.loads((out / "demo_report.json").read_text())
-    assert report["budget_s"] == 75.0 and 30 <= report["train_budget_s"] < 75 * (1 - 0.17)
+    assert report["budget_s"] == 150.0 and 30 <= report["train_budget_s"] < 150 * (1 - 0.17)
     fold = out / "work" / "Dataset900_Demo3D" / "results" / "segment" / "3d_budget" / "fold_0"
     summary = json.loads((fold / "training_summary.json").read_text())
     assert summary["budget"]["budget_s"] == round(report["train_budget_s"])  # the train child got the time left
     plans = json.loads((out / "work" / "Dataset900_Demo3D" / "plans.json").read_text())
     assert "3d_budget" in plans["configurations"]
-    assert "(budget 75)" in capsys.readouterr().out
+    assert "(budget 150)" in capsys.readouterr().out
 
 
 def test_a_budget_too_small_for_training_is_refused_before_planning(tmp_path, capsys):
