@@ -48,7 +48,7 @@ def test_a_budgeted_demo_plans_and_trains_the_budget_configuration(tmp_path, cap
     assert report["budget_s"] == 150.0 and 30 <= report["train_budget_s"] < 150 * (1 - 0.17)
     fold = out / "work" / "Dataset900_Demo3D" / "results" / "segment" / "3d_budget" / "fold_0"
     summary = json.loads((fold / "training_summary.json").read_text())
-    assert summary["budget"]["budget_s"] == round(report["train_budget_s"])  # the train child got the time left
+    assert summary["budget"]["budget_s"] == report["train_budget_s"]  # the train child got the time left (whole seconds)
     plans = json.loads((out / "work" / "Dataset900_Demo3D" / "plans.json").read_text())
     assert "3d_budget" in plans["configurations"]
     assert "(budget 150)" in capsys.readouterr().out

@@ -106,13 +106,13 @@ def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int])
     budget_s = demo_budget(cfg)
     train_budget_s = None
     if budget_s:  # the plan sizes a configuration for the training time left (3d_budget / 2d_budget)
-        train_budget_s = budget_s * (1 - cfg.finish_share - cfg.plan_share) - (time.monotonic() - start)
+        train_budget_s = float(int(budget_s * (1 - cfg.finish_share - cfg.plan_share) - (time.monotonic() - start)))
         check_demo_budget(budget_s, train_budget_s)
         plan_overrides.append(f"budget={train_budget_s:.0f}s")
     _run(run_command, ["plan", str(dataset)] + roots + plan_overrides, timings, "plan+preprocess")
 
     if budget_s:  # what is left, less the time predict and evaluate take
-        train_budget_s = min(train_budget_s, budget_s * (1 - cfg.finish_share) - (time.monotonic() - start))
+        train_budget_s = min(train_budget_s, float(int(budget_s * (1 - cfg.finish_share) - (time.monotonic() - start))))
         check_demo_budget(budget_s, train_budget_s)
         schedule = [f"budget={train_budget_s:.0f}s", "configuration=budget"]
         configuration = f"{configuration[:2]}_budget"
@@ -139,7 +139,7 @@ def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int])
               "dice": summary["mean_dice"], "mean_foreground_dice": summary["foreground_mean_dice"],
               "threshold_baseline_dice": baseline, "threshold_baseline_mean": baseline_mean,
               "seconds": {k: round(v, 1) for k, v in timings.items()}, "total_seconds": round(time.monotonic() - start, 1),
-              "budget_s": budget_s, "train_budget_s": round(train_budget_s, 1) if train_budget_s else None}
+              "budget_s": budget_s, "train_budget_s": train_budget_s}
     atomic_write_text(out / "demo_report.json", json.dumps(report, indent=2) + "\n")
     print("\n== segforge demo ==")
     print(f"dataset:       {dataset}\nwork root:     {work}\nmodel folder:  {model_dir}\npredictions:   {predictions}")
