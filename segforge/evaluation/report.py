@@ -223,12 +223,12 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def case_section(case: dict, source: Source, folders: list[Path], ignore: int | None, max_px: int) -> tuple[str, bool]:
-    """The overlays of one case, and whether its image was drawn."""
+def case_section(case: dict, source: Source, folders: list[Path], ignore: int | None, max_px: int,
+                 ran_in: Path | None) -> tuple[str, bool]:
+    """The overlays of one case, and whether its image was drawn (``ran_in``: ``evaluated_from(source)``)."""
     name = case["case"]
     parts = [f'<section class="case" id="case-{html.escape(name)}"><h3>{html.escape(name)} '
              f'<small>mean Dice {case_mean_dice(case):.3f}</small></h3>']
-    ran_in = evaluated_from(source)
     prediction = _located(case.get("prediction", ""), source.predictions, ran_in)
     reference = _located(case["reference"], source.predictions, ran_in) if case.get("reference") else None
     if prediction is None or reference is None:
@@ -332,7 +332,7 @@ def render(source: Source, max_cases: int | None = 50, max_px: int = 512) -> str
     sections, with_image = [], 0
     for i, case in enumerate(shown, 1):
         log.info("report %d/%d: %s", i, len(shown), case["case"])
-        text, drawn = case_section(case, source, folders, ignore, max_px)
+        text, drawn = case_section(case, source, folders, ignore, max_px, ran_in)
         sections.append(text)
         with_image += drawn
     notes = []
