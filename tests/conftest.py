@@ -80,3 +80,23 @@ def _isolated_env(monkeypatch, tmp_path):
     for name in ("SEGFORGE_RAW", "SEGFORGE_WORK", "SEGFORGE_PREPROCESSED", "SEGFORGE_RESULTS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n 2``, scripts/test.sh) each worker gets one of the cores: one torch thread per worker,
+    inherited by the subprocesses a test starts, so two workers never fight over both cores with spinning OpenMP
+    threads."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report):
+    """A worker sends its reports to the controller as UTF-8: captured output naming a file whose name is not UTF-8
+    (tests/test_bad_inputs.py makes one) would crash the worker's channel, so it is sent backslash-escaped."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        report.sections = [(key, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+                           for key, text in report.sections]
