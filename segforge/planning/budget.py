@@ -15,6 +15,9 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
+import torch
+
+from segforge.nn.unet import UNet
 from segforge.planning.memory import GIB, StepSpec, analytic_activation_elements, fake_mode, traced_peak_bytes
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,11 @@ class MemoryBudget:
 
 
 def parameter_count(spec: StepSpec) -> int:
-    """Weights of the U-Net ``spec`` describes (convolutions, norms, transposed convolutions, heads)."""
+    """Weights of the U-Net ``spec`` describes (convolutions, norms, transposed convolutions, heads); a residual
+    encoder's are counted on the network itself, built on the meta device (no memory)."""
+    if spec.encoder != "plain":
+        with torch.device("meta"):
+            return sum(p.numel() for p in UNet(**spec.network_kwargs()).parameters())
     count, channels = 0, spec.in_channels
     feats = list(spec.features_per_stage)
     for stage, (f, kernel) in enumerate(zip(feats, spec.kernel_sizes)):

@@ -110,16 +110,27 @@ class StepSpec:
     attention_heads: int = 4
     spatial_cond_channels: int = 0  # extra input channels: a label map or an image the denoiser is conditioned on
     cond_dim: int | None = None     # the Denoiser's default (4x the first stage's features) when None
+    # the encoder (issue 19): plain conv blocks, or nnU-Net's residual blocks, this many per stage
+    encoder: str = "plain"          # plain | residual
+    blocks_per_stage: tuple[int, ...] | None = None
+
+    def encoder_kwargs(self) -> dict:
+        """The network's encoder arguments: none for the plain encoder (so its traces stay as they were)."""
+        if self.encoder == "plain":
+            return {}
+        return dict(encoder=self.encoder,
+                    blocks_per_stage=list(self.blocks_per_stage) if self.blocks_per_stage is not None else None)
 
     def network_kwargs(self) -> dict:
         if self.task == "denoise":
-            return dict(spatial_dims=self.spatial_dims, image_channels=self.in_channels,
+            return dict(**self.encoder_kwargs(), spatial_dims=self.spatial_dims, image_channels=self.in_channels,
                         features_per_stage=list(self.features_per_stage),
                         kernel_sizes=[list(k) for k in self.kernel_sizes], strides=[list(s) for s in self.strides],
                         conv_per_stage=self.conv_per_stage, norm=self.norm, cond_dim=self.cond_dim,
                         cond_mode=self.cond_mode, attention_stages=self.attention_stages,
                         attention_heads=self.attention_heads, spatial_cond_channels=self.spatial_cond_channels)
-        return dict(spatial_dims=self.spatial_dims, in_channels=self.in_channels, out_channels=self.num_classes,
+        return dict(**self.encoder_kwargs(), spatial_dims=self.spatial_dims, in_channels=self.in_channels,
+                    out_channels=self.num_classes,
                     features_per_stage=list(self.features_per_stage), kernel_sizes=[list(k) for k in self.kernel_sizes],
                     strides=[list(s) for s in self.strides], conv_per_stage=self.conv_per_stage, norm=self.norm,
                     deep_supervision=self.deep_supervision)
@@ -141,7 +152,14 @@ def spec_from_plan(plans: dict, configuration: str, batch_size: int | None = Non
         features_per_stage=tuple(network["features_per_stage"]), kernel_sizes=tuple(tuple(k) for k in network["kernel_sizes"]),
         strides=tuple(tuple(s) for s in network["strides"]), conv_per_stage=int(network["conv_per_stage"]),
         norm=network["norm"], deep_supervision=bool(network["deep_supervision"]), precision=memory["precision"],
-        optimizer=memory["optimizer"]), **denoiser)
+        optimizer=memory["optimizer"], **network_encoder(network)), **denoiser)
+
+
+def network_encoder(network: dict) -> dict:
+    """A plan's ``network`` entry's encoder as ``StepSpec`` fields; plans from before issue 19 name none (plain)."""
+    blocks = network.get("blocks_per_stage")
+    return {"encoder": str(network.get("encoder") or "plain"),
+            "blocks_per_stage": tuple(int(b) for b in blocks) if blocks is not None else None}
 
 
 TASKS = ("segment", "denoise")

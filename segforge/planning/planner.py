@@ -194,9 +194,28 @@ def step_spec(patch: list[int], topo: dict, rules, in_channels: int, num_classes
         features_per_stage=tuple(features_per_stage(len(topo["strides"]), int(rules.features_base), int(cap))),
         kernel_sizes=tuple(tuple(k) for k in topo["kernel_sizes"]), strides=tuple(tuple(s) for s in topo["strides"]),
         conv_per_stage=int(rules.conv_per_stage), norm=str(rules.norm), deep_supervision=bool(rules.deep_supervision),
-        precision=str(rules.memory.precision), optimizer=str(rules.memory.optimizer))
+        precision=str(rules.memory.precision), optimizer=str(rules.memory.optimizer),
+        **planned_encoder(rules, len(topo["strides"])))
     return replace(spec, **(OmegaConf.to_container(denoiser) if isinstance(denoiser, DictConfig) else dict(denoiser))) \
         if denoiser else spec
+
+
+ENCODERS = ("plain", "residual")
+
+
+def planned_encoder(rules, num_stages: int) -> dict:
+    """``plan.encoder`` and its ``plan.blocks_per_stage`` cut to the ``num_stages`` of a topology (``StepSpec``
+    fields); the plain encoder has no blocks (``plan.conv_per_stage`` convolutions per stage)."""
+    encoder = str(rules.encoder)
+    if encoder not in ENCODERS:
+        raise ValueError(f"plan.encoder={encoder!r}; use one of {list(ENCODERS)}")
+    if encoder == "plain":
+        return {"encoder": "plain", "blocks_per_stage": None}
+    blocks = [int(b) for b in rules.blocks_per_stage or []]
+    if len(blocks) < num_stages or min(blocks[:num_stages], default=1) < 1:
+        raise ValueError(f"plan.blocks_per_stage={blocks} needs a positive count for each of the {num_stages} stages "
+                         "of this topology (nnU-Net's ResEnc: [1, 3, 4, 6, 6, 6, ...])")
+    return {"encoder": encoder, "blocks_per_stage": tuple(blocks[:num_stages])}
 
 
 def stage_cap(rules, dims: int) -> int | None:
@@ -242,6 +261,8 @@ def configuration_entry(fit: Fit, spacing: list[float], median_shape: list[float
             "conv_per_stage": spec.conv_per_stage,
             "norm": spec.norm,
             "deep_supervision": spec.deep_supervision,
+            "encoder": spec.encoder,  # plain | residual: what the memory was traced for (model.encoder=null trains it)
+            "blocks_per_stage": list(spec.blocks_per_stage) if spec.blocks_per_stage is not None else None,
         },
         "memory": describe(fit, memory_budget(rules), spec.precision, spec.optimizer, oracle.method),
     }
