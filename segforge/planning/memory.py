@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import OmegaConf
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
@@ -40,6 +40,7 @@ from segforge.training.optim import make_optimizer
 BLOCK_BYTES = 512  # the CUDA caching allocator rounds every allocation up to a multiple of this
 GIB = 1024**3
 _REAL_OPS = (torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step)
+_DEVICE = torch.ops.prim.device.default  # ``tensor.device`` under a mode: half of a step's dispatches, no tensor made
 
 
 def allocator_bytes(nbytes: int) -> int:
@@ -74,6 +75,12 @@ class LiveStorageTracker(TorchDispatchMode):
         self.peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE:
+            # answered as FakeTensor's own handler answers it, without the fake mode's dispatch (creates nothing)
+            tensor = args[0]
+            if isinstance(tensor, FakeTensor):
+                return torch.device("meta") if tensor.fake_mode.in_kernel_invocation else tensor.fake_device
+            return func(*args)
         if func in _REAL_OPS:
             # small index ranges whose values code reads back (MONAI's Dice: ``arange(...).tolist()``); a fake
             # tensor has no values, so these run for real, outside every mode, and are not counted
