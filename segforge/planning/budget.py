@@ -19,6 +19,7 @@ import torch
 
 from segforge.nn.unet import UNet
 from segforge.planning.memory import GIB, StepSpec, analytic_activation_elements, fake_mode, traced_peak_bytes
+from segforge.planning.timeline import PeakTimeline, trace_timeline
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,13 @@ class PeakOracle:
     """Peak bytes per step spec: traced (cached; once a topology has two traced sizes, the affine law predicts
     the others and ``exact`` traces a chosen one), or the analytic proxy at ``bytes_per_element``."""
 
-    def __init__(self, method: str = "traced", bytes_per_element: float | None = None):
+    def __init__(self, method: str = "traced", bytes_per_element: float | None = None, timeline: bool = False):
         if method not in ("traced", "analytic"):
             raise ValueError(f"plan.memory.method must be traced or analytic, not {method!r}")
         self.method, self.bytes_per_element = method, bytes_per_element
+        # timeline: one trace per topology predicts every size of it (``timeline.py``), ``exact`` included
+        self.timeline = timeline and method == "traced"
+        self._timelines: dict[StepSpec, PeakTimeline | None] = {}
         self._cache: dict[StepSpec, int] = {}
         self._traced: set[StepSpec] = set()
         self._laws: dict[StepSpec, dict[int, int]] = {}  # topology -> {batch x voxels: traced peak}
@@ -119,6 +123,8 @@ class PeakOracle:
 
     def __call__(self, spec: StepSpec) -> int:
         if spec not in self._cache:
+            if self.timeline and self._from_timeline(spec) is not None:
+                return self._cache[spec]
             if self.method == "traced":
                 law = law_key(spec)
                 points = self._laws.get(law[0], {}) if law else {}
@@ -136,6 +142,8 @@ class PeakOracle:
         """The traced peak, never the law's prediction (the analytic method: its estimate)."""
         if self.method != "traced":
             return self(spec)
+        if self.timeline and self._from_timeline(spec) is not None:  # the topology's one trace
+            return self._cache[spec]
         if spec not in self._traced:
             self._mode = self._mode or fake_mode()
             self._cache[spec] = traced_peak_bytes(spec, self._mode)
@@ -144,6 +152,23 @@ class PeakOracle:
             law = law_key(spec)
             if law:
                 self._laws.setdefault(law[0], {})[law[1]] = self._cache[spec]
+        return self._cache[spec]
+
+    def _from_timeline(self, spec: StepSpec) -> int | None:
+        """The peak from ``spec``'s topology's timeline, traced on first use; None where the law does not hold or
+        the timeline could not split the step (then sizes are traced one by one)."""
+        law = law_key(spec)
+        if law is None:
+            return None
+        if law[0] not in self._timelines:
+            self._mode = self._mode or fake_mode()
+            self._timelines[law[0]] = trace_timeline(spec, self._mode)
+            self.traces += 1
+        timeline = self._timelines[law[0]]
+        if timeline is None:
+            return None
+        if spec not in self._cache:
+            self._cache[spec] = timeline.peak(law[1])
         return self._cache[spec]
 
     @staticmethod

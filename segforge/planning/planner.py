@@ -360,7 +360,7 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
     chosen = choose_for_budget(candidates, budget, timer)
     spec = chosen["candidate"].spec
     memory_rules = OmegaConf.merge(rules, {"memory": {"precision": precision, "optimizer": str(compute.optimizer)}})
-    oracle = PeakOracle(str(rules.memory.method))
+    oracle = PeakOracle(str(rules.memory.method), timeline=bool(rules.memory.timeline))
     fit = Fit(0, spec, oracle(spec), memory_budget(rules).fits(oracle(spec)))
     entry = configuration_entry(fit, spacing, median_shape, memory_rules, oracle)
     entry["data_identifier"] = "3d_fullres" if dims == 3 else "2d"
@@ -394,7 +394,7 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
     is_2d_data = all(shape[0] == 1 for shape in shapes)
     dataset_voxels = float(sum(math.prod(shape) for shape in resampled))
     in_channels, num_classes = len(fingerprint["channel_names"]), count_outputs(fingerprint["labels"])
-    oracle = PeakOracle(str(rules.memory.method))
+    oracle = PeakOracle(str(rules.memory.method), timeline=bool(rules.memory.timeline))
     wanted = list(rules.configurations)
     unknown = [n for n in wanted if n not in ("2d", "3d_fullres", "3d_lowres")]
     if unknown:
