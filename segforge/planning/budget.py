@@ -5,8 +5,9 @@ guesses where the budget is crossed and is recalibrated on each traced guess; tr
 candidate fits, and the next larger one does not. Within one topology the peak is affine in batch x patch voxels
 (within ``LAW_TOLERANCE_BYTES``), so once a topology has two traced sizes the others are predicted: the chosen patch
 is traced, its batch grown by the law. Typically two or three traces per configuration, about half a second each
-on a quiet core (see ``memory.py``). ``method=analytic`` skips the traces (a rough, uncalibrated estimate: for
-quick experiments, not for real plans).
+on a quiet core (see ``memory.py``); with ``plan.memory.timeline`` (the default) one per topology
+(``timeline.py``). ``method=analytic`` skips the traces (a rough, uncalibrated estimate: for quick experiments, not
+for real plans).
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def affine_peak(points: dict[int, int], size: int) -> int:
 
 class PeakOracle:
     """Peak bytes per step spec: traced (cached; once a topology has two traced sizes, the affine law predicts
-    the others and ``exact`` traces a chosen one), or the analytic proxy at ``bytes_per_element``."""
+    the others and ``exact`` traces a chosen one), or the analytic proxy at ``bytes_per_element``. ``timeline``
+    (``plan.memory.timeline``): each topology is traced once, at the marker batch, and its timeline answers every
+    size of it, ``exact`` too (``timeline.py``); steps outside the law are traced size by size as before."""
 
     def __init__(self, method: str = "traced", bytes_per_element: float | None = None, timeline: bool = False):
         if method not in ("traced", "analytic"):

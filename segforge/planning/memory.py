@@ -169,6 +169,24 @@ def network_encoder(network: dict) -> dict:
             "blocks_per_stage": tuple(int(b) for b in blocks) if blocks is not None else None}
 
 
+ENCODERS = ("plain", "residual")
+
+
+def rules_encoder(rules, num_stages: int) -> dict:
+    """``plan.encoder`` and its ``plan.blocks_per_stage`` cut to the ``num_stages`` of a topology (``StepSpec``
+    fields); the plain encoder has no blocks (``plan.conv_per_stage`` convolutions per stage)."""
+    encoder = str(rules.encoder)
+    if encoder not in ENCODERS:
+        raise ValueError(f"plan.encoder={encoder!r}; use one of {list(ENCODERS)}")
+    if encoder == "plain":
+        return {"encoder": "plain", "blocks_per_stage": None}
+    blocks = [int(b) for b in rules.blocks_per_stage or []]
+    if len(blocks) < num_stages or min(blocks[:num_stages], default=1) < 1:
+        raise ValueError(f"plan.blocks_per_stage={blocks} needs a positive count for each of the {num_stages} stages "
+                         "of this topology (nnU-Net's ResEnc: [1, 3, 4, 6, 6, 6, ...])")
+    return {"encoder": encoder, "blocks_per_stage": tuple(blocks[:num_stages])}
+
+
 TASKS = ("segment", "denoise")
 
 

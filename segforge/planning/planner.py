@@ -27,7 +27,7 @@ from segforge.planning.budget import (
     describe,
 )
 from segforge.planning.fingerprint import clip_keys
-from segforge.planning.memory import StepSpec
+from segforge.planning.memory import StepSpec, rules_encoder
 from segforge.planning.precision import planned_precision
 from segforge.preprocessing.resample import resampling_modes, with_default_rules
 
@@ -195,27 +195,9 @@ def step_spec(patch: list[int], topo: dict, rules, in_channels: int, num_classes
         kernel_sizes=tuple(tuple(k) for k in topo["kernel_sizes"]), strides=tuple(tuple(s) for s in topo["strides"]),
         conv_per_stage=int(rules.conv_per_stage), norm=str(rules.norm), deep_supervision=bool(rules.deep_supervision),
         precision=str(rules.memory.precision), optimizer=str(rules.memory.optimizer),
-        **planned_encoder(rules, len(topo["strides"])))
+        **rules_encoder(rules, len(topo["strides"])))
     return replace(spec, **(OmegaConf.to_container(denoiser) if isinstance(denoiser, DictConfig) else dict(denoiser))) \
         if denoiser else spec
-
-
-ENCODERS = ("plain", "residual")
-
-
-def planned_encoder(rules, num_stages: int) -> dict:
-    """``plan.encoder`` and its ``plan.blocks_per_stage`` cut to the ``num_stages`` of a topology (``StepSpec``
-    fields); the plain encoder has no blocks (``plan.conv_per_stage`` convolutions per stage)."""
-    encoder = str(rules.encoder)
-    if encoder not in ENCODERS:
-        raise ValueError(f"plan.encoder={encoder!r}; use one of {list(ENCODERS)}")
-    if encoder == "plain":
-        return {"encoder": "plain", "blocks_per_stage": None}
-    blocks = [int(b) for b in rules.blocks_per_stage or []]
-    if len(blocks) < num_stages or min(blocks[:num_stages], default=1) < 1:
-        raise ValueError(f"plan.blocks_per_stage={blocks} needs a positive count for each of the {num_stages} stages "
-                         "of this topology (nnU-Net's ResEnc: [1, 3, 4, 6, 6, 6, ...])")
-    return {"encoder": encoder, "blocks_per_stage": tuple(blocks[:num_stages])}
 
 
 def stage_cap(rules, dims: int) -> int | None:

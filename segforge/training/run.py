@@ -44,7 +44,7 @@ from segforge.training.schedules import ScheduleCallback, parse_duration
 from segforge.training.settings import check_train_settings
 from segforge.training.splits import check_splits, make_splits
 from segforge.training.tasks import (  # noqa: F401  (re-exported)
-    label_setup, make_task, planned_encoder, segmentation_network_kwargs)
+    label_setup, make_task, trained_encoder, segmentation_network_kwargs)
 from segforge.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def run_inputs(cfg, spec: DatasetSpec) -> RunInputs:
     log.info("precision %s: %s", trainer_kwargs["precision"], why)
     check_precision(trainer_kwargs)
     # the encoder trained (model.encoder: null is the plan's): another one than the plan traced is traced and warned of
-    encoder = planned_encoder(OmegaConf.to_container(cfg.model, resolve=True), plan_config["network"])
+    encoder = trained_encoder(OmegaConf.to_container(cfg.model, resolve=True), plan_config["network"])
     other_encoder = network_encoder({**plan_config["network"], **encoder}) != network_encoder(plan_config["network"])
     if requested != "plan" or cfg.data.batch_size or cfg.data.get("patch_size") or other_encoder:  # does it still fit?
         # a batch or patch override alone is checked at the plan's precision (a CPU's 32-true is not the planned card's)
