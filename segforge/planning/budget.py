@@ -5,8 +5,9 @@ guesses where the budget is crossed and is recalibrated on each traced guess; tr
 candidate fits, and the next larger one does not. Within one topology the peak is affine in batch x patch voxels
 (within ``LAW_TOLERANCE_BYTES``), so once a topology has two traced sizes the others are predicted: the chosen patch
 is traced, its batch grown by the law. Typically two or three traces per configuration, about half a second each
-on a quiet core (see ``memory.py``). ``method=analytic`` skips the traces (a rough, uncalibrated estimate: for
-quick experiments, not for real plans).
+on a quiet core (see ``memory.py``); with ``plan.memory.timeline`` (the default) one per topology
+(``timeline.py``). ``method=analytic`` skips the traces (a rough, uncalibrated estimate: for quick experiments, not
+for real plans).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
+import torch
+
+from segforge.nn.unet import UNet
 from segforge.planning.memory import GIB, StepSpec, analytic_activation_elements, fake_mode, traced_peak_bytes
+from segforge.planning.timeline import PeakTimeline, trace_timeline
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,11 @@ class MemoryBudget:
 
 
 def parameter_count(spec: StepSpec) -> int:
-    """Weights of the U-Net ``spec`` describes (convolutions, norms, transposed convolutions, heads)."""
+    """Weights of the U-Net ``spec`` describes (convolutions, norms, transposed convolutions, heads); a residual
+    encoder's are counted on the network itself, built on the meta device (no memory)."""
+    if spec.encoder != "plain":
+        with torch.device("meta"):
+            return sum(p.numel() for p in UNet(**spec.network_kwargs()).parameters())
     count, channels = 0, spec.in_channels
     feats = list(spec.features_per_stage)
     for stage, (f, kernel) in enumerate(zip(feats, spec.kernel_sizes)):
@@ -97,12 +106,17 @@ def affine_peak(points: dict[int, int], size: int) -> int:
 
 class PeakOracle:
     """Peak bytes per step spec: traced (cached; once a topology has two traced sizes, the affine law predicts
-    the others and ``exact`` traces a chosen one), or the analytic proxy at ``bytes_per_element``."""
+    the others and ``exact`` traces a chosen one), or the analytic proxy at ``bytes_per_element``. ``timeline``
+    (``plan.memory.timeline``): each topology is traced once, at the marker batch, and its timeline answers every
+    size of it, ``exact`` too (``timeline.py``); steps outside the law are traced size by size as before."""
 
-    def __init__(self, method: str = "traced", bytes_per_element: float | None = None):
+    def __init__(self, method: str = "traced", bytes_per_element: float | None = None, timeline: bool = False):
         if method not in ("traced", "analytic"):
             raise ValueError(f"plan.memory.method must be traced or analytic, not {method!r}")
         self.method, self.bytes_per_element = method, bytes_per_element
+        # timeline: one trace per topology predicts every size of it (``timeline.py``), ``exact`` included
+        self.timeline = timeline and method == "traced"
+        self._timelines: dict[StepSpec, PeakTimeline | None] = {}
         self._cache: dict[StepSpec, int] = {}
         self._traced: set[StepSpec] = set()
         self._laws: dict[StepSpec, dict[int, int]] = {}  # topology -> {batch x voxels: traced peak}
@@ -112,6 +126,8 @@ class PeakOracle:
 
     def __call__(self, spec: StepSpec) -> int:
         if spec not in self._cache:
+            if self.timeline and self._from_timeline(spec) is not None:
+                return self._cache[spec]
             if self.method == "traced":
                 law = law_key(spec)
                 points = self._laws.get(law[0], {}) if law else {}
@@ -129,6 +145,8 @@ class PeakOracle:
         """The traced peak, never the law's prediction (the analytic method: its estimate)."""
         if self.method != "traced":
             return self(spec)
+        if self.timeline and self._from_timeline(spec) is not None:  # the topology's one trace
+            return self._cache[spec]
         if spec not in self._traced:
             self._mode = self._mode or fake_mode()
             self._cache[spec] = traced_peak_bytes(spec, self._mode)
@@ -137,6 +155,23 @@ class PeakOracle:
             law = law_key(spec)
             if law:
                 self._laws.setdefault(law[0], {})[law[1]] = self._cache[spec]
+        return self._cache[spec]
+
+    def _from_timeline(self, spec: StepSpec) -> int | None:
+        """The peak from ``spec``'s topology's timeline, traced on first use; None where the law does not hold or
+        the timeline could not split the step (then sizes are traced one by one)."""
+        law = law_key(spec)
+        if law is None:
+            return None
+        if law[0] not in self._timelines:
+            self._mode = self._mode or fake_mode()
+            self._timelines[law[0]] = trace_timeline(spec, self._mode)
+            self.traces += 1
+        timeline = self._timelines[law[0]]
+        if timeline is None:
+            return None
+        if spec not in self._cache:
+            self._cache[spec] = timeline.peak(law[1])
         return self._cache[spec]
 
     @staticmethod

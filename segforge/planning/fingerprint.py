@@ -14,7 +14,6 @@ import json
 import os
 
 import numpy as np
-from scipy import ndimage
 
 from segforge.configs import packaged_config
 from segforge.io.dataset import Case, DatasetSpec
@@ -49,6 +48,8 @@ def clip_keys(fingerprint: dict) -> tuple[str, str]:
 
 def class_summary(label: np.ndarray, label_values: list[int]) -> tuple[dict, dict]:
     """Voxel count and number of connected components (face connectivity) of every declared label value."""
+    from scipy import ndimage  # here, not at the top: `segforge plan` on a saved fingerprint never loads scipy
+
     counts = np.bincount(label.reshape(-1), minlength=max(label_values) + 1)
     boxes = ndimage.find_objects(label)  # one pass: the bounding box of every value present
     components = {}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import OmegaConf
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
@@ -40,6 +40,7 @@ from segforge.training.optim import make_optimizer
 BLOCK_BYTES = 512  # the CUDA caching allocator rounds every allocation up to a multiple of this
 GIB = 1024**3
 _REAL_OPS = (torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step)
+_DEVICE = torch.ops.prim.device.default  # ``tensor.device`` under a mode: half of a step's dispatches, no tensor made
 
 
 def allocator_bytes(nbytes: int) -> int:
@@ -74,6 +75,12 @@ class LiveStorageTracker(TorchDispatchMode):
         self.peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE:
+            # answered as FakeTensor's own handler answers it, without the fake mode's dispatch (creates nothing)
+            tensor = args[0]
+            if isinstance(tensor, FakeTensor):
+                return torch.device("meta") if tensor.fake_mode.in_kernel_invocation else tensor.fake_device
+            return func(*args)
         if func in _REAL_OPS:
             # small index ranges whose values code reads back (MONAI's Dice: ``arange(...).tolist()``); a fake
             # tensor has no values, so these run for real, outside every mode, and are not counted
@@ -110,16 +117,27 @@ class StepSpec:
     attention_heads: int = 4
     spatial_cond_channels: int = 0  # extra input channels: a label map or an image the denoiser is conditioned on
     cond_dim: int | None = None     # the Denoiser's default (4x the first stage's features) when None
+    # the encoder (issue 19): plain conv blocks, or nnU-Net's residual blocks, this many per stage
+    encoder: str = "plain"          # plain | residual
+    blocks_per_stage: tuple[int, ...] | None = None
+
+    def encoder_kwargs(self) -> dict:
+        """The network's encoder arguments: none for the plain encoder (so its traces stay as they were)."""
+        if self.encoder == "plain":
+            return {}
+        return dict(encoder=self.encoder,
+                    blocks_per_stage=list(self.blocks_per_stage) if self.blocks_per_stage is not None else None)
 
     def network_kwargs(self) -> dict:
         if self.task == "denoise":
-            return dict(spatial_dims=self.spatial_dims, image_channels=self.in_channels,
+            return dict(**self.encoder_kwargs(), spatial_dims=self.spatial_dims, image_channels=self.in_channels,
                         features_per_stage=list(self.features_per_stage),
                         kernel_sizes=[list(k) for k in self.kernel_sizes], strides=[list(s) for s in self.strides],
                         conv_per_stage=self.conv_per_stage, norm=self.norm, cond_dim=self.cond_dim,
                         cond_mode=self.cond_mode, attention_stages=self.attention_stages,
                         attention_heads=self.attention_heads, spatial_cond_channels=self.spatial_cond_channels)
-        return dict(spatial_dims=self.spatial_dims, in_channels=self.in_channels, out_channels=self.num_classes,
+        return dict(**self.encoder_kwargs(), spatial_dims=self.spatial_dims, in_channels=self.in_channels,
+                    out_channels=self.num_classes,
                     features_per_stage=list(self.features_per_stage), kernel_sizes=[list(k) for k in self.kernel_sizes],
                     strides=[list(s) for s in self.strides], conv_per_stage=self.conv_per_stage, norm=self.norm,
                     deep_supervision=self.deep_supervision)
@@ -141,7 +159,32 @@ def spec_from_plan(plans: dict, configuration: str, batch_size: int | None = Non
         features_per_stage=tuple(network["features_per_stage"]), kernel_sizes=tuple(tuple(k) for k in network["kernel_sizes"]),
         strides=tuple(tuple(s) for s in network["strides"]), conv_per_stage=int(network["conv_per_stage"]),
         norm=network["norm"], deep_supervision=bool(network["deep_supervision"]), precision=memory["precision"],
-        optimizer=memory["optimizer"]), **denoiser)
+        optimizer=memory["optimizer"], **network_encoder(network)), **denoiser)
+
+
+def network_encoder(network: dict) -> dict:
+    """A plan's ``network`` entry's encoder as ``StepSpec`` fields; plans from before issue 19 name none (plain)."""
+    blocks = network.get("blocks_per_stage")
+    return {"encoder": str(network.get("encoder") or "plain"),
+            "blocks_per_stage": tuple(int(b) for b in blocks) if blocks is not None else None}
+
+
+ENCODERS = ("plain", "residual")
+
+
+def rules_encoder(rules, num_stages: int) -> dict:
+    """``plan.encoder`` and its ``plan.blocks_per_stage`` cut to the ``num_stages`` of a topology (``StepSpec``
+    fields); the plain encoder has no blocks (``plan.conv_per_stage`` convolutions per stage)."""
+    encoder = str(rules.encoder)
+    if encoder not in ENCODERS:
+        raise ValueError(f"plan.encoder={encoder!r}; use one of {list(ENCODERS)}")
+    if encoder == "plain":
+        return {"encoder": "plain", "blocks_per_stage": None}
+    blocks = [int(b) for b in rules.blocks_per_stage or []]
+    if len(blocks) < num_stages or min(blocks[:num_stages], default=1) < 1:
+        raise ValueError(f"plan.blocks_per_stage={blocks} needs a positive count for each of the {num_stages} stages "
+                         "of this topology (nnU-Net's ResEnc: [1, 3, 4, 6, 6, 6, ...])")
+    return {"encoder": encoder, "blocks_per_stage": tuple(blocks[:num_stages])}
 
 
 TASKS = ("segment", "denoise")

@@ -27,7 +27,7 @@ from segforge.planning.budget import (
     describe,
 )
 from segforge.planning.fingerprint import clip_keys
-from segforge.planning.memory import StepSpec
+from segforge.planning.memory import StepSpec, rules_encoder
 from segforge.planning.precision import planned_precision
 from segforge.preprocessing.resample import resampling_modes, with_default_rules
 
@@ -194,7 +194,8 @@ def step_spec(patch: list[int], topo: dict, rules, in_channels: int, num_classes
         features_per_stage=tuple(features_per_stage(len(topo["strides"]), int(rules.features_base), int(cap))),
         kernel_sizes=tuple(tuple(k) for k in topo["kernel_sizes"]), strides=tuple(tuple(s) for s in topo["strides"]),
         conv_per_stage=int(rules.conv_per_stage), norm=str(rules.norm), deep_supervision=bool(rules.deep_supervision),
-        precision=str(rules.memory.precision), optimizer=str(rules.memory.optimizer))
+        precision=str(rules.memory.precision), optimizer=str(rules.memory.optimizer),
+        **rules_encoder(rules, len(topo["strides"])))
     return replace(spec, **(OmegaConf.to_container(denoiser) if isinstance(denoiser, DictConfig) else dict(denoiser))) \
         if denoiser else spec
 
@@ -242,6 +243,8 @@ def configuration_entry(fit: Fit, spacing: list[float], median_shape: list[float
             "conv_per_stage": spec.conv_per_stage,
             "norm": spec.norm,
             "deep_supervision": spec.deep_supervision,
+            "encoder": spec.encoder,  # plain | residual: what the memory was traced for (model.encoder=null trains it)
+            "blocks_per_stage": list(spec.blocks_per_stage) if spec.blocks_per_stage is not None else None,
         },
         "memory": describe(fit, memory_budget(rules), spec.precision, spec.optimizer, oracle.method),
     }
@@ -339,7 +342,7 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
     chosen = choose_for_budget(candidates, budget, timer)
     spec = chosen["candidate"].spec
     memory_rules = OmegaConf.merge(rules, {"memory": {"precision": precision, "optimizer": str(compute.optimizer)}})
-    oracle = PeakOracle(str(rules.memory.method))
+    oracle = PeakOracle(str(rules.memory.method), timeline=bool(rules.memory.timeline))
     fit = Fit(0, spec, oracle(spec), memory_budget(rules).fits(oracle(spec)))
     entry = configuration_entry(fit, spacing, median_shape, memory_rules, oracle)
     entry["data_identifier"] = "3d_fullres" if dims == 3 else "2d"
@@ -373,7 +376,7 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
     is_2d_data = all(shape[0] == 1 for shape in shapes)
     dataset_voxels = float(sum(math.prod(shape) for shape in resampled))
     in_channels, num_classes = len(fingerprint["channel_names"]), count_outputs(fingerprint["labels"])
-    oracle = PeakOracle(str(rules.memory.method))
+    oracle = PeakOracle(str(rules.memory.method), timeline=bool(rules.memory.timeline))
     wanted = list(rules.configurations)
     unknown = [n for n in wanted if n not in ("2d", "3d_fullres", "3d_lowres")]
     if unknown:

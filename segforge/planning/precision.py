@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from segforge.planning.budget import MemoryBudget
-from segforge.planning.memory import GIB, spec_from_plan, traced_peak_bytes
+from segforge.planning.memory import GIB, network_encoder, spec_from_plan, traced_peak_bytes
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,13 @@ def training_precision(requested: str, plan_config: dict, on_gpu: bool, gpu_bf16
 
 
 def check_step_memory(plans: dict, configuration: str, precision: str, batch_size: int | None = None,
-                      dataset: str = "DATASET", patch_size: list[int] | None = None) -> int | None:
+                      dataset: str = "DATASET", patch_size: list[int] | None = None,
+                      encoder: dict | None = None) -> int | None:
     """Warn when the step at ``precision`` (and ``batch_size``, default the plan's) no longer fits the memory budget
-    the plan was fitted to: the predicted peak, the budget and the fix. Returns the predicted peak bytes, or None
-    where nothing changed from the plan's own trace (or the precision cannot be traced)."""
+    the plan was fitted to: the predicted peak, the budget and the fix. ``encoder`` (``StepSpec`` fields ``encoder``
+    and ``blocks_per_stage`` of the network trained) other than the plan's is always warned of, with the traced
+    peak of that network: the plan's patch and batch were fitted to its own. Returns the predicted peak bytes, or
+    None where nothing changed from the plan's own trace (or the precision cannot be traced)."""
     conf = plans["configurations"][configuration]
     memory = conf["memory"]
     traced = TRACEABLE.get(str(precision))
@@ -85,9 +88,13 @@ def check_step_memory(plans: dict, configuration: str, precision: str, batch_siz
     planned = TRACEABLE.get(str(memory["precision"]), memory["precision"])
     same_bytes = traced == planned or {traced, planned} <= {"16-mixed", "bf16-mixed"}  # 2-byte activations alike
     patch = tuple(int(p) for p in (patch_size or conf["patch_size"]))
-    if traced is None or (same_bytes and batch == int(conf["batch_size"]) and patch == tuple(conf["patch_size"])):
+    plan_spec = spec_from_plan(plans, configuration, batch)
+    network = {**network_encoder(conf["network"]), **(encoder or {})}
+    other_network = network != network_encoder(conf["network"])
+    if traced is None or (same_bytes and batch == int(conf["batch_size"]) and patch == tuple(conf["patch_size"])
+                          and not other_network):
         return None
-    spec = replace(spec_from_plan(plans, configuration, batch), precision=traced, patch_size=patch)
+    spec = replace(plan_spec, precision=traced, patch_size=patch, **network)
     try:
         peak = traced_peak_bytes(spec)
     except Exception as exc:  # e.g. a patch the network's pooling cannot divide: training says so itself
@@ -95,17 +102,29 @@ def check_step_memory(plans: dict, configuration: str, precision: str, batch_siz
                  list(patch), str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
         return None
     budget = MemoryBudget(float(memory["gpu_memory_gb"]), memory["reserved_bytes"] / GIB, float(memory["margin"]))
+    replan = (f"plan for this network (`segforge plan {dataset} plan=resenc_m`, resenc_l or resenc_xl, or "
+              f"plan.encoder={spec.encoder})")
     if budget.fits(peak):
+        if other_network:
+            log.warning("model.encoder=%s (blocks %s) is not the plan's %s encoder: its %s step, traced at batch %d, "
+                        "patch %s, peaks at %.2f GiB, within the %.2f GiB the plan's memory budget allows (a %g GB "
+                        "card), but the plan's patch and batch were fitted to its own network. To fit them to this "
+                        "one: %s", spec.encoder, list(spec.blocks_per_stage or []) or "default",
+                        plan_spec.encoder, configuration, batch, list(patch), peak / GIB,
+                        budget.peak_limit_bytes / GIB, memory["gpu_memory_gb"], replan)
         return peak
     # activations grow linearly with the batch, weights and optimizer state do not: two traces give the slope
     single = traced_peak_bytes(replace(spec, batch_size=1)) if batch > 1 else peak
     per_sample = (peak - single) / (batch - 1) if batch > 1 else peak
     fitting = 1 + int((budget.peak_limit_bytes - single) // max(per_sample, 1)) if budget.fits(single) else 0
-    fixes = ([] if same_bytes else [f"re-plan at this precision (`segforge plan {dataset} plan.memory.precision={traced}`)"]) \
+    fixes = ([replan] if other_network else []) \
+        + ([] if same_bytes else [f"re-plan at this precision (`segforge plan {dataset} plan.memory.precision={traced}`)"]) \
         + ([f"data.batch_size={min(fitting, batch - 1)}"] if fitting else [])
-    log.warning("trainer.precision=%s, batch %d, patch %s: the %s step is predicted to peak at %.2f GiB, over the "
+    log.warning("trainer.precision=%s, batch %d, patch %s%s: the %s step is predicted to peak at %.2f GiB, over the "
                 "%.2f GiB the plan's memory budget allows (a %g GB card; the plan traced %s at batch %d, patch %s). "
-                "Fix: %s", precision, batch, list(patch), configuration, peak / GIB, budget.peak_limit_bytes / GIB,
+                "Fix: %s", precision, batch, list(patch),
+                f", model.encoder={spec.encoder} (the plan's: {plan_spec.encoder})" if other_network else "",
+                configuration, peak / GIB, budget.peak_limit_bytes / GIB,
                 memory["gpu_memory_gb"], memory["precision"], conf["batch_size"], list(conf["patch_size"]),
                 ", or ".join(fixes or ["a smaller data.patch_size (or none: the plan's)"]))
     return peak

@@ -30,6 +30,7 @@ from segforge.io.artifacts import read_json, write_json
 from segforge.io.dataset import DatasetSpec
 from segforge.io.model_folder import FINAL_WEIGHTS, build_network, check_model_folder, write_weights
 from segforge.io.storage import check_writable, remove_stale_temporaries
+from segforge.planning.memory import network_encoder
 from segforge.planning.precision import check_step_memory, training_precision
 from segforge.preprocessing.pipeline import plan_hash
 from segforge.training.budget import (BudgetPacer, BudgetSplit, elapsed_since, forward_seconds,
@@ -42,7 +43,8 @@ from segforge.training.requeue import RequeueOnSignal, slurm_requeue_wanted
 from segforge.training.schedules import ScheduleCallback, parse_duration
 from segforge.training.settings import check_train_settings
 from segforge.training.splits import check_splits, make_splits
-from segforge.training.tasks import label_setup, make_task, segmentation_network_kwargs  # noqa: F401  (re-exported)
+from segforge.training.tasks import (  # noqa: F401  (re-exported)
+    label_setup, make_task, trained_encoder, segmentation_network_kwargs)
 from segforge.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -230,10 +232,14 @@ def run_inputs(cfg, spec: DatasetSpec) -> RunInputs:
     trainer_kwargs["precision"], why = training_precision(requested, plan_config, on_gpu)
     log.info("precision %s: %s", trainer_kwargs["precision"], why)
     check_precision(trainer_kwargs)
-    if requested != "plan" or cfg.data.batch_size or cfg.data.get("patch_size"):  # does the step still fit?
+    # the encoder trained (model.encoder: null is the plan's): another one than the plan traced is traced and warned of
+    encoder = trained_encoder(OmegaConf.to_container(cfg.model, resolve=True), plan_config["network"])
+    other_encoder = network_encoder({**plan_config["network"], **encoder}) != network_encoder(plan_config["network"])
+    if requested != "plan" or cfg.data.batch_size or cfg.data.get("patch_size") or other_encoder:  # does it still fit?
         # a batch or patch override alone is checked at the plan's precision (a CPU's 32-true is not the planned card's)
         check_step_memory(plans, configuration, requested if requested != "plan" else plan_config["memory"]["precision"],
-                          cfg.data.batch_size, str(spec.root), cfg.data.get("patch_size"))
+                          cfg.data.batch_size, str(spec.root), cfg.data.get("patch_size"),
+                          encoder=network_encoder(encoder))
     return RunInputs(workspace, plans, configuration, plan_config, data_dir, manifest, train_ids, val_ids, splits,
                      trainer_kwargs, budget_s)
 

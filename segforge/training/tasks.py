@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import read_json
 from segforge.io.dataset import DatasetSpec
+from segforge.planning.memory import network_encoder
 
 log = logging.getLogger("segforge")
 
@@ -41,8 +42,20 @@ def segmentation_network_kwargs(cfg, plan_config: dict, in_channels: int, out_ch
     for key in (*TOPOLOGY, "norm", "deep_supervision"):
         if kwargs.get(key) is None:
             kwargs[key] = from_plan[key]
+    kwargs.update(trained_encoder(model, from_plan))
     kwargs.update(spatial_dims=plan_config["dims"], in_channels=in_channels, out_channels=out_channels)
     return {"_target_": model["_target_"], **kwargs}
+
+
+def trained_encoder(model: dict, from_plan: dict) -> dict:
+    """``model.encoder`` and ``model.blocks_per_stage``, the plan's where null (an explicit override wins; a plain
+    plan's blocks are none, so ``model.encoder=residual`` on it takes the network's default ResEnc blocks)."""
+    planned = network_encoder(from_plan)
+    encoder = model.get("encoder") or planned["encoder"]
+    blocks = model.get("blocks_per_stage")
+    if blocks is None and encoder == planned["encoder"] and planned["blocks_per_stage"] is not None:
+        blocks = list(planned["blocks_per_stage"])
+    return {"encoder": encoder, "blocks_per_stage": blocks}
 
 
 class SegmentTask:
@@ -163,6 +176,7 @@ class DenoiseTask(SegmentTask):
         for key in TOPOLOGY:
             if kwargs.get(key) is None:
                 kwargs[key] = self.plan_config["network"][key]
+        kwargs.update(trained_encoder(model, self.plan_config["network"]))
         kwargs.update(spatial_dims=self.plan_config["dims"], image_channels=self.spec.num_channels,
                       spatial_cond_channels=len(self.spec.mask_values) if self.masks else 0,
                       time_scale=self.process.model_time_scale)
