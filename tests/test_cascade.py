@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import write_dataset
 from segforge.cli.main import main
@@ -16,10 +17,15 @@ from segforge.errors import SegforgeError
 from segforge.inference.cascade import pair_stages
 from segforge.inference.predictor import Predictor
 from segforge.io.image import read_case, read_image
-from test_lowres import LOWRES_PLAN
+from segforge.io.artifacts import read_json
+from segforge.planning.planner import make_plans
 
+# a tiny budget and a 2x finer in-plane spacing: the fullres patch covers 3/8 of the 12x64x64 image, and a lowres
+# threshold of 1 plans a lowres grid its patch covers whole (the images stay small: the test stays fast)
+CASCADE_PLAN = ["plan.features_base=8", "plan.configurations=[3d_fullres,3d_lowres]", "plan.gpu_memory_gb=0.52",
+                "plan.memory.reserved_gb=0.5", "plan.lowres_threshold=1.0", "plan.target_spacing=[3.0,0.45,0.45]"]
 TINY = ["trainer.max_epochs=1", "data.iterations_per_epoch=2", "data.val_iterations=1", "data.num_workers=0",
-        "trainer.accelerator=cpu", "num_folds=2"]
+        "trainer.accelerator=cpu", "num_folds=2", "final_validation.mirror=false"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,7 @@ def cascade(tmp_path_factory):
     dataset = write_dataset(base / "Dataset004_Cascade", num_train=4, num_test=1)
     work = base / "work"
     roots = [f"paths.work_root={work}"]
-    assert main(["plan", str(dataset), *roots, *LOWRES_PLAN]) == 0
+    assert main(["plan", str(dataset), *roots, *CASCADE_PLAN]) == 0
     return {"dataset": dataset, "work": work, "roots": roots, "results": work / dataset.name / "results" / "segment"}
 
 
@@ -42,10 +48,8 @@ def test_plan_records_the_cascade_stage(cascade):
     assert stage["patch_size"] == full["patch_size"] and stage["target_spacing"] == full["target_spacing"]
     assert not (cascade["work"] / cascade["dataset"].name / "preprocessed" / "3d_cascade_fullres").exists()
     # plan.cascade=false plans no cascade
-    other = cascade["work"].parent / "nocascade"
-    assert main(["plan", str(cascade["dataset"]), f"paths.work_root={other}", *LOWRES_PLAN, "plan.cascade=false",
-                 "plan.configurations=[3d_fullres,3d_lowres]"]) == 0
-    plain = json.loads((other / cascade["dataset"].name / "plans.json").read_text())["configurations"]
+    fingerprint = read_json(cascade["work"] / cascade["dataset"].name / "fingerprint.json")
+    plain = make_plans(fingerprint, OmegaConf.create({**plans["rules"], "cascade": False}))["configurations"]
     assert "3d_lowres" in plain and "3d_cascade_fullres" not in plain and "next_stage" not in plain["3d_lowres"]
 
 
