@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from conftest import write_dataset
 from segforge.cli.main import main
 from segforge.errors import SegforgeError
+from segforge.evaluation.selection import with_previous_stages
 from segforge.inference.cascade import pair_stages
 from segforge.inference.predictor import Predictor
 from segforge.io.image import read_case, read_image
@@ -102,6 +103,11 @@ def test_cascade_trains_on_the_lowres_predictions_and_predicts_in_two_stages(cas
     with_lowres = stage.probabilities(case_image, geometry, previous=lowres_mask)[0]
     everywhere_box = stage.probabilities(case_image, geometry, previous=np.full_like(lowres_mask, 2))[0]
     assert not torch.allclose(with_lowres, everywhere_box)
+    # a lowres model given once more is an ensemble member beside the cascade; select's command lists it so
+    joined = pair_stages([lowres, stage, lowres], [results / "3d_lowres", model, results / "3d_lowres"])
+    assert [type(m).__name__ for m in joined] == ["Cascade", "Predictor"]
+    assert with_previous_stages(results, ["3d_cascade_fullres", "3d_lowres"]) == \
+        ["3d_lowres", "3d_cascade_fullres", "3d_lowres"]
 
     # the cascade model alone is refused, naming the lowres model to add
     assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(tmp_path / "alone"), "--model", str(model),
