@@ -116,3 +116,45 @@ def test_cascade_trains_on_the_lowres_predictions_and_predicts_in_two_stages(cas
     assert "cascade stage" in err and f"--model {results / '3d_lowres'} --model {model}" in err
     with pytest.raises(SegforgeError, match="takes the 3d_lowres prediction"):
         stage.predict(case_image, geometry)
+
+
+def test_previous_stage_channels_follow_the_label_through_augmentation(tmp_path):
+    """The previous stage's map is cropped, mirrored and warped exactly as the label (the same nearest/linear label
+    rule), appended after the image channels, untouched by the intensity transforms; the perturbations keep it
+    one-hot and change it."""
+    from segforge.io.artifacts import save_npy_atomic
+    from segforge.preprocessing.cascade import one_hot
+    from segforge.preprocessing.pipeline import foreground_locations
+    from segforge.training.augment import AugmentationSettings, Augmenter, PatchGeometry
+    from segforge.training.morphology import perturb_one_hot
+    from segforge.training.sampling import PatchCollate, PatchDataset
+
+    seg = np.zeros((10, 20, 20), np.int16)
+    seg[2:8, 4:12, 5:14] = 1
+    seg[3:6, 13:18, 2:9] = 2
+    save_npy_atomic(tmp_path / "a.npy", np.stack([seg.astype(np.float32)]))
+    save_npy_atomic(tmp_path / "a_seg.npy", seg)
+    save_npy_atomic(tmp_path / "a_locations.npy", foreground_locations(seg, [1, 2], 100, 0))
+    save_npy_atomic(tmp_path / "prior.npy", seg)
+    always = {"rotation_prob": 1.0, "scale_prob": 1.0, "noise_prob": 1.0, "brightness_prob": 1.0, "gamma_prob": 1.0,
+              "previous_stage_morphology_prob": 0.0, "previous_stage_component_removal_prob": 0.0}
+    settings = AugmentationSettings.from_config(always)
+    geometry = PatchGeometry.resolve(settings, [8, 16, 16])
+    dataset = PatchDataset(tmp_path, ["a"], [8, 16, 16], 3, 0.5, settings, geometry, 0, previous={"a": tmp_path / "prior.npy"})
+    image, label = PatchCollate(Augmenter(settings, geometry, [1, 2]))([dataset[u] for u in range(4)])
+    assert image.shape == (4, 3, 8, 16, 16)
+    assert torch.equal(image[:, 1:], one_hot(label, [1, 2]))  # warped as the label, no intensity transform
+    assert not torch.equal(image[:, :1], label.float())  # while the image channel got them
+    assert label.sum() > 0
+
+    channels = one_hot(torch.from_numpy(seg)[None, None], [1, 2])[0]
+    rng = np.random.default_rng(0)
+    for removal in (False, True):
+        perturbed = channels.clone()
+        perturb_one_hot(perturbed, rng, AugmentationSettings.from_config({
+            "previous_stage_morphology_prob": 0.0 if removal else 1.0,
+            "previous_stage_component_removal_prob": 1.0 if removal else 0.0,
+            "previous_stage_component_max_fraction": 0.5}))
+        assert perturbed.sum(0).max() <= 1.0 and not torch.equal(perturbed, channels)
+        if removal:  # each channel is one small component here: both removed
+            assert perturbed.sum() == 0
