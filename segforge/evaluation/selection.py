@@ -75,7 +75,7 @@ def with_previous_stages(task_dir: Path, members: list[str]) -> list[str]:
     ``predict`` joins to it; a previous stage that is a member of its own is listed again, to be ensembled)."""
     out = []
     for member in members:
-        configuration = read_json(task_dir / member / "plans.json", "plans")["configurations"].get(member, {})
+        configuration = (read_json(task_dir / member / "plans.json").get("configurations") or {}).get(member) or {}
         out += [configuration["previous_stage"], member] if configuration.get("previous_stage") else [member]
     return out
 
