@@ -103,7 +103,7 @@ def test_brain_mri_isotropic():
 
 def test_abdomen_ct_anisotropic():
     plans = plans_for("abdomen_ct")
-    assert set(plans["configurations"]) == {"2d", "3d_fullres", "3d_lowres"}
+    assert set(plans["configurations"]) == {"2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"}
     full = plans["configurations"]["3d_fullres"]
     assert full["target_spacing"] == [5.0, 0.7, 0.7]
     kernels, strides = full["network"]["kernel_sizes"], full["network"]["strides"]
@@ -139,8 +139,11 @@ def test_microscopy_batch_is_capped_by_dataset_size():
 
 def test_huge_volume_gets_3d_lowres():
     plans = plans_for("huge_volume")
-    assert set(plans["configurations"]) == {"2d", "3d_fullres", "3d_lowres"}
+    assert set(plans["configurations"]) == {"2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"}
     full, low = plans["configurations"]["3d_fullres"], plans["configurations"]["3d_lowres"]
+    cascade = plans["configurations"]["3d_cascade_fullres"]  # 3d_fullres' data and network, after 3d_lowres
+    assert cascade["previous_stage"] == "3d_lowres" and low["next_stage"] == ["3d_cascade_fullres"]
+    assert {k: v for k, v in cascade.items() if not k.startswith("previous_stage")} == {**full, "data_identifier": "3d_fullres"}
     assert full["patch_covers_median_fraction"] < RULES.lowres_threshold
     assert low["patch_covers_median_fraction"] >= RULES.lowres_threshold
     ratio = [b / a for a, b in zip(full["target_spacing"], low["target_spacing"])]

@@ -235,6 +235,7 @@ def run_train(args, cfg, overrides) -> int:
 
 
 def run_predict(args, cfg, overrides) -> int:
+    from segforge.inference.cascade import Cascade, pair_stages
     from segforge.inference.folder import parse_part, predict_folder
     from segforge.inference.postprocessing import apply_postprocessing, load_rules
     from segforge.inference.predictor import Ensemble, Predictor
@@ -258,11 +259,16 @@ def run_predict(args, cfg, overrides) -> int:
                                            gaussian_sigma=float(cfg.predict.gaussian_sigma),
                                            gaussian_centre_weight=float(cfg.predict.gaussian_centre_weight))
                   for model in args.model]
-    predictor = predictors[0] if len(predictors) == 1 else Ensemble(predictors)
+    sources = [Path(m) for m in args.model]
+    members = pair_stages(predictors, sources)  # a cascade stage and its previous stage's model become one member
+    predictor = members[0] if len(members) == 1 else Ensemble(members)
     postprocess = None
-    rules = load_rules(Path(args.model[0])) if len(args.model) == 1 and cfg.predict.postprocessing else None
+    # one model (or one cascade: its last stage's rules)
+    single = sources[predictors.index(members[0].stage)] if len(members) == 1 and isinstance(members[0], Cascade) \
+        else sources[0] if len(sources) == 1 else None
+    rules = load_rules(single) if single is not None and cfg.predict.postprocessing else None
     if rules:
-        log.info("postprocessing from %s: %s", Path(args.model[0]) / "postprocessing.json",
+        log.info("postprocessing from %s: %s", single / "postprocessing.json",
                  {k: rules[k] for k in ("foreground_largest_component", "classes_largest_component")})
         postprocess = functools.partial(apply_postprocessing, rules=rules)
     existed, fresh = output.exists(), not is_prediction_folder(output)

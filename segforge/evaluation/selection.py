@@ -70,6 +70,16 @@ def _ensemble_score(models: list[Path], references: dict[str, Path], labels: dic
     return {"num_cases": len(common), "mean_dice": mean, "foreground_mean_dice": nan_mean(list(mean.values()))}
 
 
+def with_previous_stages(task_dir: Path, members: list[str]) -> list[str]:
+    """The model folders ``predict`` takes for ``members``: a cascade stage preceded by its previous stage's (which
+    ``predict`` joins to it; a previous stage that is a member of its own is listed again, to be ensembled)."""
+    out = []
+    for member in members:
+        configuration = (read_json(task_dir / member / "plans.json").get("configurations") or {}).get(member) or {}
+        out += [configuration["previous_stage"], member] if configuration.get("previous_stage") else [member]
+    return out
+
+
 def select(task_dir: Path, postprocessing: bool = True) -> dict:
     """Compare the configurations under ``task_dir`` (and their pairwise ensembles), pick the best, search its
     postprocessing; writes ``selection.json`` in ``task_dir``."""
@@ -110,6 +120,7 @@ def select(task_dir: Path, postprocessing: bool = True) -> dict:
         rules = search_postprocessing(pairs, labels)
         save_rules(task_dir / best, rules)
         result["postprocessing"] = {k: rules[k] for k in ("foreground_largest_component", "classes_largest_component")}
-    result["predict_command"] = "segforge predict -i IMAGES -o OUT " + " ".join(f"--model {task_dir / m}" for m in members)
+    result["predict_command"] = "segforge predict -i IMAGES -o OUT " + " ".join(
+        f"--model {task_dir / m}" for m in with_previous_stages(task_dir, members))
     write_json(task_dir / "selection.json", result)
     return result

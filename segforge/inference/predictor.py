@@ -46,6 +46,9 @@ class Predictor:
         ``predict.gaussian_*`` of configs/predict/default.yaml)."""
         self.plans, self.dataset_json, self.configuration = plans, dataset_json, configuration
         self.plan_config = plans["configurations"][configuration]
+        # a cascade stage (3d_cascade_fullres) also takes the previous stage's mask, one-hot over these values
+        self.previous_stage = self.plan_config.get("previous_stage")
+        self.previous_labels = list(self.plan_config.get("previous_stage_labels") or []) if self.previous_stage else None
         self.patch_size = list(patch_size or self.plan_config["patch_size"])
         self.mirror_axes = list(self.plan_config.get("mirror_axes", range(self.plan_config["dims"]))
                                 if mirror_axes is None else mirror_axes)
@@ -159,24 +162,45 @@ class Predictor:
             log.warning(warning)
         return image, geometry
 
-    def probabilities(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None) -> tuple[torch.Tensor, Geometry]:
+    def _preprocessed(self, image: np.ndarray, geometry: Geometry, previous: np.ndarray | None,
+                      copy: bool = True) -> tuple[np.ndarray, dict]:
+        """``preprocess_image``; for a cascade stage with the previous stage's one-hot mask appended as channels
+        (``previous``: its ``(z, y, x)`` mask on the input's grid, e.g. the lowres model's prediction)."""
+        if self.previous_labels is None:
+            return preprocess_image(image, geometry, self.plans, self.configuration, copy=copy)
+        if previous is None:
+            raise SegforgeError(f"{self.configuration} is a cascade stage: it takes the {self.previous_stage} "
+                                f"prediction as input. Fix: pass the {self.previous_stage} model folder too, before it: "
+                                f"`segforge predict -i IMAGES -o OUT --model .../{self.previous_stage} --model "
+                                f".../{self.configuration}`")
+        from segforge.preprocessing.cascade import one_hot, previous_stage_on_grid
+
+        data, props = preprocess_image(image, geometry, self.plans, self.configuration, copy=copy)
+        prior = one_hot(previous_stage_on_grid(previous, props), self.previous_labels)
+        return np.concatenate([data, prior]), props
+
+    def probabilities(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None,
+                      previous: np.ndarray | None = None) -> tuple[torch.Tensor, Geometry]:
         """Class (or region) probabilities ``(channels, z, y, x)`` on the input's grid, and its geometry.
 
         ``image``: channel files (a path or a list), or a ``(c, z, y, x)`` array with its geometry. Outside the crop box
-        the probabilities say background (a region model: no region).
+        the probabilities say background (a region model: no region). ``previous``: a cascade stage's input, the
+        previous stage's ``(z, y, x)`` mask on the input's grid.
         """
         image, geometry = self._checked(image, geometry)
         order = list(self.plans.get("transpose_forward") or range(3))
         if order != [0, 1, 2]:  # nnU-Net models work on axes reordered by their plan; undone below
             image = image.transpose(0, *[a + 1 for a in order])
+            previous = previous.transpose(order) if previous is not None else None
             geometry_t = Geometry(tuple(geometry.spacing[a] for a in order), geometry.origin, geometry.direction, geometry.ndim)
-            full, _ = self._probabilities_on_grid(image, geometry_t)
+            full, _ = self._probabilities_on_grid(image, geometry_t, previous)
             return full.permute(0, *[int(np.argsort(order)[a]) + 1 for a in range(3)]).contiguous(), geometry
-        return self._probabilities_on_grid(image, geometry)
+        return self._probabilities_on_grid(image, geometry, previous)
 
-    def _probabilities_on_grid(self, image: np.ndarray, geometry: Geometry) -> tuple[torch.Tensor, Geometry]:
+    def _probabilities_on_grid(self, image: np.ndarray, geometry: Geometry,
+                               previous: np.ndarray | None = None) -> tuple[torch.Tensor, Geometry]:
         start = time.perf_counter()
-        data, props = preprocess_image(image, geometry, self.plans, self.configuration)
+        data, props = self._preprocessed(image, geometry, previous)
         preprocessed = time.perf_counter()
         network_output = self._probabilities(data)
         predicted = time.perf_counter()
@@ -203,17 +227,18 @@ class Predictor:
         return probabilities.argmax(0).numpy().astype(np.uint8 if probabilities.shape[0] < 256 else np.uint16)
 
     def predict(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None,
-                overwrite_input: bool = False) -> tuple[np.ndarray, Geometry]:
+                overwrite_input: bool = False, previous: np.ndarray | None = None) -> tuple[np.ndarray, Geometry]:
         """A mask on the input's grid: from channel files (a path or a list), a ``(c, z, y, x)`` array + geometry, or
         a ``prepare``d case.
 
         Streamed: windows, the way back to the input grid and the labels go slab by slab along the first axis, so the
         memory for classes x volume is never taken (``probabilities`` does take it, to return it). Preprocessing
-        works inside the image when it was read here or ``overwrite_input`` allows it (one copy of a 1 GB CT less)."""
-        case = image if isinstance(image, PreparedCase) else self.prepare(image, geometry, overwrite_input)
+        works inside the image when it was read here or ``overwrite_input`` allows it (one copy of a 1 GB CT less).
+        ``previous``: a cascade stage's previous-stage mask (``probabilities``)."""
+        case = image if isinstance(image, PreparedCase) else self.prepare(image, geometry, overwrite_input, previous)
         del image
         if case.data is None:
-            probabilities, geometry = self.probabilities(case.image, case.geometry)
+            probabilities, geometry = self.probabilities(case.image, case.geometry, case.previous)
             return self.labels(probabilities), geometry
         data, props, geometry = case.data, case.props, case.geometry
         preprocessed = time.perf_counter()
@@ -224,15 +249,15 @@ class Predictor:
         return out, geometry
 
     def prepare(self, image: np.ndarray | str | Path | list, geometry: Geometry | None = None,
-                overwrite_input: bool = False) -> "PreparedCase":
+                overwrite_input: bool = False, previous: np.ndarray | None = None) -> "PreparedCase":
         """``predict``'s work before the network: the case read, checked and preprocessed (a background loader does it
         for the next case while the network runs); ``predict`` takes the result in place of the image."""
         owned = overwrite_input or not isinstance(image, np.ndarray)
         image, geometry = self._checked(image, geometry)
         if list(self.plans.get("transpose_forward") or range(3)) != [0, 1, 2]:  # preprocessed on probabilities' path
-            return PreparedCase(geometry, image=image)
+            return PreparedCase(geometry, image=image, previous=previous)
         start = time.perf_counter()
-        data, props = preprocess_image(image, geometry, self.plans, self.configuration, copy=not owned)
+        data, props = self._preprocessed(image, geometry, previous, copy=not owned)
         return PreparedCase(geometry, data=data, props=props, seconds=time.perf_counter() - start)
 
     @torch.no_grad()
@@ -292,6 +317,7 @@ class PreparedCase:
 
     geometry: Geometry
     image: np.ndarray | None = None
+    previous: np.ndarray | None = None  # a cascade stage's previous-stage mask, while the image waits unprocessed
     data: np.ndarray | None = None
     props: dict | None = None
     seconds: float = 0.0

@@ -8,6 +8,7 @@ measures: the patch and batch size come from the traced peak memory of the real 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import replace
@@ -358,6 +359,28 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
     return entry
 
 
+CASCADE = "3d_cascade_fullres"
+
+
+def previous_stage_labels(labels: dict) -> list[int]:
+    """The label values a cascade stage gets as one-hot input channels: every value but background and ignore
+    (nnU-Net's foreground labels), in increasing order."""
+    ignore = labels.get("ignore")
+    values = {int(m) for k, v in labels.items() if k != "ignore" for m in (v if isinstance(v, list) else [v])}
+    return sorted(v for v in values if v != 0 and v != ignore)
+
+
+def add_cascade(configurations: dict, labels: dict) -> None:
+    """nnU-Net's cascade: ``3d_cascade_fullres`` is 3d_fullres (its preprocessed data, patch and network) whose input
+    also holds the one-hot 3d_lowres prediction (``previous_stage_labels`` channels); 3d_lowres names it as its
+    ``next_stage``, so its final validation writes the predictions the cascade trains on. The memory entry is
+    3d_fullres' (the extra input channels change only the first convolution)."""
+    full = configurations["3d_fullres"]
+    configurations[CASCADE] = {**json.loads(json.dumps(full)), "data_identifier": full.get("data_identifier", "3d_fullres"),
+                               "previous_stage": "3d_lowres", "previous_stage_labels": previous_stage_labels(labels)}
+    configurations["3d_lowres"]["next_stage"] = [CASCADE]
+
+
 def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
     """plans.json's payload from a fingerprint and the ``plan`` config group; with ``budget_s``, also a
     configuration sized for that many seconds of training on this device (``3d_budget``, or ``2d_budget``).
@@ -397,6 +420,8 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
                 scale = math.prod(s / t for s, t in zip(spacing, low))
                 fit = fit_configuration(low, low_shape, rules, in_channels, num_classes, dataset_voxels * scale, oracle)
                 configurations["3d_lowres"] = configuration_entry(fit, low, low_shape, rules, oracle)
+                if rules.get("cascade") and "3d_fullres" in configurations:
+                    add_cascade(configurations, fingerprint["labels"])
     if budget_s:
         dims_2d = is_2d_data or "3d_fullres" not in configurations
         base = "2d" if dims_2d else "3d_fullres"

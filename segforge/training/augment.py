@@ -53,6 +53,10 @@ class AugmentationSettings:
     gamma_range: tuple[float, float]
     mirror_prob: float
     mirror_axes: tuple[int, ...] | None
+    previous_stage_morphology_prob: float
+    previous_stage_morphology_radius: tuple[float, float]
+    previous_stage_component_removal_prob: float
+    previous_stage_component_max_fraction: float
 
     @classmethod
     def from_config(cls, cfg=None) -> "AugmentationSettings":
@@ -177,13 +181,19 @@ class Augmenter:
     (validation) only stacks. Samples without labels (``label`` None) give ``(image, None)``.
     """
 
-    def __init__(self, settings: AugmentationSettings | None, geometry: PatchGeometry):
-        self.settings, self.geometry = settings, geometry
+    def __init__(self, settings: AugmentationSettings | None, geometry: PatchGeometry,
+                 previous_labels: list[int] | None = None):
+        """``previous_labels``: a cascade stage's (the batches carry the previous stage's maps): the maps are
+        warped as labels, one-hot encoded over these values, perturbed (``morphology``) and appended to the image
+        channels after the intensity transforms, which never touch them."""
+        self.settings, self.geometry, self.previous_labels = settings, geometry, previous_labels
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         patch = list(self.geometry.patch_size)
-        images, labels = [], []
-        for b, (image, label) in enumerate(zip(batch["image"], batch["label"])):
+        images, labels, priors = [], [], []
+        interpolation = self.settings.label_interpolation if self.settings else "linear"
+        previous = batch.get("previous") or [None] * len(batch["image"])
+        for b, (image, label, prior) in enumerate(zip(batch["image"], batch["label"], previous)):
             matrix = batch["matrix"][b]
             if matrix.numel():
                 displacement = None
@@ -192,14 +202,29 @@ class Augmenter:
                 grid = sampling_grid(matrix, batch["offset"][b], patch, image.shape[1:], displacement)
                 image = warp_image(image, grid)
                 if label is not None:
-                    label = warp_label(label, grid, self.settings.label_interpolation if self.settings else "linear")
+                    label = warp_label(label, grid, interpolation)
+                if prior is not None:
+                    prior = warp_label(prior, grid, interpolation)
             images.append(image)
             labels.append(label)
+            priors.append(prior)
         image = torch.stack(images).float()
         label = torch.stack(labels) if labels[0] is not None else None
         if self.settings is not None and "params" in batch:
             self._intensity(image, batch["params"], batch["seed"])
+        if self.previous_labels is not None:
+            image = torch.cat([image, self._previous_channels(torch.stack(priors), batch)], dim=1)
         return image, label
+
+    def _previous_channels(self, priors: torch.Tensor, batch: dict) -> torch.Tensor:
+        from segforge.preprocessing.cascade import one_hot
+        from segforge.training.morphology import perturb_one_hot
+
+        channels = one_hot(priors.to(torch.int16), self.previous_labels)
+        if self.settings is not None and "params" in batch:  # training patches only
+            for b in range(channels.shape[0]):
+                perturb_one_hot(channels[b], np.random.default_rng([int(batch["seed"][b]), 1]), self.settings)
+        return channels
 
     def _intensity(self, x: torch.Tensor, params: dict, seeds: torch.Tensor) -> None:
         keep = (0,) if self.geometry.pseudo_2d else ()

@@ -39,9 +39,14 @@ class SegmentationDataModule(L.LightningDataModule):
     its batches are ``(image, None)``."""
 
     def __init__(self, folder: Path, train_ids: list[str], val_ids: list[str], patch_size: list[int], dims: int,
-                 batch_size: int, data_cfg, seed: int, mirror_axes: list[int] | None = None, with_labels: bool = True):
+                 batch_size: int, data_cfg, seed: int, mirror_axes: list[int] | None = None, with_labels: bool = True,
+                 previous=None):
+        """``previous``: a cascade stage's ``PreviousStage`` (training/cascade.py): each patch also carries the
+        previous stage's prediction, as one-hot channels after the image's."""
         super().__init__()
         self.with_labels = with_labels
+        self.previous_arrays = previous.arrays if previous is not None else None
+        self.previous_labels = previous.labels if previous is not None else None
         self.folder, self.train_ids, self.val_ids = Path(folder), list(train_ids), list(val_ids)
         self.patch_size, self.dims, self.batch_size, self.seed = [int(p) for p in patch_size], dims, batch_size, seed
         self.cfg = _plain(data_cfg)
@@ -101,20 +106,20 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = PatchDataset(self.folder, self.train_ids, self.patch_size, self.dims, self._oversampling(),
-                               self.settings, self.geometry, self.seed, self.with_labels)
+                               self.settings, self.geometry, self.seed, self.with_labels, self.previous_arrays)
         samples = int(self.cfg["iterations_per_epoch"]) * self.batch_size
-        return self._loader(dataset, samples, False, Augmenter(self.settings, self.geometry))
+        return self._loader(dataset, samples, False, Augmenter(self.settings, self.geometry, self.previous_labels))
 
     def val_dataloader(self) -> DataLoader:
         ids = self.val_ids or self.train_ids
         dataset = PatchDataset(self.folder, ids, self.patch_size, self.dims, self._oversampling(),
-                               None, self.geometry, self.seed + 1, self.with_labels)
+                               None, self.geometry, self.seed + 1, self.with_labels, self.previous_arrays)
         samples = int(self.cfg["val_iterations"]) * self.batch_size
-        return self._loader(dataset, samples, True, Augmenter(None, self.geometry))
+        return self._loader(dataset, samples, True, Augmenter(None, self.geometry, self.previous_labels))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """``augment_on=device``: the batch arrives as crops and parameters; augment it where it now is."""
         if isinstance(batch, dict):
             with torch.no_grad():
-                return Augmenter(self.settings if "params" in batch else None, self.geometry)(batch)
+                return Augmenter(self.settings if "params" in batch else None, self.geometry, self.previous_labels)(batch)
         return batch

@@ -35,6 +35,7 @@ from segforge.planning.precision import check_step_memory, training_precision
 from segforge.preprocessing.pipeline import plan_hash
 from segforge.training.budget import (BudgetPacer, BudgetSplit, elapsed_since, forward_seconds,
                                       split_budget, validation_windows)
+from segforge.training.cascade import PreviousStage, next_stages, previous_stage
 from segforge.training.callbacks import (AtomicCheckpointIO, BestCheckpoint, EpochProgress, RunFolderWriter,
                                          extra_callbacks)
 from segforge.training.data import SegmentationDataModule
@@ -155,6 +156,12 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     task_files = {model_dir / name: text for name, text in task.model_files().items()}
     check_model_folder(model_dir, copies, task_files)
 
+    previous = previous_stage(inputs.workspace, task.name, inputs.plans, inputs.configuration, inputs.train_ids,
+                              inputs.val_ids, spec.root, spec.file_ending)  # a cascade stage's extra input channels
+    if previous is not None and task.name != "segment":
+        raise SegforgeError(f"configuration={inputs.configuration} is a cascade stage, a segmentation model. Fix: "
+                            "task=segment, or configuration=3d_fullres")
+
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     kwargs = task.network_kwargs()
     network = training_network(cfg, kwargs, inputs.plan_config, fold_dir, resume_from)
@@ -163,7 +170,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     module = task.module(network, kwargs)
     datamodule = SegmentationDataModule(inputs.data_dir, inputs.train_ids, inputs.val_ids, patch_size,
                                         inputs.plan_config["dims"], batch_size, task.data_cfg(), int(cfg.seed),
-                                        inputs.plan_config.get("mirror_axes"), task.with_labels)
+                                        inputs.plan_config.get("mirror_axes"), task.with_labels, previous)
     trainer_kwargs = dict(inputs.trainer_kwargs)
     max_time_s = parse_duration(trainer_kwargs.get("max_time"), "trainer.max_time")
     total_steps = int(trainer_kwargs["max_epochs"]) * int(cfg.data.iterations_per_epoch)
@@ -171,7 +178,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     if inputs.budget_s:  # time decides: the schedule spans the training time, epochs are paced by time
         split = _split_budget(inputs.budget_s, started_at, task.window_network(network),
                               task.validation_passes(datamodule.trained_mirror_axes),
-                              patch_size, inputs.data_dir, inputs.val_ids, spec, cfg)
+                              patch_size, inputs.data_dir, inputs.val_ids, spec, cfg,
+                              int(kwargs.get("in_channels", spec.num_channels)))
         max_time_s, total_steps = split.training_s, None
         trainer_kwargs.update(max_epochs=-1, reload_dataloaders_every_n_epochs=1)
     new_files = {inputs.workspace.splits_path: json.dumps(inputs.splits, indent=2) + "\n"} \
@@ -206,7 +214,7 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     trainer.save_checkpoint(fold_dir / "checkpoints" / "last.ckpt")  # the final state, also after max_time or early stopping
     if trainer.is_global_zero:
         finish_run(cfg, inputs, task, trainer, module, network, kwargs, datamodule, patch_size, fold_dir, split,
-                   started_at)
+                   started_at, previous)
     return fold_dir
 
 
@@ -312,8 +320,10 @@ def progress_bar(cfg, trainer_kwargs: dict) -> list:
 
 
 def finish_run(cfg, inputs: RunInputs, task, trainer, module, network, kwargs: dict, datamodule, patch_size: list[int],
-               fold_dir: Path, split: BudgetSplit | None, started_at: float | None) -> None:
-    """Rank 0 after training: the final weights, the final validation and ``training_summary.json``."""
+               fold_dir: Path, split: BudgetSplit | None, started_at: float | None,
+               previous: PreviousStage | None = None) -> None:
+    """Rank 0 after training: the final weights, the final validation (with the cascade's inputs: the previous
+    stage's masks, the predictions for the next stage) and ``training_summary.json``."""
     network = task.exported(module, network)  # e.g. the denoiser's averaged weights
     trained = {"patch_size": patch_size, "mirror_axes": datamodule.trained_mirror_axes}  # predict uses these
     write_weights(fold_dir / FINAL_WEIGHTS, network, kwargs, inputs.configuration, inputs.plan_config,
@@ -324,8 +334,10 @@ def finish_run(cfg, inputs: RunInputs, task, trainer, module, network, kwargs: d
                "global_step": trainer.global_step, "epochs": trainer.current_epoch, "final_metrics": metrics,
                "data_policy": datamodule.policy.to_json() if datamodule.policy else None}
     if inputs.val_ids and cfg.final_validation.enabled:
+        stages = next_stages(inputs.workspace, task.name, inputs.plans, inputs.configuration) if task.name == "segment" else {}
+        cascade = {**({"next_stages": stages} if stages else {}), **({"previous": previous.masks} if previous else {})}
         summary.update(task.final_validation(network, inputs.plans, inputs.configuration, inputs.val_ids, fold_dir,
-                                             _validation_device(cfg), **trained))
+                                             _validation_device(cfg), **trained, **cascade))
     if split is not None:
         total = elapsed_since(started_at)
         summary["budget"] = {**split.to_json(), "total_s": round(total, 1), "within_budget": total <= inputs.budget_s}
@@ -354,7 +366,7 @@ def resolve_configuration(name: str, plans: dict, plans_path: Path, budget_s: fl
 
 
 def _split_budget(budget_s: float, started_at: float | None, network, passes: int, patch_size: list[int], data_dir: Path,
-                  val_ids: list[str], spec: DatasetSpec, cfg) -> BudgetSplit:
+                  val_ids: list[str], spec: DatasetSpec, cfg, in_channels: int) -> BudgetSplit:
     """Time the final validation's forward pass and split the budget (``training/budget.py``); ``passes``: how
     often the final validation runs the network over each window (the task's ``validation_passes``)."""
     validating = bool(val_ids) and bool(cfg.final_validation.enabled)
@@ -363,7 +375,7 @@ def _split_budget(budget_s: float, started_at: float | None, network, passes: in
     windows = 0
     if validating:
         network.to(device)
-        forward_s = forward_seconds(network, spec.num_channels, patch_size, 1, device, int(cfg.budgeting.forward_repeats),
+        forward_s = forward_seconds(network, in_channels, patch_size, 1, device, int(cfg.budgeting.forward_repeats),
                                     int(cfg.final_validation.sw_batch_size), float(cfg.budgeting.forward_enough_s))
         network.to("cpu")
         shapes = [read_json(data_dir / f"{case}.json")["shape_after_resampling"] for case in val_ids]

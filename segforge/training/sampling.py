@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from segforge.errors import SegforgeError
 from segforge.training.augment import AugmentationSettings, Augmenter, PatchGeometry, draw_intensity, draw_spatial
 from segforge.training.spatial import source_box
 
@@ -76,9 +77,16 @@ class _Case:
     """One preprocessed case: memory maps of image and label, and its foreground locations grouped by class
     (without ``with_labels``: the image only, no locations)."""
 
-    def __init__(self, folder: Path, case_id: str, with_labels: bool = True):
+    def __init__(self, folder: Path, case_id: str, with_labels: bool = True, previous: Path | None = None):
         self.data = np.load(folder / f"{case_id}.npy", mmap_mode="r", allow_pickle=False)
         self.seg = np.load(folder / f"{case_id}_seg.npy", mmap_mode="r", allow_pickle=False) if with_labels else None
+        # a cascade stage's previous-stage prediction, on this grid (training/cascade.py)
+        self.previous = np.load(previous, mmap_mode="r", allow_pickle=False) if previous is not None else None
+        if self.previous is not None and self.previous.shape != self.data.shape[1:]:
+            raise SegforgeError(f"{previous}: shape {list(self.previous.shape)}, but the preprocessed case "
+                                f"{folder / case_id}.npy has {list(self.data.shape[1:])}: the previous stage predicted "
+                                "it for another plan. Fix: re-run the previous stage's training (its final validation "
+                                "writes these) after `segforge preprocess`")
         self.locations = np.load(folder / f"{case_id}_locations.npy", mmap_mode="r", allow_pickle=False) \
             if with_labels else np.zeros((0, 4), np.int32)
         classes = np.asarray(self.locations[:, 0]) if len(self.locations) else np.zeros(0, np.int32)
@@ -102,8 +110,11 @@ class PatchDataset(Dataset):
     """
 
     def __init__(self, folder: Path, case_ids: list[str], patch_size: list[int], dims: int, oversampling: float,
-                 settings: AugmentationSettings | None, geometry: PatchGeometry, seed: int, with_labels: bool = True):
+                 settings: AugmentationSettings | None, geometry: PatchGeometry, seed: int, with_labels: bool = True,
+                 previous: dict[str, Path] | None = None):
+        """``previous``: case -> its previous-stage prediction (a cascade stage), cropped and warped as the label."""
         self.folder, self.case_ids, self.dims = Path(folder), list(case_ids), dims
+        self.previous = previous
         self.patch = [int(p) for p in patch_size]
         self.oversampling, self.settings, self.geometry, self.seed = oversampling, settings, geometry, seed
         self.with_labels = with_labels
@@ -116,29 +127,34 @@ class PatchDataset(Dataset):
 
     def _case(self, case_id: str) -> _Case:
         if case_id not in self._cases:  # opening a memory map is cheap; pages are read on demand
-            self._cases[case_id] = _Case(self.folder, case_id, self.with_labels)
+            self._cases[case_id] = _Case(self.folder, case_id, self.with_labels,
+                                         self.previous[case_id] if self.previous else None)
         return self._cases[case_id]
 
     def __getitem__(self, uid: int) -> dict:
         rng = np.random.default_rng([self.seed, int(uid)])
         case = self._case(self.case_ids[int(rng.integers(len(self.case_ids)))])
-        data, seg = case.data, case.seg
+        data, seg, prior = case.data, case.seg, case.previous
         centre = case.random_foreground(rng) if self.oversampling > 0 and rng.random() < self.oversampling else None
         if self.dims == 2:
             z = centre[0] if centre is not None else int(rng.integers(data.shape[1]))
             data, seg = data[:, z], (seg[z] if seg is not None else None)
+            prior = prior[z] if prior is not None else None
             centre = centre[1:] if centre is not None else None
         start = choose_patch_start(list(data.shape[1:]), self.patch, rng, centre)
         spatial = draw_spatial(rng, self.settings, self.geometry) if self.settings else {"matrix": None, "mirror": []}
-        label = None
+        label = previous = None
         if spatial["matrix"] is None:
             image = crop_with_padding(data, start, self.patch)
             if seg is not None:
                 label = crop_with_padding(seg, start, self.patch)
+            if prior is not None:
+                previous = crop_with_padding(prior, start, self.patch)
             flips = [a for a, m in enumerate(spatial["mirror"]) if m]
             if flips:  # mirroring folds into the copy
                 image = np.flip(image, [a + 1 for a in flips])
                 label = np.flip(label, flips) if label is not None else None
+                previous = np.flip(previous, flips) if previous is not None else None
             matrix, offset, elastic = torch.zeros(0), torch.zeros(0), torch.zeros(0)
         else:
             centre_f = np.asarray(start, float) + (np.asarray(self.patch, float) - 1) / 2
@@ -146,19 +162,25 @@ class PatchDataset(Dataset):
             image = crop_with_padding(data, box_start, box_size)
             if seg is not None:
                 label = crop_with_padding(seg, box_start, box_size)
+            if prior is not None:
+                previous = crop_with_padding(prior, box_start, box_size)
             matrix = torch.from_numpy(spatial["matrix"].astype(np.float32))
             offset = torch.from_numpy((centre_f - np.asarray(box_start)).astype(np.float32))
             elastic = torch.from_numpy(spatial["elastic"]) if spatial["elastic"] is not None else torch.zeros(0)
         params = draw_intensity(rng, self.settings, image.shape[0], self.dims) if self.settings else None
         return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.int16))[None] if label is not None else None,
+                "previous": torch.from_numpy(np.ascontiguousarray(previous, dtype=np.int16))[None]
+                if previous is not None else None,
                 "matrix": matrix, "offset": offset, "elastic": elastic, "params": params,
                 "seed": int(rng.integers(2**62))}
 
 
 def collate_patches(samples: list[dict]) -> dict:
     """Per-sample tensors stay lists (crops differ in size); parameters are stacked per name."""
-    batch = {key: [s[key] for s in samples] for key in ("image", "label", "matrix", "offset", "elastic")}
+    batch = {key: [s.get(key) for s in samples] for key in ("image", "label", "previous", "matrix", "offset", "elastic")}
+    if batch["previous"][0] is None:
+        del batch["previous"]
     batch["seed"] = torch.tensor([s["seed"] for s in samples], dtype=torch.int64)
     if samples[0]["params"] is not None:
         batch["params"] = {key: torch.from_numpy(np.stack([s["params"][key] for s in samples]))

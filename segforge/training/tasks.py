@@ -68,7 +68,9 @@ class SegmentTask:
         self.cfg, self.spec, self.plan_config, self.data_dir = cfg, spec, plan_config, data_dir
 
     def network_kwargs(self) -> dict:
-        return segmentation_network_kwargs(self.cfg, self.plan_config, self.spec.num_channels, self.spec.num_outputs)
+        extra = len(self.plan_config.get("previous_stage_labels") or []) if self.plan_config.get("previous_stage") else 0
+        return segmentation_network_kwargs(self.cfg, self.plan_config, self.spec.num_channels + extra,
+                                           self.spec.num_outputs)
 
     def data_cfg(self):
         return self.cfg.data
@@ -105,8 +107,10 @@ class SegmentTask:
         return 2 ** len(axes) if self.cfg.final_validation.mirror else 1
 
     def final_validation(self, network, plans: dict, configuration: str, val_ids: list[str], fold_dir: Path, device,
-                         patch_size: list[int] | None = None, mirror_axes: list[int] | None = None) -> dict:
-        """The sliding-window validation with the patch and mirror axes training used (default: the plan's)."""
+                         patch_size: list[int] | None = None, mirror_axes: list[int] | None = None,
+                         next_stages: dict | None = None, previous: dict | None = None) -> dict:
+        """The sliding-window validation with the patch and mirror axes training used (default: the plan's);
+        ``next_stages``, ``previous``: the cascade's (``validate_fold``)."""
         from segforge.training.validation import validate_fold
 
         final = self.cfg.final_validation
@@ -114,7 +118,8 @@ class SegmentTask:
                                 val_ids, fold_dir / "validation", device, mirror=bool(final.mirror),
                                 step_size=float(final.step_size), sw_batch_size=int(final.sw_batch_size),
                                 save_probabilities=bool(final.get("save_probabilities", False)),
-                                patch_size=patch_size, mirror_axes=mirror_axes)
+                                patch_size=patch_size, mirror_axes=mirror_axes, next_stages=next_stages,
+                                previous=previous)
         log.info("validation of fold %s (%d cases, sliding window): mean foreground Dice %.4f", self.cfg.fold,
                  summary["num_cases"], summary["foreground_mean_dice"])
         return {"validation_mean_dice": summary["foreground_mean_dice"]}

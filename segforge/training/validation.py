@@ -1,6 +1,11 @@
 """The end-of-training validation of a fold: sliding-window prediction of each validation case on its original
 grid (as ``segforge predict`` does), written under ``fold_<k>/validation/`` (optionally with probabilities, for
-``segforge select``'s ensembles), and a ``summary.json`` of its metrics."""
+``segforge select``'s ensembles), and a ``summary.json`` of its metrics.
+
+A stage with a next one (3d_lowres before 3d_cascade_fullres) also writes each mask resampled onto the next stage's
+preprocessed grid (``next_stages``: name -> (its preprocessed folder, the output folder), nnU-Net's
+``predicted_next_stage``); a cascade stage predicts with the previous stage's masks (``previous``: case -> mask file on
+the original grid)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,10 @@ import torch
 from segforge.configs import packaged_config
 from segforge.evaluation.metrics import evaluate_folders
 from segforge.io.dataset import DatasetSpec
-from segforge.io.image import write_image
+from segforge.errors import SegforgeError
+from segforge.io.artifacts import read_json, save_npy_atomic
+from segforge.io.image import read_image, write_image
+from segforge.preprocessing.cascade import previous_stage_on_grid
 
 log = logging.getLogger("segforge")
 
@@ -20,7 +28,9 @@ log = logging.getLogger("segforge")
 def validate_fold(network: torch.nn.Module, plans: dict, dataset_json: dict, configuration: str, spec: DatasetSpec,
                   val_ids: list[str], out_dir: Path, device: torch.device, mirror: bool | None = None,
                   step_size: float | None = None, sw_batch_size: int | None = None, save_probabilities: bool = False,
-                  patch_size: list[int] | None = None, mirror_axes: list[int] | None = None) -> dict:
+                  patch_size: list[int] | None = None, mirror_axes: list[int] | None = None,
+                  next_stages: dict[str, tuple[Path, Path]] | None = None,
+                  previous: dict[str, Path] | None = None) -> dict:
     """``patch_size``, ``mirror_axes``: those the network was trained with (default: the plan's); ``mirror``,
     ``step_size``, ``sw_batch_size`` left None: ``final_validation.*`` of configs/train.yaml."""
     from segforge.inference.folder import save_probabilities as save_npz
@@ -37,10 +47,24 @@ def validate_fold(network: torch.nn.Module, plans: dict, dataset_json: dict, con
     cases = [c for c in spec.cases if c.case_id in set(val_ids)]
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, case in enumerate(cases, 1):
-        probabilities, geometry = predictor.probabilities(case.image_files)
+        prior = read_image(previous[case.case_id])[0] if previous else None
+        probabilities, geometry = predictor.probabilities(case.image_files, previous=prior)
         if save_probabilities:  # for ensembles of configurations in `segforge select`
             save_npz(out_dir / case.case_id, probabilities, predictor.class_names, geometry)
-        write_image(out_dir / f"{case.case_id}{ending}", predictor.labels(probabilities), geometry)
+        mask = predictor.labels(probabilities)
+        write_image(out_dir / f"{case.case_id}{ending}", mask, geometry)
+        for name, (data_dir, next_dir) in (next_stages or {}).items():
+            write_next_stage(mask, case.case_id, name, data_dir, next_dir)
         log.info("validation %d/%d: %s", i, len(cases), case.case_id)
     references = {c.case_id: c.label_file for c in cases}
     return evaluate_folders(out_dir, references, spec.labels, out_dir / "summary.json")
+
+
+def write_next_stage(mask, case_id: str, name: str, data_dir: Path, next_dir: Path) -> None:
+    """``next_dir/CASE.npy``: ``mask`` (original grid) on the next stage's preprocessed grid, written atomically."""
+    properties = data_dir / f"{case_id}.json"
+    if not properties.is_file():
+        raise SegforgeError(f"{properties}: missing, so the prediction for the next stage ({name}) of case {case_id} "
+                            f"cannot be written. Fix: run `segforge preprocess DATASET` (it preprocesses {data_dir.name})")
+    next_dir.mkdir(parents=True, exist_ok=True)
+    save_npy_atomic(next_dir / f"{case_id}.npy", previous_stage_on_grid(mask, read_json(properties, "case_properties")))

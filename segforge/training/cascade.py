@@ -1,0 +1,73 @@
+"""The cascade's bookkeeping between stages (nnU-Net's ``previous_stage``/``next_stage``): where a stage's final
+validation writes the predictions for its next stage, and, for a cascade stage, where each case's previous-stage
+prediction is, refused in words when a case has none.
+
+```
+<results>/<task>/3d_lowres/predicted_next_stage/3d_cascade_fullres/CASE.npy   int16, the 3d_fullres preprocessed grid
+<results>/<task>/3d_lowres/fold_<k>/validation/CASE<ending>                   the mask on the original grid
+```
+Every case is in exactly one lowres fold's validation set (the folds share ``splits.json``), so training all lowres
+folds predicts every case once, by a network that never trained on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from segforge.errors import SegforgeError
+from segforge.io.artifacts import read_json
+from segforge.preprocessing.cascade import NEXT_STAGE_FOLDER
+from segforge.workspace import Workspace
+
+
+def next_stages(workspace: Workspace, task: str, plans: dict, configuration: str) -> dict[str, tuple[Path, Path]]:
+    """Next stage name -> (its preprocessed folder, where this stage's validation writes its inputs)."""
+    out = {}
+    for name in plans["configurations"][configuration].get("next_stage") or []:
+        entry = plans["configurations"].get(name)
+        if entry is not None:
+            out[name] = (workspace.preprocessed(entry.get("data_identifier", name)),
+                         workspace.model_dir(task, configuration) / NEXT_STAGE_FOLDER / name)
+    return out
+
+
+@dataclass(frozen=True)
+class PreviousStage:
+    """A cascade stage's extra input: ``labels`` one-hot encoded; per case its map on the preprocessed grid
+    (``arrays``) and, for the validation cases, its mask on the original grid (``masks``)."""
+
+    configuration: str
+    labels: list[int]
+    arrays: dict[str, Path]
+    masks: dict[str, Path]
+
+
+def previous_stage(workspace: Workspace, task: str, plans: dict, configuration: str, train_ids: list[str],
+                   val_ids: list[str], dataset_root: Path, ending: str) -> PreviousStage | None:
+    """The previous stage's predictions of every case a cascade fold uses (None for a configuration without
+    ``previous_stage``); a case without one is refused, naming it and the lowres fold to train."""
+    plan_config = plans["configurations"][configuration]
+    previous = plan_config.get("previous_stage")
+    if not previous:
+        return None
+    if previous not in plans["configurations"]:
+        raise SegforgeError(f"{workspace.plans_path}: {configuration} names previous_stage {previous!r}, which the plan "
+                            f"lacks. Fix: re-run `segforge plan {dataset_root}`")
+    splits = read_json(workspace.splits_path) if workspace.splits_path.is_file() else []
+    fold_of = {case: k for k, split in enumerate(splits) for case in split["val"]}
+    folder = workspace.model_dir(task, previous) / NEXT_STAGE_FOLDER / configuration
+    arrays = {case: folder / f"{case}.npy" for case in [*train_ids, *val_ids]}
+    masks = {case: workspace.fold_dir(task, previous, fold_of.get(case, "?")) / "validation" / f"{case}{ending}"
+             for case in val_ids}
+    missing = sorted({case for case, path in [*arrays.items(), *masks.items()] if not path.is_file()})
+    if missing:
+        folds = sorted({fold_of[c] for c in missing if c in fold_of})
+        command = " && ".join(f"segforge train {dataset_root} configuration={previous} fold={k}" for k in folds) \
+            if folds else f"segforge train {dataset_root} configuration={previous} fold=K for every fold K"
+        raise SegforgeError(f"{folder}: no {previous} prediction of case(s) {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(arrays)}): {configuration} "
+                            f"trains on the {previous} prediction of every case, made by the final validation of the "
+                            f"{previous} fold that holds the case out. Fix: train the {previous} folds first "
+                            f"(`{command}`, with final_validation.enabled=true)")
+    return PreviousStage(previous, [int(v) for v in plan_config["previous_stage_labels"]], arrays, masks)
