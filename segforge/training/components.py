@@ -1,0 +1,92 @@
+"""The callbacks, loggers and learning-rate schedule of a run, built from their config entries with
+``hydra.utils.instantiate`` (lightning-hydra-template's way): ``callbacks.NAME`` and ``logger.NAME`` are each
+``{_target_: module.Class, arg: value, ...}`` or null (left out); ``optim.scheduler`` is a ``_partial_`` the run
+completes with its step count and time.
+
+What a command line may name there is checked before any work (``cli/targets.py``); the entries' run context (the fold
+folder, the metric followed) comes in through ``${run.*}`` (``fill_run_context``). Configs read back from a model
+folder never come here: only the command's own composed config is built.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from segforge.errors import SegforgeError
+
+
+def fill_run_context(cfg, fold_dir, monitor: str, name: str) -> None:
+    """Set ``run.*`` (what ``${run.fold_dir}``, ``${run.monitor}``, ``${run.name}`` in the entries refer to)."""
+    OmegaConf.update(cfg, "run", {"fold_dir": str(fold_dir), "monitor": monitor, "name": name}, merge=True)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1][:300] if text else type(exc).__name__
+
+
+def build(entry, setting: str, fix: str):
+    """``instantiate(entry)`` with plain containers as arguments (a checkpoint holds no OmegaConf object); an entry
+    that cannot be made is a user error naming ``setting`` and ``fix``."""
+    from hydra.utils import instantiate
+
+    if not isinstance(entry, DictConfig) or "_target_" not in entry:
+        raise SegforgeError(f"{setting}={OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry!r}: "
+                            f"must be an entry {{_target_: module.Class, arg: value, ...}} or null (left out). Fix: {fix}")
+    try:
+        return instantiate(entry, _convert_="all")
+    except Exception as exc:  # Hydra wraps import and argument errors alike
+        reason = _reason(exc)
+        missing = "not met" in reason or "No module named" in reason
+        install = " (install what it needs; for logger=mlflow: pip install 'segforge[mlflow]')" if missing else ""
+        raise SegforgeError(f"{setting}: cannot make {entry.get('_target_')} ({reason}). Fix: an importable class{install} "
+                            f"and only the arguments it takes, or {setting}=null to leave it out") from exc
+
+
+def entries(cfg, group: str, kind: type, what: str) -> list:
+    """The objects of ``cfg.<group>``'s non-null entries, each checked to be a ``kind``; a factory's None is left out."""
+    made = []
+    for name in list(cfg.get(group) or {}):
+        entry = cfg[group][name]
+        if entry is None:
+            continue
+        setting = f"{group}.{name}"
+        fix = (f"{setting}.ARG=VALUE sets an argument, {setting}=null leaves it out, "
+               f"+{group}.NAME._target_=module.Class adds one")
+        obj = build(entry, setting, fix)
+        if obj is None:
+            continue
+        if not isinstance(obj, kind):
+            raise SegforgeError(f"{setting}: {entry.get('_target_')} is not {what}. Fix: {setting}._target_ names a "
+                                f"{kind.__module__}.{kind.__qualname__} subclass, or {setting}=null")
+        made.append(obj)
+    return made
+
+
+def make_callbacks(cfg, monitor: str, validating: bool) -> list[L.Callback]:
+    """``callbacks.*``; without validation cases the callbacks that follow the validation metric are left out."""
+    made = entries(cfg, "callbacks", L.Callback, "a Lightning callback")
+    return [c for c in made if validating or getattr(c, "monitor", None) != monitor]
+
+
+def make_loggers(cfg) -> list:
+    """``logger.*``: Lightning loggers (inside the fold folder as packaged)."""
+    from lightning.pytorch.loggers import Logger
+
+    return entries(cfg, "logger", Logger, "a Lightning logger")
+
+
+def make_schedule(cfg, total_steps: int | None, max_time_s: float | None):
+    """``optim.scheduler``: segforge's progress schedule, completed with the run's steps and time (either may decide)."""
+    from segforge.training.schedules import ScheduleCallback
+
+    fix = ("optim.scheduler.schedule=poly|cosine|constant (optim.scheduler.warmup_fraction, .poly_exponent), or "
+           "optim=sgd_poly|adamw_cosine")
+    made = build(cfg.optim.get("scheduler"), "optim.scheduler", fix)
+    schedule = made(total_steps=total_steps, max_time_s=max_time_s) if callable(made) else made
+    if not isinstance(schedule, ScheduleCallback):
+        raise SegforgeError(f"optim.scheduler: {cfg.optim.scheduler.get('_target_')} is not segforge's progress "
+                            "schedule (it spans epochs and time budgets alike; torch.optim.lr_scheduler classes are not "
+                            f"taken). Fix: {fix}")
+    return schedule
