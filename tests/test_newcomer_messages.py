@@ -14,7 +14,7 @@ from segforge.cli.main import main
 
 @pytest.mark.parametrize("override, expected", [
     ("trainer.max_epoch=5", "there is no setting trainer.max_epoch; did you mean trainer.max_epochs? Fix: trainer.max_epochs=5"),
-    ("optim.lrr=0.01", "did you mean optim.lr? Fix: optim.lr=0.01"),
+    ("optim.optimizer.lrr=0.01", "did you mean optim.optimizer.lr? Fix: optim.optimizer.lr=0.01"),
     ("optm=sgd_poly", "did you mean optim? Fix: optim=sgd_poly"),
     ("optim=sgd_polly", "optim has no option 'sgd_polly' (options: adamw_cosine, "),
     ("optim=sgd_polly", "did you mean sgd_poly? Fix: optim=sgd_poly"),
