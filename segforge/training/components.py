@@ -21,9 +21,29 @@ def fill_run_context(cfg, fold_dir, monitor: str, name: str) -> None:
     OmegaConf.update(cfg, "run", {"fold_dir": str(fold_dir), "monitor": monitor, "name": name}, merge=True)
 
 
-def _reason(exc: Exception) -> str:
+def _innermost(exc: BaseException) -> BaseException:
+    """What Hydra's InstantiationException wraps (an ImportError, a TypeError of the arguments, segforge's own)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+        if isinstance(exc, SegforgeError):
+            break
+    return exc
+
+
+def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[-1][:300] if text else type(exc).__name__
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _made_error(exc: Exception, target, setting: str, fix: str) -> SegforgeError:
+    inner = _innermost(exc)
+    if isinstance(inner, SegforgeError):  # the entry's own message (e.g. a progress bar kind), already with its fix
+        return inner
+    reason = _reason(inner)
+    missing = isinstance(inner, ImportError) or "not met" in reason
+    install = " (install what it needs; for logger=mlflow: pip install 'segforge[mlflow]')" if missing else ""
+    return SegforgeError(f"{setting}: cannot make {target} ({reason}). Fix: an importable class{install} and only the "
+                         f"arguments it takes, or {fix}")
 
 
 def build(entry, setting: str, fix: str):
@@ -37,11 +57,7 @@ def build(entry, setting: str, fix: str):
     try:
         return instantiate(entry, _convert_="all")
     except Exception as exc:  # Hydra wraps import and argument errors alike
-        reason = _reason(exc)
-        missing = "not met" in reason or "No module named" in reason
-        install = " (install what it needs; for logger=mlflow: pip install 'segforge[mlflow]')" if missing else ""
-        raise SegforgeError(f"{setting}: cannot make {entry.get('_target_')} ({reason}). Fix: an importable class{install} "
-                            f"and only the arguments it takes, or {setting}=null to leave it out") from exc
+        raise _made_error(exc, entry.get("_target_"), setting, fix) from exc
 
 
 def entries(cfg, group: str, kind: type, what: str) -> list:
@@ -52,8 +68,7 @@ def entries(cfg, group: str, kind: type, what: str) -> list:
         if entry is None:
             continue
         setting = f"{group}.{name}"
-        fix = (f"{setting}.ARG=VALUE sets an argument, {setting}=null leaves it out, "
-               f"+{group}.NAME._target_=module.Class adds one")
+        fix = f"{setting}=null to leave it out ({setting}.ARG=VALUE sets an argument)"
         obj = build(entry, setting, fix)
         if obj is None:
             continue
@@ -84,7 +99,10 @@ def make_schedule(cfg, total_steps: int | None, max_time_s: float | None):
     fix = ("optim.scheduler.schedule=poly|cosine|constant (optim.scheduler.warmup_fraction, .poly_exponent), or "
            "optim=sgd_poly|adamw_cosine")
     made = build(cfg.optim.get("scheduler"), "optim.scheduler", fix)
-    schedule = made(total_steps=total_steps, max_time_s=max_time_s) if callable(made) else made
+    try:  # a _partial_'s arguments are checked when it is called
+        schedule = made(total_steps=total_steps, max_time_s=max_time_s) if callable(made) else made
+    except Exception as exc:
+        raise _made_error(exc, cfg.optim.scheduler.get("_target_"), "optim.scheduler", fix) from exc
     if not isinstance(schedule, ScheduleCallback):
         raise SegforgeError(f"optim.scheduler: {cfg.optim.scheduler.get('_target_')} is not segforge's progress "
                             "schedule (it spans epochs and time budgets alike; torch.optim.lr_scheduler classes are not "
