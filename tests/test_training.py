@@ -401,3 +401,19 @@ def test_no_mirroring_in_training_means_none_at_test_time(tmp_path):
 
     assert mirrored({"mirror_axes": [1, 2]}) == [1, 2] and mirrored({"mirror_prob": 0.5}) == [0, 1, 2]
     assert mirrored(None) == [] and mirrored({"mirror_prob": 0.0}) == []
+
+
+def test_logger_mlflow_writes_a_run_with_metrics_inside_the_fold(planned):
+    """logger=mlflow: the default loggers and an MLflow run in a local file store, <fold>/mlruns, read back through
+    mlflow's own client."""
+    mlflow = pytest.importorskip("mlflow")
+    dataset, work = planned
+    assert main(["train", str(dataset), *roots(work, "mlflow"), *QUICK, "trainer.max_epochs=2", "logger=mlflow"]) == 0
+    fold = fold_dir(work, dataset, "mlflow")
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"file:{fold / 'mlruns'}")
+    experiment = client.get_experiment_by_name("segforge")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == f"{dataset.name}/segment/3d_fullres/fold_0"
+    assert {"train_loss_epoch", "val_loss", "val_dice", "val_dice_ema"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "val_dice")) == 2  # one per epoch
+    assert next((fold / "logs").glob("version_*/metrics.csv")).is_file()  # the CSV logger still writes

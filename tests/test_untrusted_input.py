@@ -146,6 +146,39 @@ def test_train_never_writes_into_the_dataset_folder(planned, setting, capfd):
     assert tree_hash(dataset) == before
 
 
+def test_a_model_folders_config_is_data_never_instantiated(planned, tmp_path, capfd):
+    """A fold's config.yaml (as a downloaded model folder could hold it) naming `_target_: os.mkdir` in callbacks,
+    logger, optim and the model: resuming the fold, fine-tuning from it and predicting with it build only the
+    command's own config; nothing the folder says is run."""
+    import yaml
+
+    dataset, work = planned
+    quick = ["trainer.max_epochs=1", "data.iterations_per_epoch=1", "data.val_iterations=1", "trainer.accelerator=cpu",
+             "final_validation.enabled=false", "logger.tensorboard=null", "callbacks.epoch_progress.plot_path=null"]
+    assert main(["train", str(dataset), *roots(work, "data"), *quick]) == 0
+    model = work / "data" / dataset.name / "results" / "segment" / "3d_fullres"
+    fold = model / "fold_0"
+    markers = {name: tmp_path / f"ran_{name}" for name in ("callback", "logger", "optimizer", "scheduler", "model", "top")}
+    config = yaml.safe_load((fold / "config.yaml").read_text())
+    evil = {name: {"_target_": "os.mkdir", "path": str(path)} for name, path in markers.items()}
+    config["callbacks"]["evil"] = evil["callback"]
+    config["logger"]["evil"] = evil["logger"]
+    config["optim"] = {"optimizer": {**evil["optimizer"], "_partial_": True}, "scheduler": evil["scheduler"]}
+    config["model"] = evil["model"]
+    config.update(evil["top"])
+    (fold / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(dataset), *roots(work, "data"), *quick, "trainer.max_epochs=2"]) == 0  # resume=auto
+    assert torch.load(fold / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2  # it did resume
+    assert main(["train", str(dataset), *roots(work, "tuned"), *quick, f"init_from={fold}"]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in sorted((dataset / "imagesTs").iterdir())[:1]:
+        (images / image.name).write_bytes(image.read_bytes())
+    assert main(["predict", "-i", str(images), "-o", str(tmp_path / "out"), "--model", str(model), *FAST]) == 0
+    assert "Traceback" not in "".join(capfd.readouterr())
+    assert not [name for name, path in markers.items() if path.exists()]
+
+
 # --- predict -o: never into a dataset, never over files segforge did not write; sidecars apart from cases ----------
 
 FAST = ["predict.mirror=false", "predict.device=cpu"]

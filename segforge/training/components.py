@@ -108,3 +108,16 @@ def make_schedule(cfg, total_steps: int | None, max_time_s: float | None):
                             "schedule (it spans epochs and time budgets alike; torch.optim.lr_scheduler classes are not "
                             f"taken). Fix: {fix}")
     return schedule
+
+
+def local_mlflow_logger(tracking_uri: str, **kwargs):
+    """Lightning's ``MLFlowLogger`` on the local file store ``logger=mlflow`` packages (``file:<fold>/mlruns``).
+    MLflow 3 refuses a file store unless ``MLFLOW_ALLOW_FILE_STORE`` says yes; it is said here for a ``file:`` store
+    only, and never over a value the environment already holds."""
+    import os
+
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if str(tracking_uri).startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return MLFlowLogger(tracking_uri=tracking_uri, **kwargs)
