@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         train_s = segforge(["train", *base, "task=denoise", "configuration=2d", "fold=all", *length,
                             "recipe=nnunet", f"data.patch_size=[{args.patch},{args.patch}]", f"data.batch_size={args.batch}",
                             "task.time_band=[0.0,0.4]", "task.ema.decay=0.995", "task.network.attention_stages=1",
-                            "callbacks.progress_plot=false"], log_path)
+                            "callbacks.epoch_progress.plot_path=null"], log_path)
     trained = json.loads((model / "fold_all" / "training_summary.json").read_text())
     params["train_steps"] = trained["global_step"]
     print(f"denoiser: {trained['global_step']} training steps ({args.budget if args.budget != 'none' else 'fixed'})")

@@ -105,13 +105,13 @@ def main(argv=None) -> int:
                                         f"plan.features_max_2d={args.features_max}"], log_path, args.threads)
     if not (segmenter / "fold_all" / "model_final.pt").is_file():
         seconds["train_segment"] = run_segforge(["train", *base, "configuration=2d", "fold=all", f"budget={args.seg_budget}",
-                                                 f"data.batch_size={args.seg_batch}", "callbacks.progress_plot=false"], log_path, args.threads)
+                                                 f"data.batch_size={args.seg_batch}", "callbacks.epoch_progress.plot_path=null"], log_path, args.threads)
     if not (generator / "fold_all" / "model_final.pt").is_file():
         seconds["train_denoise"] = run_segforge(
             ["train", *base, "task=denoise", "configuration=2d", "fold=all", f"budget={args.gen_budget}", "recipe=nnunet",
              "task.mask_conditioning=true", "task.network.attention_stages=1", "task.ema.decay=0.995",
              f"data.batch_size={args.batch}",
-             "callbacks.progress_plot=false"], log_path, args.threads)
+             "callbacks.epoch_progress.plot_path=null"], log_path, args.threads)
     synth, pred_synth, pred_real = folder / "synthetic", folder / "pred_synthetic", folder / "pred_real"
     for out in (synth, pred_synth, pred_real):
         shutil.rmtree(out, ignore_errors=True)

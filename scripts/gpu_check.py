@@ -179,7 +179,7 @@ def train_run(report: Report, label: str, root: Path, work: Path, precision: str
             "configuration=3d_fullres", "fold=0", "trainer.max_epochs=1",  # trainer.precision: plan, the default
             f"data.iterations_per_epoch={settings['train_steps']}", f"data.val_iterations={settings['val_iterations']}",
             "final_validation.enabled=false",
-            f"callbacks.extra=[{{_target_:segforge.training.step_timer.TrainingStepTimer,path:'{timing}',warmup:{warmup}}}]"]
+            f"+callbacks.step_timer={{_target_:segforge.training.step_timer.TrainingStepTimer,path:'{timing}',warmup:{warmup}}}"]
     if compiled:
         args.append("model.compile=true")
     stage["wall_s"] = run_segforge(args, work / "logs" / f"{label}.log", os.cpu_count() or 1)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and install segforge with its extras.
-# Usage: source scripts/setup_env.sh [extras]   (extras default: dev; CI: dev,bench, about 70 s more on 2 cores)
+# Usage: source scripts/setup_env.sh [extras]   (extras default: dev; CI: dev,bench,mlflow, about 70 s more on 2 cores)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 extras="${1:-dev}"

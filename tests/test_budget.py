@@ -192,10 +192,10 @@ def test_a_budget_brings_the_budget_recipe_unless_a_recipe_is_given(capsys, tmp_
     assert implied_overrides("plan", ["budget=15m"]) == ["budget=15m"]
     assert main(["train", str(tmp_path), "budget=15m", "--cfg", "job"]) == 0
     cfg = OmegaConf.create(capsys.readouterr().out)
-    assert cfg.optim.name == "adamw" and cfg.configuration == "budget" and cfg.trainer.precision == "plan"
+    assert cfg.optim.optimizer._target_ == "torch.optim.AdamW" and cfg.configuration == "budget" and cfg.trainer.precision == "plan"
     assert main(["train", str(tmp_path), "budget=15m", "recipe=nnunet", "configuration=3d_fullres", "--cfg", "job"]) == 0
     cfg = OmegaConf.create(capsys.readouterr().out)
-    assert cfg.optim.name == "sgd" and cfg.configuration == "3d_fullres" and cfg.budget == "15m"
+    assert cfg.optim.optimizer._target_ == "torch.optim.SGD" and cfg.configuration == "3d_fullres" and cfg.budget == "15m"
 
 
 def test_a_budgeted_run_ends_within_its_budget_with_the_schedule_run_out(tmp_path, capsys):
@@ -210,7 +210,7 @@ def test_a_budgeted_run_ends_within_its_budget_with_the_schedule_run_out(tmp_pat
     assert sized["budget_s"] == 50 and sized["steps_measured"] >= 1
     assert not (work / dataset.name / "preprocessed" / "3d_budget").exists()  # shares 3d_fullres's data
     assert main(["train", str(dataset), f"paths.work_root={work}", "budget=50s", "trainer.accelerator=cpu",
-                 "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 0
+                 "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null"]) == 0
     fold = work / dataset.name / "results" / "segment" / "3d_budget" / "fold_0"
     summary = json.loads((fold / "training_summary.json").read_text())
     budget = summary["budget"]
@@ -221,7 +221,7 @@ def test_a_budgeted_run_ends_within_its_budget_with_the_schedule_run_out(tmp_pat
         rates = [float(r["lr"]) for r in csv.DictReader(handle) if r.get("lr")]
     assert rates[-1] < 0.1 * max(rates)  # the cosine schedule spanned the training time and ran out at its end
     config = OmegaConf.load(fold / "config.yaml")
-    assert config.optim.name == "adamw" and config.configuration == "budget"
+    assert config.optim.optimizer._target_ == "torch.optim.AdamW" and config.configuration == "budget"
 
 
 

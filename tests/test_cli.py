@@ -45,7 +45,7 @@ def test_override_any_value_and_groups():
                                    "data.augmentation.mirror_prob=0.2", "fold=all"])
     assert cfg.trainer.max_epochs == 5
     assert cfg.model.norm == "group"
-    assert cfg.optim.name == "adamw" and cfg.optim.schedule == "cosine"
+    assert cfg.optim.optimizer._target_ == "torch.optim.AdamW" and cfg.optim.scheduler.schedule == "cosine"
     assert cfg.data.augmentation.mirror_prob == 0.2
     assert cfg.fold == "all"
 

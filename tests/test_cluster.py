@@ -74,7 +74,7 @@ def test_slurm_ranks_train_and_a_requeued_job_resumes(tmp_path):
     command = [sys.executable, "-m", "segforge", "train", str(dataset), f"paths.work_root={work}", "trainer.accelerator=cpu",
                "trainer.devices=2", "trainer.strategy=ddp", f"trainer.max_epochs={EPOCHS}", "data.iterations_per_epoch=4",
                "data.val_iterations=1", "data.num_workers=0", "optim=adamw_cosine", "final_validation.enabled=false",
-               "callbacks.progress_plot=false", "logger.tensorboard=false"]
+               "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null"]
     fold = work / dataset.name / "results" / "segment" / "3d_fullres" / "fold_0"
     port = free_port()
     ranks = [launch(command, r, 4242, port, fakebin, tmp_path / f"first_{r}.log") for r in range(2)]

@@ -257,3 +257,39 @@ def test_segforge_predict_hands_the_gaussian_settings_to_the_predictor(tmp_path,
                  "predict.gaussian_sigma=0.25", "predict.gaussian_centre_weight=4"]) == 2
     assert (seen["gaussian_sigma"], seen["gaussian_centre_weight"]) == (0.25, 4.0)
 
+
+
+def test_the_optimizer_is_its_config_entry_and_overrides_reach_it():
+    """optim.optimizer is a _partial_ of its class: configure_optimizers builds it with the YAML's values only."""
+    from segforge.training.module import SegmentationModule
+    from segforge.training.optim import make_optimizer
+
+    def optimizer(overrides):
+        cfg = compose_config("train", overrides)
+        return SegmentationModule(torch.nn.Linear(2, 2), torch.nn.MSELoss(), cfg.optim.optimizer, 2).configure_optimizers()
+
+    sgd = optimizer([])
+    group = sgd.param_groups[0]
+    assert type(sgd) is torch.optim.SGD and (group["lr"], group["momentum"], group["nesterov"]) == (0.01, 0.99, True)
+    adamw = optimizer(["optim=adamw_cosine", "optim.optimizer.lr=3e-3", "optim.optimizer.weight_decay=0.5"])
+    group = adamw.param_groups[0]
+    assert type(adamw) is torch.optim.AdamW and group["lr"] == 3e-3 and group["weight_decay"] == 0.5
+    assert type(group["betas"]) in (list, tuple)  # a plain container: checkpoints load with weights_only=True
+    adam = optimizer(["optim.optimizer._target_=torch.optim.Adam", "~optim.optimizer.momentum", "~optim.optimizer.nesterov"])
+    assert type(adam) is torch.optim.Adam
+    with pytest.raises(Exception, match="optim.optimizer: cannot make torch.optim.Adam .*~optim.optimizer.momentum"):
+        optimizer(["optim.optimizer._target_=torch.optim.Adam"])  # SGD's momentum is no argument of Adam's
+    assert not hasattr(make_optimizer, "__defaults__") or make_optimizer.__defaults__ is None
+
+
+def test_the_metric_ema_decay_comes_from_the_task_config():
+    """task.validation.metric_ema_decay (was callbacks.dice_ema_decay) reaches the module SegmentTask builds."""
+    from types import SimpleNamespace
+
+    from segforge.training.tasks import SegmentTask
+
+    spec = SimpleNamespace(has_regions=False, labels={"background": 0, "a": 1}, ignore_label=None, num_outputs=2)
+    for overrides, decay in (([], 0.9), (["task.validation.metric_ema_decay=0.5"], 0.5)):
+        task = SegmentTask(compose_config("train", overrides), spec, {}, None)
+        module = task.module(torch.nn.Identity(), {"strides": [[1, 1, 1]], "deep_supervision": False})
+        assert module.metric_ema_decay == decay

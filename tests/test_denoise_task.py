@@ -19,8 +19,8 @@ from segforge.io.image import Geometry, read_image, write_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-QUICK = ["data.iterations_per_epoch=4", "data.val_iterations=1", "trainer.accelerator=cpu", "callbacks.progress_plot=false",
-         "logger.tensorboard=false", "task.network.attention_stages=1", "task.sampling.steps=4"]
+QUICK = ["data.iterations_per_epoch=4", "data.val_iterations=1", "trainer.accelerator=cpu", "callbacks.epoch_progress.plot_path=null",
+         "logger.tensorboard=null", "task.network.attention_stages=1", "task.sampling.steps=4"]
 GEO_2D = Geometry(spacing=(999.0, 0.5, 0.5), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0), ndim=2)
 
 

@@ -21,7 +21,7 @@ from conftest import write_dataset
 from segforge.cli.main import main
 
 QUICK = ["trainer.accelerator=cpu", "trainer.max_epochs=1", "data.iterations_per_epoch=2", "data.val_iterations=1",
-         "final_validation.enabled=false", "callbacks.progress_plot=false", "logger.tensorboard=false",
+         "final_validation.enabled=false", "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null",
          "data.num_workers=0"]
 
 

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 
 SEED = 20261125
 TRAIN = ["trainer.accelerator=cpu", "trainer.max_epochs=4", "data.iterations_per_epoch=5", "data.val_iterations=1",
-         "optim=adamw_cosine", "final_validation.enabled=false", "callbacks.progress_plot=false",
-         "logger.tensorboard=false", "data.num_workers=0"]
+         "optim=adamw_cosine", "final_validation.enabled=false", "callbacks.epoch_progress.plot_path=null",
+         "logger.tensorboard=null", "data.num_workers=0"]
 
 
 def segforge(args: list[str], log: Path) -> subprocess.Popen:

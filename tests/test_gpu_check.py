@@ -1,5 +1,5 @@
 """scripts/gpu_check.py: the quick CPU run goes through every stage and writes gpu_check.json; a failed check, bad
-settings and a foreign work folder exit non-zero; ``callbacks.extra`` (how its step timer gets into training)."""
+settings and a foreign work folder exit non-zero; a ``callbacks.NAME`` entry (how its step timer gets into training)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 
 from segforge.errors import SegforgeError
-from segforge.training.callbacks import extra_callbacks
+from segforge.training.components import make_callbacks
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check.py"
@@ -40,7 +40,7 @@ def test_quick_run_measures_every_stage_and_passes(tmp_path):
         assert row["measured_peak_bytes"] > 0 and row["predicted_peak_bytes"] > 0
         assert row["ratio"] == pytest.approx(row["measured_peak_bytes"] / row["predicted_peak_bytes"])
         assert row["precision"] in ("16-mixed", "bf16-mixed", "32-true")
-    train = stages["train"]  # timed by the TrainingStepTimer that `segforge train` loaded through callbacks.extra
+    train = stages["train"]  # timed by the TrainingStepTimer that `segforge train` loaded as +callbacks.step_timer
     settings = report["settings"]
     assert train["steps_timed"] == settings["train_steps"] - settings["warmup_steps"]
     assert train["iterations_per_s"] > 0 and 0 <= train["loader_wait_share"] < 1
@@ -81,13 +81,21 @@ class Recorder(L.Callback):
         self.tag = tag
 
 
-def test_callbacks_extra_makes_each_callback_and_names_a_bad_one():
-    made = extra_callbacks([{"_target_": f"{__name__}.Recorder", "tag": "x"}])
+def extra_callbacks(entries: dict) -> list:
+    from omegaconf import OmegaConf
+
+    return make_callbacks(OmegaConf.create({"callbacks": entries}), "val_dice_ema", True)
+
+
+def test_callback_entries_make_each_callback_and_name_a_bad_one():
+    made = extra_callbacks({"rec": {"_target_": f"{__name__}.Recorder", "tag": "x"}, "off": None})
     assert len(made) == 1 and isinstance(made[0], Recorder) and made[0].tag == "x"
-    assert extra_callbacks([]) == [] and extra_callbacks(None) == []
-    with pytest.raises(SegforgeError, match="callbacks.extra: cannot make no_such_module.Timer"):
-        extra_callbacks([{"_target_": "no_such_module.Timer"}])
+    assert extra_callbacks({}) == []
+    with pytest.raises(SegforgeError, match="callbacks.timer: cannot make no_such_module.Timer"):
+        extra_callbacks({"timer": {"_target_": "no_such_module.Timer"}})
     with pytest.raises(SegforgeError, match="is not a Lightning callback"):
-        extra_callbacks([{"_target_": "collections.OrderedDict"}])
+        extra_callbacks({"od": {"_target_": "collections.OrderedDict"}})
     with pytest.raises(SegforgeError, match="cannot make"):
-        extra_callbacks([{"_target_": f"{__name__}.Recorder", "no_such_argument": 1}])
+        extra_callbacks({"rec": {"_target_": f"{__name__}.Recorder", "no_such_argument": 1}})
+    with pytest.raises(SegforgeError, match=r"callbacks.rec=True: must be an entry .*Fix: callbacks.rec=null"):
+        extra_callbacks({"rec": True})

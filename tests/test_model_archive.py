@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
                  "plan.configurations=[3d_fullres]"]) == 0
     assert main(["train", str(dataset), f"paths.work_root={work}", "optim=adamw_cosine", "trainer.max_epochs=2",
                  "data.iterations_per_epoch=4", "data.val_iterations=1", "trainer.accelerator=cpu",
-                 "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 0
+                 "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null"]) == 0
     return dataset, work / dataset.name / "results" / "segment" / "3d_fullres"
 
 
@@ -268,7 +268,7 @@ def test_resume_from_an_unreadable_last_ckpt_is_refused_before_any_work(trained,
     before = tree_hash(work)
     assert main(["train", str(dataset), f"paths.work_root={work}", "optim=adamw_cosine", "trainer.max_epochs=3",
                  "data.iterations_per_epoch=4", "data.val_iterations=1", "trainer.accelerator=cpu",
-                 "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 2
+                 "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null"]) == 2
     err = capsys.readouterr().err
     assert f"segforge train: error: {last}: cannot be read as a checkpoint" in err and "Traceback" not in err
     assert "best.ckpt" in err and "nothing was run" in err

@@ -14,7 +14,7 @@ from segforge.cli.main import main
 
 @pytest.mark.parametrize("override, expected", [
     ("trainer.max_epoch=5", "there is no setting trainer.max_epoch; did you mean trainer.max_epochs? Fix: trainer.max_epochs=5"),
-    ("optim.lrr=0.01", "did you mean optim.lr? Fix: optim.lr=0.01"),
+    ("optim.optimizer.lrr=0.01", "did you mean optim.optimizer.lr? Fix: optim.optimizer.lr=0.01"),
     ("optm=sgd_poly", "did you mean optim? Fix: optim=sgd_poly"),
     ("optim=sgd_polly", "optim has no option 'sgd_polly' (options: adamw_cosine, "),
     ("optim=sgd_polly", "did you mean sgd_poly? Fix: optim=sgd_poly"),
@@ -26,6 +26,37 @@ def test_a_typo_in_an_override_names_the_closest_key(tmp_path, capsys, override,
     assert main(["train", str(tmp_path / "Dataset001_X"), *overrides]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, fix", [
+    ("optim.lr=3e-3", "Fix: optim.optimizer.lr=3e-3"),
+    ("+optim.momentum=0.9", "Fix: optim.optimizer.momentum=0.9"),
+    ("optim.name=adamw", "Fix: optim=adamw_cosine"),
+    ("optim.schedule=cosine", "Fix: optim.scheduler.schedule=cosine"),
+    ("optim.warmup_fraction=0.1", "Fix: optim.scheduler.warmup_fraction=0.1"),
+    ("callbacks.best_checkpoint=false", "Fix: callbacks.best_checkpoint=null"),
+    ("callbacks.early_stopping_patience=20", "Fix: callbacks=early_stopping callbacks.early_stopping.patience=20"),
+    ("callbacks.dice_ema_decay=0.8", "Fix: task.validation.metric_ema_decay=0.8"),
+    ("callbacks.progress_plot=false", "Fix: callbacks.epoch_progress.plot_path=null"),
+    ("callbacks.progress_bar=rich", "Fix: callbacks.progress_bar.kind=rich"),
+    ("callbacks.extra=[{_target_:a.B}]", "Fix: +callbacks.NAME._target_=module.Class"),
+    ("logger.csv=false", "Fix: logger.csv=null"),
+    ("logger.tensorboard=false", "Fix: logger.tensorboard=null"),
+])
+def test_an_override_of_a_moved_key_names_the_new_one(tmp_path, capsys, override, fix):
+    assert main(["train", str(tmp_path / "Dataset001_X"), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segforge train: error: bad override {override}: ") and "has moved" in err and fix in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override", ["callbacks.best_checkpoint=null", "logger.csv=null", "callbacks.progress_bar=null",
+                                      "callbacks.progress_bar.kind=tqdm", "logger.csv.name=csv_logs",
+                                      "~callbacks.best_checkpoint"])
+def test_the_new_forms_of_the_same_keys_compose(override):
+    from segforge.cli.main import compose_config
+
+    compose_config("train", [override])
 
 
 def test_a_key_nothing_resembles_says_how_to_add_one(tmp_path, capsys):

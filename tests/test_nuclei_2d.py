@@ -60,7 +60,7 @@ def test_2d_unet_beats_the_best_threshold_on_held_out_tiles(tmp_path):
     assert main(["plan", str(dataset), *roots, "plan.configurations=[2d]", "plan.features_base=16"]) == 0
     assert main(["train", str(dataset), *roots, "configuration=2d", "fold=all", "optim=adamw_cosine",
                  "trainer.max_epochs=6", "data.iterations_per_epoch=25", "data.val_iterations=25", "data.batch_size=4",
-                 "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 0
+                 "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null"]) == 0
     model = work / dataset.name / "results" / "segment" / "2d"
     out = tmp_path / "pred"
     assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "--model", str(model)]) == 0

@@ -218,7 +218,7 @@ def test_training_warns_when_its_precision_override_outgrows_the_plan(tmp_path, 
     capsys.readouterr()
     assert main(["train", str(dataset), *paths, "trainer.precision=32-true", "trainer.accelerator=cpu",
                  "+trainer.max_steps=1", "data.iterations_per_epoch=1", "data.val_iterations=1",
-                 "final_validation.enabled=false", "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 0
+                 "final_validation.enabled=false", "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null"]) == 0
     warning = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("trainer.precision=32-true"))
     assert "predicted to peak at" in warning and "plan.memory.precision=32-true" in warning  # segforge's log: stderr
     fold = work / "res" / dataset.name / "results" / "segment" / "3d_fullres" / "fold_0"

@@ -18,7 +18,7 @@ from segforge.io.image import Geometry, read_image, write_image
 from segforge.training.splits import case_groups, make_splits
 
 QUICK = ["optim=adamw_cosine", "data.iterations_per_epoch=6", "data.val_iterations=1", "trainer.accelerator=cpu",
-         "final_validation.enabled=false", "callbacks.progress_plot=false", "logger.tensorboard=false"]
+         "final_validation.enabled=false", "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null"]
 
 
 def roots(work: Path, results: str = "res") -> list[str]:
@@ -80,7 +80,7 @@ def test_resume_is_exact_with_the_default_recipe_loader_workers_and_the_final_va
     fold's final validation on: weights, momentum buffers and the validation's scores equal the uninterrupted run's."""
     dataset, work = planned
     run = ["train", str(dataset), "data.iterations_per_epoch=6", "data.val_iterations=1", "trainer.accelerator=cpu",
-           "data.num_workers=2", "callbacks.progress_plot=false", "logger.tensorboard=false", "trainer.max_epochs=3"]
+           "data.num_workers=2", "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null", "trainer.max_epochs=3"]
     assert main([*run, *roots(work, "sgd_straight")]) == 0
     assert main([*run, *roots(work, "sgd_resumed"), "+trainer.max_steps=12"]) == 0  # stopped after 2 of 3 epochs
     assert main([*run, *roots(work, "sgd_resumed")]) == 0
@@ -147,7 +147,7 @@ def test_ddp_ranks_under_a_budget_agree_although_one_rank_is_slow(planned, tmp_p
     command = [sys.executable, str(probe), "train", str(dataset), *roots(work, "ddp_budget"), "budget=45s",
                "configuration=3d_fullres", "budgeting.first_epoch_steps=4", "budgeting.finish_s=2",
                "final_validation.enabled=false", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-               "data.num_workers=0", "callbacks.progress_plot=false", "logger.tensorboard=false"]
+               "data.num_workers=0", "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null"]
     with open(tmp_path / "ranks.log", "w") as log:
         ranks = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
@@ -257,7 +257,7 @@ def test_regions_and_ignore_label_train(tmp_path):
     assert main(["plan", str(dataset), *roots(work), "plan.features_base=8", "plan.configurations=[3d_fullres]"]) == 0
     assert main(["train", str(dataset), *roots(work), "optim=adamw_cosine", "trainer.max_epochs=14",
                  "data.iterations_per_epoch=12", "data.val_iterations=2", "trainer.accelerator=cpu", "num_folds=5",
-                 "callbacks.progress_plot=false", "logger.tensorboard=false"]) == 0
+                 "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null"]) == 0
     fold = fold_dir(work, dataset)
     validation = json.loads((fold / "validation" / "summary.json").read_text())
     assert set(validation["classes"]) == {"whole", "core"}
@@ -289,8 +289,8 @@ def test_fine_tuning_starts_from_another_model(planned, tmp_path, capsys):
         write_image(path, np.where(label == 1, 1, 0).astype(np.uint8), geometry)
     other_work = tmp_path / "work"
     assert main(["plan", str(other), *roots(other_work), "plan.features_base=4", "plan.configurations=[3d_fullres]"]) == 0
-    assert main(["train", str(other), *roots(other_work), *QUICK, "trainer.max_epochs=1", "optim.lr=0",
-                 "optim.weight_decay=0", f"init_from={source}"]) == 0
+    assert main(["train", str(other), *roots(other_work), *QUICK, "trainer.max_epochs=1", "optim.optimizer.lr=0",
+                 "optim.optimizer.weight_decay=0", f"init_from={source}"]) == 0
     tuned, original = weights(fold_dir(other_work, other)), weights(source / "fold_0")
     for key, value in original.items():
         if key.startswith("heads."):
@@ -306,8 +306,8 @@ def test_fine_tuning_starts_from_another_model(planned, tmp_path, capsys):
 
 def test_early_stopping_on_the_ema_dice(planned):
     dataset, work = planned
-    assert main(["train", str(dataset), *roots(work, "early"), *QUICK, "trainer.max_epochs=20", "optim.lr=0",
-                 "optim.weight_decay=0", "callbacks.early_stopping_patience=1"]) == 0
+    assert main(["train", str(dataset), *roots(work, "early"), *QUICK, "trainer.max_epochs=20", "optim.optimizer.lr=0",
+                 "optim.optimizer.weight_decay=0", "callbacks=early_stopping", "callbacks.early_stopping.patience=1"]) == 0
     summary = json.loads((fold_dir(work, dataset, "early") / "training_summary.json").read_text())
     assert summary["global_step"] == 2 * 6  # nothing learns at lr 0: no better EMA after the first validation
 
@@ -401,3 +401,19 @@ def test_no_mirroring_in_training_means_none_at_test_time(tmp_path):
 
     assert mirrored({"mirror_axes": [1, 2]}) == [1, 2] and mirrored({"mirror_prob": 0.5}) == [0, 1, 2]
     assert mirrored(None) == [] and mirrored({"mirror_prob": 0.0}) == []
+
+
+def test_logger_mlflow_writes_a_run_with_metrics_inside_the_fold(planned):
+    """logger=mlflow: the default loggers and an MLflow run in a local file store, <fold>/mlruns, read back through
+    mlflow's own client."""
+    mlflow = pytest.importorskip("mlflow")
+    dataset, work = planned
+    assert main(["train", str(dataset), *roots(work, "mlflow"), *QUICK, "trainer.max_epochs=2", "logger=mlflow"]) == 0
+    fold = fold_dir(work, dataset, "mlflow")
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"file:{fold / 'mlruns'}")
+    experiment = client.get_experiment_by_name("segforge")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == f"{dataset.name}/segment/3d_fullres/fold_0"
+    assert {"train_loss_epoch", "val_loss", "val_dice", "val_dice_ema"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "val_dice")) == 2  # one per epoch
+    assert next((fold / "logs").glob("version_*/metrics.csv")).is_file()  # the CSV logger still writes

@@ -90,15 +90,22 @@ def test_an_argument_the_network_does_not_take_is_a_message(planned, capfd):
 
 
 @pytest.mark.parametrize("override", [
-    "+data.x._target_=os.system",                                   # nothing but callbacks.extra is instantiated
-    "+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging",  # would be ignored silently
-    "+optim.opt._target_=torch.optim.SGD",                          # optim is built by name
-    "callbacks.extra=[{_target_:subprocess.Popen}]",                # not a class of Lightning or segforge
-    "callbacks.extra=[{_target_:lightning.pytorch.callbacks.model_checkpoint.Tensor}]",  # torch's, re-exported there
-    "callbacks.extra=[{_target_:lightning.fabric.utilities.cloud_io._load}]",  # a function of Lightning, not a class
-    "callbacks.extra=[{_target_:lightning.pytorch.callbacks.LambdaCallback,on_fit_start:{_target_:os.system}}]",
+    "+data.x._target_=os.system",                                   # data.* is never instantiated
+    "+data.x._target_=lightning.pytorch.callbacks.StochasticWeightAveraging",  # would be ignored silently
+    "+optim.opt._target_=torch.optim.Adam",                         # only optim.optimizer and optim.scheduler
+    "optim.optimizer._target_=os.system",                           # not a class of torch.optim
+    "optim.optimizer._target_=lightning.pytorch.callbacks.StochasticWeightAveraging",  # not an optimizer's package
+    "optim.scheduler._target_=torch.optim.lr_scheduler.LambdaLR",   # the schedule is segforge's (steps and time)
+    "+callbacks.popen._target_=subprocess.Popen",                   # not a class of Lightning or segforge
+    "+logger.popen._target_=subprocess.Popen",
+    "logger.csv._target_=os.system",
+    "+callbacks.t._target_=lightning.pytorch.callbacks.model_checkpoint.Tensor",  # torch's, re-exported there
+    "+callbacks.load._target_=lightning.fabric.utilities.cloud_io._load",  # a function of Lightning, not a class
+    "+callbacks.l={_target_:lightning.pytorch.callbacks.LambdaCallback,on_fit_start:{_target_:os.system}}",  # nested
+    "+callbacks.swa.nested._target_=os.system",                     # an argument of a packaged entry
     """+callbacks.x='${oc.create:"{_target_: os.system}"}'""",     # made by an interpolation when resolved
-    "callbacks.extra=[{_target_:lightning.pytorch.cli.LightningCLI}]",  # builds classes from arguments of its own
+    "+callbacks.cli._target_=lightning.pytorch.cli.LightningCLI",   # builds classes from arguments of its own
+    "+model.x._target_=segforge.training.step_timer.TrainingStepTimer",  # a class of segforge, outside the zones
 ])
 def test_a_target_outside_what_segforge_instantiates_is_refused(override, capfd):
     code = main(["train", "somewhere", "--cfg", "job", override])
@@ -108,11 +115,16 @@ def test_a_target_outside_what_segforge_instantiates_is_refused(override, capfd)
 
 
 @pytest.mark.parametrize("override", [
-    "callbacks.extra=[{_target_:lightning.pytorch.callbacks.StochasticWeightAveraging,swa_lrs:0.001}]",
-    "callbacks.extra=[{_target_:segforge.training.step_timer.TrainingStepTimer,path:t.json}]",
+    "+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging",
+    "+callbacks.swa={_target_:lightning.pytorch.callbacks.StochasticWeightAveraging,swa_lrs:0.001}",
+    "+callbacks.timer={_target_:segforge.training.step_timer.TrainingStepTimer,path:t.json}",
+    "logger=mlflow",
+    "+logger.mlflow._target_=lightning.pytorch.loggers.MLFlowLogger",
+    "optim.optimizer._target_=torch.optim.Adam",
+    "optim.scheduler._target_=segforge.training.schedules.ScheduleCallback",
     "model._target_=segforge.nn.unet.UNet",  # what the packaged config says
 ])
-def test_classes_of_lightning_and_segforge_pass_in_callbacks_extra(override):
+def test_classes_of_their_packages_pass_in_callbacks_logger_and_optim(override):
     from segforge.cli.targets import check_targets
 
     check_targets(compose_config("train", [override]), CONFIG_DIR)
@@ -127,11 +139,44 @@ def test_train_never_writes_into_the_dataset_folder(planned, setting, capfd):
     paths[f"paths.{setting}"] = str(dataset / "runs")
     code = main(["train", str(dataset), *[f"{k}={v}" for k, v in paths.items()], "trainer.max_epochs=1",
                  "data.iterations_per_epoch=1", "data.val_iterations=1", "final_validation.enabled=false",
-                 "logger.tensorboard=false", "callbacks.progress_plot=false"])
+                 "logger.tensorboard=null", "callbacks.epoch_progress.plot_path=null"])
     printed = "".join(capfd.readouterr())
     assert code == 2 and "Traceback" not in printed, printed
     assert "is inside the dataset folder" in printed and f"Fix: set paths.{setting}=DIR" in printed
     assert tree_hash(dataset) == before
+
+
+def test_a_model_folders_config_is_data_never_instantiated(planned, tmp_path, capfd):
+    """A fold's config.yaml (as a downloaded model folder could hold it) naming `_target_: os.mkdir` in callbacks,
+    logger, optim and the model: resuming the fold, fine-tuning from it and predicting with it build only the
+    command's own config; nothing the folder says is run."""
+    import yaml
+
+    dataset, work = planned
+    quick = ["trainer.max_epochs=1", "data.iterations_per_epoch=1", "data.val_iterations=1", "trainer.accelerator=cpu",
+             "final_validation.enabled=false", "logger.tensorboard=null", "callbacks.epoch_progress.plot_path=null"]
+    assert main(["train", str(dataset), *roots(work, "data"), *quick]) == 0
+    model = work / "data" / dataset.name / "results" / "segment" / "3d_fullres"
+    fold = model / "fold_0"
+    markers = {name: tmp_path / f"ran_{name}" for name in ("callback", "logger", "optimizer", "scheduler", "model", "top")}
+    config = yaml.safe_load((fold / "config.yaml").read_text())
+    evil = {name: {"_target_": "os.mkdir", "path": str(path)} for name, path in markers.items()}
+    config["callbacks"]["evil"] = evil["callback"]
+    config["logger"]["evil"] = evil["logger"]
+    config["optim"] = {"optimizer": {**evil["optimizer"], "_partial_": True}, "scheduler": evil["scheduler"]}
+    config["model"] = evil["model"]
+    config.update(evil["top"])
+    (fold / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(dataset), *roots(work, "data"), *quick, "trainer.max_epochs=2"]) == 0  # resume=auto
+    assert torch.load(fold / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2  # it did resume
+    assert main(["train", str(dataset), *roots(work, "tuned"), *quick, f"init_from={fold}"]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in sorted((dataset / "imagesTs").iterdir())[:1]:
+        (images / image.name).write_bytes(image.read_bytes())
+    assert main(["predict", "-i", str(images), "-o", str(tmp_path / "out"), "--model", str(model), *FAST]) == 0
+    assert "Traceback" not in "".join(capfd.readouterr())
+    assert not [name for name, path in markers.items() if path.exists()]
 
 
 # --- predict -o: never into a dataset, never over files segforge did not write; sidecars apart from cases ----------

@@ -3,7 +3,7 @@
 Imported as ``bench.gpu_stages`` (``scripts/`` on ``sys.path``). The ``stage_*`` functions run in child processes
 (``bench.child.run_stage``), so the parent never opens a CUDA context (it would take memory from the card the
 plans are sized for). Training is timed by segforge's own ``segforge.training.step_timer.TrainingStepTimer``, loaded through
-``callbacks.extra`` (a command-line ``_target_`` may name only a Lightning or segforge class).
+a ``+callbacks.step_timer`` entry (a command-line ``_target_`` may name only a Lightning or segforge class).
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ def stage_nnunet_loop(timer, dataset_id: int, configuration: str, steps: int, th
 
 def _segforge_parts(architecture: dict, in_channels: int, num_classes: int, channels_last: bool = False):
     import torch
-    from omegaconf import OmegaConf
 
+    from segforge.configs import packaged_defaults
     from segforge.nn.unet import UNet
     from segforge.training.losses import make_segmentation_loss
     from segforge.training.optim import make_optimizer
@@ -105,8 +105,7 @@ def _segforge_parts(architecture: dict, in_channels: int, num_classes: int, chan
     if channels_last:
         network = network.to(memory_format=torch.channels_last_3d if len(strides[0]) == 3 else torch.channels_last)
     loss = make_segmentation_loss(None, len(strides) - 1)  # the packaged task.loss
-    optimizer = make_optimizer(network.parameters(), OmegaConf.create(
-        {"name": "sgd", "lr": 0.01, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}))
+    optimizer = make_optimizer(network.parameters(), packaged_defaults("optim", "sgd_poly")["optimizer"])
     return network, loss, optimizer
 
 

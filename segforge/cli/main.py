@@ -121,6 +121,11 @@ def compose_config(config_name: str, overrides: list[str]):
 
     from omegaconf import OmegaConf
 
+    from segforge.cli.moved_keys import moved_key_error
+
+    moved = moved_key_error(overrides)  # e.g. optim.lr=...: now optim.optimizer.lr
+    if moved:
+        raise SegforgeError(moved)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=config_name):
             cfg = compose(config_name=config_name, overrides=overrides)
@@ -289,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = implied_overrides(args.command, split_overrides(args))
         if getattr(args, "multirun", False) and not args.cfg:
+            from segforge.cli.moved_keys import moved_key_error
             from segforge.cli.multirun import run_multirun
+
+            if moved_key_error(overrides):
+                raise SegforgeError(moved_key_error(overrides))
 
             return run_multirun(str(CONFIG_DIR), CONFIG_OF.get(args.command, args.command), overrides,
                                 lambda cfg, job_overrides: run_command(args, cfg, job_overrides))

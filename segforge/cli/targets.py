@@ -1,10 +1,13 @@
 """Which ``_target_`` (a class Hydra would instantiate) a composed config may hold.
 
 A ``_target_`` names any callable (``torch.load`` of a pickle, ``subprocess.Popen``), so one typed on the command
-line is accepted only where segforge instantiates classes by design, the entries of ``callbacks.extra``, and there
-only a class of Lightning or segforge. Everywhere else (``optim`` and ``logger`` are built by name), the
-``model`` group included, a ``_target_`` must be one the packaged configs name: the network is built from
-segforge's own allow-list (``io.model_folder.build_network``), never by whatever a config says.
+line is accepted only where segforge instantiates classes by design (``training/components.py``, ``training/optim.py``)
+and there only a class of the packages that belong there: an entry ``callbacks.NAME`` or ``logger.NAME`` a class of
+Lightning or segforge (Lightning's MLflow logger included), ``optim.optimizer`` a class of torch.optim or segforge,
+``optim.scheduler`` a class of segforge. A ``_target_`` nested inside an entry (an argument Hydra would build too) and
+one anywhere else, the ``model`` group included, must be one the packaged configs name: the network is built from
+segforge's own allow-list (``io.model_folder.build_network``), never by whatever a config says. Configs read back from
+a model folder (a fold's ``config.yaml``) are never instantiated at all: segforge reads the weights and plans there.
 """
 
 from __future__ import annotations
@@ -18,11 +21,18 @@ from omegaconf import OmegaConf
 
 from segforge.errors import SegforgeError
 
-# where a command-line `_target_` is instantiated by design (callbacks.extra: a list of Lightning callbacks), and the
-# packages its classes may come from; no other setting is instantiated, so a `_target_` anywhere else would either
-# run code or be silently ignored
-INSTANTIATED = re.compile(r"^callbacks\.extra\[\d+\]")
-ALLOWED_PACKAGES = ("lightning", "pytorch_lightning", "segforge")
+# where a command-line `_target_` is instantiated by design (the node holding it), and the packages its classes may
+# come from; no other setting is instantiated, so a `_target_` anywhere else would either run code or be ignored
+LIGHTNING = ("lightning", "pytorch_lightning", "segforge")
+INSTANTIATED = {
+    re.compile(r"^callbacks\.[^.\[\]]+$"): ("callbacks.NAME", LIGHTNING,
+                                          "lightning.pytorch.callbacks.StochasticWeightAveraging"),
+    re.compile(r"^logger\.[^.\[\]]+$"): ("logger.NAME", LIGHTNING, "lightning.pytorch.loggers.MLFlowLogger"),
+    re.compile(r"^optim\.optimizer$"): ("optim.optimizer", ("torch.optim", "segforge"), "torch.optim.AdamW"),
+    re.compile(r"^optim\.scheduler$"): ("optim.scheduler", ("segforge",), "segforge.training.schedules.ScheduleCallback"),
+}
+WHERE = ("callbacks.NAME and logger.NAME (classes of Lightning or segforge), optim.optimizer (torch.optim) and "
+         "optim.scheduler (segforge's ScheduleCallback)")
 _TARGET_LINE = re.compile(r"^\s*_target_:\s*['\"]?([\w.]+)", re.MULTILINE)
 
 
@@ -74,15 +84,17 @@ def check_targets(cfg, config_dir: Path) -> None:
         setting = f"{where}._target_" if where else "_target_"
         if isinstance(target, str) and target in known:
             continue
-        if INSTANTIATED.match(where):
-            if isinstance(target, str) and _allowed_class(target, ALLOWED_PACKAGES):
+        zone = next((z for pattern, z in INSTANTIATED.items() if pattern.match(where)), None)
+        if zone is not None:
+            name, packages, example = zone
+            if isinstance(target, str) and _allowed_class(target, packages):
                 continue
-            raise SegforgeError(f"{setting}={target}: callbacks.extra entries may only name a class defined in "
-                                f"{', '.join(ALLOWED_PACKAGES)} (no command-line parser such as LightningCLI); segforge "
-                                "instantiates nothing else from the command line. Fix: give such a class (e.g. "
-                                "lightning.pytorch.callbacks.StochasticWeightAveraging), or remove the override")
+            raise SegforgeError(f"{setting}={target}: {name} may only name a class defined in {', '.join(packages)} "
+                                "(no command-line parser such as LightningCLI); segforge instantiates nothing else from "
+                                f"the command line. Fix: give such a class (e.g. {where}._target_={example}), or remove "
+                                "the override")
         raise SegforgeError(f"{setting}={target}: segforge instantiates classes named on the command line only in "
-                            "callbacks.extra (a list of Lightning callbacks); model.*, optim.*, logger.* and every other "
-                            "setting take plain values (the network comes from segforge's own list). Fix: remove the "
-                            "override, or add a callback as "
-                            "'callbacks.extra=[{_target_:lightning.pytorch.callbacks.StochasticWeightAveraging,swa_lrs:0.001}]'")
+                            f"{WHERE}; an argument of an entry, model.* and every other setting take plain values (the "
+                            "network comes from segforge's own list). Fix: remove the override, or add a callback as "
+                            "+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging "
+                            "+callbacks.swa.swa_lrs=0.001")

@@ -25,12 +25,12 @@ import weakref
 from dataclasses import dataclass, replace
 
 import torch
-from omegaconf import OmegaConf
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 # the planner traces exactly what training runs: the same network class, loss and optimizer factory
+from segforge.configs import packaged_defaults
 from segforge.io.dataset import DatasetSpec
 from segforge.nn.denoiser import Denoiser
 from segforge.nn.unet import UNet
@@ -200,9 +200,8 @@ def _build(spec: StepSpec):
         num_outputs = len(spec.strides) - 1 if spec.deep_supervision else 1
         loss = make_segmentation_loss(None, num_outputs)  # task.loss of configs/task/segment.yaml
     network.train()
-    optim_cfg = {"sgd": {"name": "sgd", "lr": 0.01, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5},
-                 "adamw": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 1e-4}}[spec.optimizer]
-    optimizer = make_optimizer(network.parameters(), OmegaConf.create(optim_cfg))
+    option = {"sgd": "sgd_poly", "adamw": "adamw_cosine"}[spec.optimizer]  # the packaged optimizer of that name
+    optimizer = make_optimizer(network.parameters(), packaged_defaults("optim", option)["optimizer"])
     return network, loss, optimizer
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,25 +33,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
-def extra_callbacks(specs) -> list:
-    """``callbacks.extra``: the user's own Lightning callbacks, each ``{_target_: module.Class, key: value, ...}``
-    (e.g. ``scripts/gpu_check.py``'s step timer); a target that cannot be made is a user error naming it."""
-    from hydra.utils import instantiate
+PROGRESS_BARS = ("auto", "rich", "tqdm", "none")
 
-    made = []
-    for spec in specs or []:
-        target = spec.get("_target_") if hasattr(spec, "get") else None
-        try:
-            callback = instantiate(spec) if target else None
-        except Exception as exc:  # Hydra wraps import and argument errors alike
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise SegforgeError(f"callbacks.extra: cannot make {target} ({reason}). Fix: an importable class "
-                                "(its module on PYTHONPATH) and only the arguments it takes") from exc
-        if not isinstance(callback, L.Callback):
-            raise SegforgeError(f"callbacks.extra: {target or spec} is not a Lightning callback. Fix: each entry is "
-                                "{_target_: module.Class, ...} naming a lightning.pytorch.Callback subclass")
-        made.append(callback)
-    return made
+
+def progress_bar(kind: str) -> L.Callback | None:
+    """``callbacks.progress_bar``: Rich's bar (``rich``, or ``auto`` on a terminal), Lightning's tqdm bar, or none
+    (``none``, ``auto`` elsewhere: the run then turns Lightning's own bar off; EpochProgress logs a line per epoch)."""
+    kind = str(kind)
+    if kind not in PROGRESS_BARS:
+        raise SegforgeError(f"callbacks.progress_bar.kind={kind}: not a progress bar. Fix: "
+                            f"callbacks.progress_bar.kind={'|'.join(PROGRESS_BARS)}")
+    if kind == "rich" or (kind == "auto" and sys.stderr.isatty()):
+        return L.pytorch.callbacks.RichProgressBar()
+    if kind == "tqdm":
+        return L.pytorch.callbacks.TQDMProgressBar()
+    return None
 
 
 class MetricEMA:

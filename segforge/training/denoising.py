@@ -51,13 +51,13 @@ def range_psnr(estimate: torch.Tensor, clean: torch.Tensor, range_floor: float |
 class DenoisingModule(MetricEMA, L.LightningModule):
     metric = "val_psnr"
 
-    def __init__(self, network: nn.Module, process: DiffusionProcess, optim_cfg, *, seed: int = 0,
+    def __init__(self, network: nn.Module, process: DiffusionProcess, optimizer_cfg, *, seed: int = 0,
                  mask_values: list[int] | None = None, cond_dropout: float = 0.0, time_band: tuple[float, float] = (0.0, 1.0),
                  validation_sigma: float = 0.1, metric_ema_decay: float = 0.9, weight_ema_decay: float | None = 0.999,
                  channels_last: bool = False, compile: bool = False, range_floor: float | None = None):
         super().__init__()
         self.range_floor = range_floor  # None: the packaged task.validation.range_floor (sample_ranges)
-        self.network, self.process, self.optim_cfg, self.seed = network, process, optim_cfg, int(seed)
+        self.network, self.process, self.optimizer_cfg, self.seed = network, process, optimizer_cfg, int(seed)
         self.__dict__["_run"] = torch.compile(network) if compile else network  # see SegmentationModule
         self.mask_values, self.cond_dropout = list(mask_values) if mask_values else None, float(cond_dropout)
         low, high = (float(v) for v in time_band)
@@ -173,4 +173,4 @@ class DenoisingModule(MetricEMA, L.LightningModule):
         self.log_metric_and_ema(psnr)
 
     def configure_optimizers(self):
-        return make_optimizer(self.network.parameters(), self.optim_cfg)
+        return make_optimizer(self.network.parameters(), self.optimizer_cfg)  # optim.optimizer, a _partial_

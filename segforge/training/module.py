@@ -1,8 +1,8 @@
 """The segmentation LightningModule: the loss step, and the per-epoch pseudo-Dice on validation patches
 (``val_dice``) with its exponential moving average (``MetricEMA``: what the best checkpoint and early stopping follow).
 
-The network is any ``nn.Module`` with ``forward(x, cond=None)``; the learning rate follows the progress-based
-schedule applied by ``ScheduleCallback`` (no scheduler object here, so epochs and time budgets are one mechanism).
+The network is any ``nn.Module`` with ``forward(x, cond=None)``; the optimizer is ``optim.optimizer`` (a ``_partial_``
+of its class) and the learning rate follows the progress-based schedule applied by ``ScheduleCallback`` (no scheduler object here, so epochs and time budgets are one mechanism).
 Labels: softmax over classes, or one sigmoid per region (``regions``); the ignore label counts nowhere.
 """
 
@@ -19,11 +19,11 @@ from segforge.training.optim import make_optimizer
 class SegmentationModule(MetricEMA, L.LightningModule):
     metric = "val_dice"
 
-    def __init__(self, network: nn.Module, loss: nn.Module, optim_cfg, num_classes: int,
+    def __init__(self, network: nn.Module, loss: nn.Module, optimizer_cfg, num_classes: int,
                  regions: list[list[int]] | None = None, ignore_label: int | None = None, ema_decay: float = 0.9,
                  channels_last: bool = False, compile: bool = False):
         super().__init__()
-        self.network, self.loss, self.optim_cfg, self.num_classes = network, loss, optim_cfg, num_classes
+        self.network, self.loss, self.optimizer_cfg, self.num_classes = network, loss, optimizer_cfg, num_classes
         # the compiled callable is kept outside the module tree: checkpoints hold the plain network's keys, so a
         # run can be resumed with or without compilation
         self.__dict__["_run"] = torch.compile(network) if compile else network
@@ -87,4 +87,4 @@ class SegmentationModule(MetricEMA, L.LightningModule):
         self.log_metric_and_ema(float(torch.nanmean(dice)))
 
     def configure_optimizers(self):
-        return make_optimizer(self.network.parameters(), self.optim_cfg)
+        return make_optimizer(self.network.parameters(), self.optimizer_cfg)  # optim.optimizer, a _partial_

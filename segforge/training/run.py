@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +35,12 @@ from segforge.preprocessing.pipeline import plan_hash
 from segforge.training.budget import (BudgetPacer, BudgetSplit, elapsed_since, forward_seconds,
                                       split_budget, validation_windows)
 from segforge.training.cascade import PreviousStage, next_stages, previous_stage
-from segforge.training.callbacks import (AtomicCheckpointIO, BestCheckpoint, EpochProgress, RunFolderWriter,
-                                         extra_callbacks)
+from segforge.training.callbacks import AtomicCheckpointIO, RunFolderWriter
+from segforge.training.components import fill_run_context, make_callbacks, make_loggers, make_schedule
 from segforge.training.data import SegmentationDataModule
 from segforge.training.finetune import load_initial_weights
 from segforge.training.requeue import RequeueOnSignal, slurm_requeue_wanted
-from segforge.training.schedules import ScheduleCallback, parse_duration
+from segforge.training.schedules import parse_duration
 from segforge.training.settings import check_train_settings
 from segforge.training.splits import check_splits, make_splits
 from segforge.training.tasks import (  # noqa: F401  (re-exported)
@@ -115,17 +114,6 @@ def check_precision(trainer_kwargs: dict) -> None:
                             "(CPU and GPU) or 32-true")
 
 
-def make_loggers(cfg, fold_dir: Path) -> list:
-    # a new version folder per (re)start: a resumed run never overwrites the logs of the part before
-    loggers = [L.pytorch.loggers.CSVLogger(str(fold_dir), name="logs")] if cfg.logger.csv else []
-    if cfg.logger.tensorboard:
-        try:
-            loggers.append(L.pytorch.loggers.TensorBoardLogger(str(fold_dir), name="tensorboard"))
-        except ModuleNotFoundError:
-            log.warning("logger.tensorboard=true but neither tensorboard nor tensorboardX is installed; skipped")
-    return loggers
-
-
 @dataclass
 class RunInputs:
     """What a run trains on, decided before anything is built: the plan's configuration, its preprocessed data, the
@@ -182,6 +170,8 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
                               int(kwargs.get("in_channels", spec.num_channels)))
         max_time_s, total_steps = split.training_s, None
         trainer_kwargs.update(max_epochs=-1, reload_dataloaders_every_n_epochs=1)
+    # ${run.*} of the callback and logger entries: this run's fold folder and the metric its task follows
+    fill_run_context(cfg, fold_dir, module.monitor, f"{spec.name}/{task.name}/{inputs.configuration}/fold_{cfg.fold}")
     new_files = {inputs.workspace.splits_path: json.dumps(inputs.splits, indent=2) + "\n"} \
         if inputs.splits and not inputs.workspace.splits_path.is_file() else {}
     writer = RunFolderWriter(
@@ -189,20 +179,20 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
                fold_dir / "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create({"overrides": list(overrides)})),
                fold_dir / "network.yaml": OmegaConf.to_yaml(OmegaConf.create(kwargs)), **task_files},
         copies=copies)
-    schedule = ScheduleCallback(cfg.optim.schedule, cfg.optim.poly_exponent, cfg.optim.warmup_fraction, total_steps,
-                                max_time_s)
+    schedule = make_schedule(cfg, total_steps, max_time_s)  # optim.scheduler, completed with this run's steps and time
     # temporaries of a run killed while writing (a checkpoint, the plot): at setup every rank is in the process group
     # and none has written yet; rank 0 alone removes them while the others wait at its barrier
     clean_up = L.pytorch.callbacks.LambdaCallback(setup=lambda trainer, pl_module, stage: remove_stale_temporaries(
         fold_dir, trainer.global_rank, trainer.strategy.barrier))
-    callbacks = [clean_up, writer, schedule, *run_callbacks(cfg, fold_dir, module.monitor, bool(inputs.val_ids))]
+    callbacks = [clean_up, writer, schedule, *make_callbacks(cfg, module.monitor, bool(inputs.val_ids))]
     if split is not None:
         callbacks.append(budget_pacer(cfg, split, schedule, datamodule, inputs.plan_config))
     requeue = RequeueOnSignal(fold_dir) if slurm_requeue_wanted() else None
     if requeue is not None:
         callbacks.append(requeue)
-    callbacks += progress_bar(cfg, trainer_kwargs)
-    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(fold_dir), callbacks=callbacks, logger=make_loggers(cfg, fold_dir),
+    if not any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks):  # callbacks.progress_bar: none
+        trainer_kwargs.setdefault("enable_progress_bar", False)
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(fold_dir), callbacks=callbacks, logger=make_loggers(cfg),
                         plugins=[AtomicCheckpointIO()], limit_val_batches=None if inputs.val_ids else 0,
                         use_distributed_sampler=False)  # PatchIndexSampler shards by rank itself
     if resume_from:
@@ -281,24 +271,6 @@ def training_network(cfg, kwargs: dict, plan_config: dict, fold_dir: Path, resum
     return network
 
 
-def run_callbacks(cfg, fold_dir: Path, monitor: str, validating: bool) -> list:
-    """The checkpoints, progress, best-checkpoint and early-stopping (both following ``monitor``, the module's metric
-    EMA) and the user's own callbacks of a run."""
-    callbacks = [
-        # last.ckpt after every epoch, so a killed run resumes from its latest epoch (Lightning's save_last only
-        # writes when a top-k checkpoint was written, i.e. never with save_top_k=0)
-        L.pytorch.callbacks.ModelCheckpoint(dirpath=fold_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                                            enable_version_counter=False, every_n_epochs=1, save_on_train_epoch_end=True),
-        EpochProgress(fold_dir / "progress.png" if cfg.callbacks.progress_plot else None),
-    ]
-    if cfg.callbacks.best_checkpoint and validating:
-        callbacks.append(BestCheckpoint(fold_dir / "checkpoints" / "best.ckpt", monitor))
-    if cfg.callbacks.early_stopping_patience and validating:
-        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor=monitor, mode="max", check_on_train_epoch_end=False,
-                                                           patience=int(cfg.callbacks.early_stopping_patience)))
-    return callbacks + extra_callbacks(cfg.callbacks.get("extra"))
-
-
 def budget_pacer(cfg, split: BudgetSplit, schedule, datamodule, plan_config: dict) -> BudgetPacer:
     """Epochs paced by time; the first epoch's steps from the plan's step time where it was measured on this kind of
     device (not a stated GPU throughput), else ``budgeting.first_epoch_steps``."""
@@ -307,16 +279,6 @@ def budget_pacer(cfg, split: BudgetSplit, schedule, datamodule, plan_config: dic
     first_epoch_steps = (round(split.epoch_s / (sized["step_s"] * sized.get("loop_overhead", 1.0))) if measured_here
                          else int(cfg.budgeting.first_epoch_steps))
     return BudgetPacer(split, schedule, datamodule, max(1, first_epoch_steps))
-
-
-def progress_bar(cfg, trainer_kwargs: dict) -> list:
-    """Rich's bar on a terminal (``callbacks.progress_bar``), else none: one log line per epoch (EpochProgress)."""
-    bar = str(cfg.callbacks.progress_bar)
-    if bar == "rich" or (bar == "auto" and sys.stderr.isatty()):
-        return [L.pytorch.callbacks.RichProgressBar()]
-    if bar in ("none", "auto"):
-        trainer_kwargs.setdefault("enable_progress_bar", False)
-    return []
 
 
 def finish_run(cfg, inputs: RunInputs, task, trainer, module, network, kwargs: dict, datamodule, patch_size: list[int],

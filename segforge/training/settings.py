@@ -1,5 +1,5 @@
 """Types and ranges of the training settings a run reads, checked before any work: an override such as
-``optim.lr=-1``, ``trainer.max_epochs=abc``, ``+trainer.foo=1`` or a 2D ``data.patch_size`` for a 3D plan is refused
+``optim.optimizer.lr=-1``, ``trainer.max_epochs=abc``, ``+trainer.foo=1`` or a 2D ``data.patch_size`` for a 3D plan is refused
 in one line naming the setting and the fix, rather than failing minutes later inside Lightning or the loader."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ FIX = "Fix: correct the override (`segforge train DATASET --cfg job` prints ever
 
 # Trainer arguments training/run.py passes itself, and where a user changes what they hold instead
 SET_BY_SEGFORGE = {
-    "callbacks": "add yours with callbacks.extra=[{_target_:...}]",
-    "logger": "choose with logger.csv / logger.tensorboard",
+    "callbacks": "add yours with +callbacks.NAME._target_=module.Class, leave one out with callbacks.NAME=null",
+    "logger": "add one with logger=mlflow or +logger.NAME._target_=module.Class, leave one out with logger.NAME=null",
     "plugins": "checkpoints are written atomically by segforge's plugin",
     "default_root_dir": "the fold folder; move it with paths.results_root",
     "limit_val_batches": "validation batches per epoch: data.val_iterations",
@@ -50,6 +50,7 @@ def check_train_settings(cfg, trainer_kwargs: dict, plan_config: dict) -> None:
         raise SegforgeError(f"trainer.{unknown[0]}: not an option of Lightning's Trainer (the trainer.* settings are "
                             f"its arguments, e.g. max_epochs, max_steps, precision, gradient_clip_val). Fix: remove "
                             f"the override +trainer.{unknown[0]}=..., or spell the option as Lightning does")
+    lr = (cfg.optim.get("optimizer") or {}).get("lr")  # None: an optimizer of the user's that has no lr
     checks = [
         ("fold", cfg.get("fold"), cfg.get("fold") == "all" or _whole(cfg.get("fold"), 0), "a whole number >= 0 or all"),
         ("num_folds", cfg.get("num_folds"), _whole(cfg.get("num_folds"), 2), "a whole number >= 2"),
@@ -58,8 +59,7 @@ def check_train_settings(cfg, trainer_kwargs: dict, plan_config: dict) -> None:
          _whole(trainer_kwargs.get("max_epochs"), 1) or trainer_kwargs.get("max_epochs") == -1,
          "a whole number >= 1, or -1 (no limit: Lightning's, for trainer.max_time or max_steps)"),
         # 0 is a learning rate (a frozen run: fine-tuning checks, the EMA without updates), a negative one is not
-        ("optim.lr", cfg.optim.get("lr"), _positive_number(cfg.optim.get("lr")) or _zero(cfg.optim.get("lr")),
-         "a number >= 0"),
+        ("optim.optimizer.lr", lr, lr is None or _positive_number(lr) or _zero(lr), "a number >= 0"),
         ("data.iterations_per_epoch", cfg.data.get("iterations_per_epoch"),
          _whole(cfg.data.get("iterations_per_epoch"), 1), "a whole number >= 1"),
         ("data.batch_size", cfg.data.get("batch_size"),

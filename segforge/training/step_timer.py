@@ -1,6 +1,6 @@
 """A callback that times training steps: iterations per second, the time spent waiting for data between steps and
 the peak GPU memory, written as JSON when training ends. Add it to any run from the command line:
-``segforge train DATASET "callbacks.extra=[{_target_:segforge.training.step_timer.TrainingStepTimer,path:timing.json}]"``
+``segforge train DATASET "+callbacks.step_timer={_target_:segforge.training.step_timer.TrainingStepTimer,path:timing.json}"``
 (``scripts/gpu_check.py`` does)."""
 
 from __future__ import annotations

@@ -82,8 +82,8 @@ class SegmentTask:
         regions, ignore_label = label_setup(self.spec)
         outputs = len(kwargs["strides"]) - 1 if kwargs.get("deep_supervision") else 1
         loss = make_segmentation_loss(self.cfg.task.loss, outputs, regions, ignore_label)
-        return SegmentationModule(network, loss, self.cfg.optim, self.spec.num_outputs, regions, ignore_label,
-                                  float(self.cfg.callbacks.dice_ema_decay), bool(self.cfg.model.get("channels_last")),
+        return SegmentationModule(network, loss, self.cfg.optim.optimizer, self.spec.num_outputs, regions, ignore_label,
+                                  float(self.cfg.task.validation.metric_ema_decay), bool(self.cfg.model.get("channels_last")),
                                   bool(self.cfg.model.get("compile")))
 
     def model_files(self) -> dict[str, str]:
@@ -197,7 +197,7 @@ class DenoiseTask(SegmentTask):
         from segforge.training.denoising import DenoisingModule
 
         ema = self.task.ema
-        return DenoisingModule(network, self.process, self.cfg.optim, seed=int(self.cfg.seed),
+        return DenoisingModule(network, self.process, self.cfg.optim.optimizer, seed=int(self.cfg.seed),
                                mask_values=self.spec.mask_values if self.masks else None,
                                cond_dropout=float(self.task.cond_dropout), time_band=tuple(self.task.time_band),
                                validation_sigma=float(self.task.validation.sigma),
