@@ -125,8 +125,8 @@ def test_resenc_l_plans_beside_nnunets_resenc_l_planner(scenario):
 
 
 QUICK = ["optim=adamw_cosine", "trainer.max_epochs=1", "data.iterations_per_epoch=2", "data.val_iterations=1",
-         "trainer.accelerator=cpu", "final_validation.enabled=false", "callbacks.progress_plot=false",
-         "logger.tensorboard=false"]
+         "trainer.accelerator=cpu", "final_validation.enabled=false", "callbacks.epoch_progress.plot_path=null",
+         "logger.tensorboard=null"]
 
 
 def roots(work: Path, results: str) -> list[str]:
