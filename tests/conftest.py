@@ -80,3 +80,9 @@ def _isolated_env(monkeypatch, tmp_path):
     for name in ("SEGFORGE_RAW", "SEGFORGE_WORK", "SEGFORGE_PREPROCESSED", "SEGFORGE_RESULTS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+def data_identifier_of(work: Path, dataset: str, configuration: str = "3d_fullres", plans: str = "default") -> str:
+    """The preprocessed folder name (``<configuration>_<hash>``) plan ``plans`` in ``<work>/<dataset>/`` records."""
+    recorded = json.loads((Path(work) / dataset / f"plans_{plans}.json").read_text())
+    return recorded["configurations"][configuration]["data_identifier"]

@@ -95,16 +95,21 @@ def test_preprocess_of_a_named_plan_rewrites_nothing_another_has(planned, capsys
     assert case_files(planned["folder"]) == planned["before"]
 
 
-def test_a_hand_edit_that_changes_the_data_is_refused_before_it_writes_a_shared_folder(planned, tmp_path, capsys):
+def test_a_hand_edit_that_changes_the_data_gets_its_own_folder_not_the_shared_one(planned, tmp_path, caplog):
     work = tmp_path / "work"
     shutil.copytree(planned["work"], work)
     path = work / planned["dataset"].name / "plans_card24.json"
     plans = json.loads(path.read_text())
+    shared = plans["configurations"]["3d_fullres"]["data_identifier"]
     plans["configurations"]["3d_fullres"]["target_spacing"] = [3.0, 2.7, 2.7]
     path.write_text(json.dumps(plans))
-    assert main(["preprocess", str(planned["dataset"]), *roots(work), "preprocess.num_workers=1", "plans=card24"]) == 2
-    err = capsys.readouterr().err
-    assert str(path) in err and "data_identifier" in err and "3d_fullres_" in err
+    before = case_files(work / "pre" / planned["dataset"].name / "preprocessed" / shared)
+    with caplog.at_level(logging.WARNING, logger="segforge"):
+        assert main(["preprocess", str(planned["dataset"]), *roots(work), "preprocess.num_workers=1", "plans=card24"]) == 0
+    assert f"records data_identifier {shared}" in caplog.text and str(path) in caplog.text
+    folders = sorted(p.name for p in (work / "pre" / planned["dataset"].name / "preprocessed").iterdir())
+    assert len(folders) == 3 and shared in folders
+    assert case_files(work / "pre" / planned["dataset"].name / "preprocessed" / shared) == before
 
 
 def test_a_missing_plan_and_a_bad_name_are_refused_with_the_fix(planned, capsys):

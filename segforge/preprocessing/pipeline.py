@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segforge.errors import SegforgeError
 from segforge.io.artifacts import read_json, save_npy_atomic, write_json
 from segforge.io.dataset import Case
 from segforge.io.image import Geometry, read_case, read_image
@@ -71,20 +70,20 @@ def data_identifier(plans: dict, configuration: str, shares: str | None = None) 
 
 
 def data_folder_name(plans: dict, configuration: str, source) -> str:
-    """The preprocessed folder of one configuration of the plans in ``source``: its ``data_identifier``, refused when
-    the plan was edited since in a way that changes the data (that folder may be another plan's); a plan from
-    before identifiers: the name it records (3d_budget: 3d_fullres) or the configuration's own."""
+    """The preprocessed folder of one configuration of the plans in ``source``: its ``data_identifier``; after a hand
+    edit that changes the data (spacing, normalisation, resampling) the identifier's hash is recomputed, so the edit
+    is respected and never written over another plan's folder; a plan from before identifiers: the name it records
+    (3d_budget: 3d_fullres) or the configuration's own."""
     recorded = str(plans["configurations"][configuration].get("data_identifier", configuration))
     shares, _, digest = recorded.rpartition("_")
-    if shares and re.fullmatch(f"[0-9a-f]{{{DATA_HASH_CHARS}}}", digest):
-        expected = data_identifier(plans, configuration, shares)
-        if recorded != expected:
-            raise SegforgeError(
-                f"{source}: configuration {configuration} records data_identifier {recorded}, but its spacing, "
-                f"normalisation or resampling now make {expected} (edited by hand?); {recorded} may hold another "
-                f"plan's data. Fix: set \"data_identifier\": \"{expected}\" for {configuration} in {source} (then "
-                f"`segforge preprocess` writes its own folder), or plan again")
-    return recorded
+    if not (shares and re.fullmatch(f"[0-9a-f]{{{DATA_HASH_CHARS}}}", digest)):
+        return recorded
+    current = data_identifier(plans, configuration, shares)
+    if current != recorded:
+        log.warning("%s: configuration %s records data_identifier %s, but its spacing, normalisation or resampling "
+                    "(edited by hand?) make %s: its preprocessed data is %s", source, configuration, recorded, current,
+                    current)
+    return current
 
 
 def preprocess_image(image: np.ndarray, geometry: Geometry, plans: dict, configuration: str,
