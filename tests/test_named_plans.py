@@ -203,3 +203,16 @@ def test_work_folder_kinds_see_named_plans(planned, capsys):
     legacy.mkdir()
     (legacy / "plans.json").write_text("{}")
     assert folder_kind(legacy) == "work"
+
+
+def test_predict_given_a_work_folder_names_its_model_folders_of_every_plan(tmp_path, capsys):
+    work = tmp_path / "work" / "Dataset001_X"
+    work.mkdir(parents=True)
+    (work / "plans_big.json").write_text("{}")
+    for name in ("3d_fullres", "3d_fullres__big"):
+        (work / "results" / "segment" / name / "fold_0").mkdir(parents=True)
+        (work / "results" / "segment" / name / "plans.json").write_text("{}")
+        (work / "results" / "segment" / name / "fold_0" / "model_final.pt").write_bytes(b"")
+    assert main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "--model", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert "work folder" in err and str(work / "results" / "segment" / "3d_fullres__big") in err

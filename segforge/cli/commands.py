@@ -90,7 +90,7 @@ def run_check(args, cfg, overrides) -> int:
 
 
 def _keep_previous(path: Path, new_payload: dict) -> None:
-    """A plans.json someone may have edited is never lost: if it differs, it is kept under a dated name."""
+    """A plans file someone may have edited is never lost: if it differs, it is kept under a dated name."""
     if not path.is_file():
         return
     try:

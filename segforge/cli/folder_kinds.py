@@ -50,7 +50,7 @@ def check_folder_kind(command: str, path: Path) -> None:
                 "(plans_<name>.json, fingerprint.json, preprocessed/)"}[kind]
         use = {"model": f"to predict with it: segforge predict -i IMAGES -o OUT --model {path}",
                "fold": f"to predict with its model: segforge predict -i IMAGES -o OUT --model {path.parent}",
-               "task": f"to compare its configurations and plans: segforge select {path}",
+               "task": f"to compare its configurations: segforge select {path}",
                "work": "give the dataset folder itself (imagesTr/, labelsTr/, dataset.json)"}[kind]
         raise SegforgeError(f"{path}: is {what}, not a dataset. `segforge {command}` takes a dataset folder in nnU-Net's "
                             f"raw layout (imagesTr/, labelsTr/, dataset.json). Fix: {use}")
@@ -67,8 +67,9 @@ def check_folder_kind(command: str, path: Path) -> None:
                                 f"({alone} for this fold alone)")
         if kind == "task":
             models = sorted(child.name for child in Path(path).iterdir() if (child / "plans.json").is_file())
-            raise SegforgeError(f"{path}: holds one model folder per configuration and plan ({', '.join(models)}). "
-                                f"Fix: pass one of them, e.g. --model {Path(path) / models[0]}")
+            raise SegforgeError(f"{path}: holds one model folder per configuration ({', '.join(models)}) and plan "
+                                f"(<configuration>__<plans> for a plan other than default). Fix: pass one of them, "
+                                f"e.g. --model {Path(path) / models[0]}")
         trained = sorted(str(m) for m in Path(path).glob("results/*/*") if _holds_folds(m))  # results_root = work root
         example = ", ".join(trained[:4]) if trained else str(Path(path) / "results" / "segment" / "3d_fullres")
         raise SegforgeError(f"{path}: is segforge's work folder for a dataset (plans files, no trained folds). Fix: pass "
