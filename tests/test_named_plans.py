@@ -216,3 +216,10 @@ def test_predict_given_a_work_folder_names_its_model_folders_of_every_plan(tmp_p
     assert main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "--model", str(work)]) == 2
     err = capsys.readouterr().err
     assert "work folder" in err and str(work / "results" / "segment" / "3d_fullres__big") in err
+
+
+def test_report_of_a_fold_names_its_plan(trained, tmp_path):
+    fold = trained["ws"].results_dir / "segment" / "3d_fullres__coarse" / "fold_0"
+    out = tmp_path / "report.html"
+    assert main(["report", str(fold), "-o", str(out), "max_cases=1"]) == 0
+    assert "model: 3d_fullres of plans coarse" in out.read_text()

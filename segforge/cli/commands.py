@@ -156,7 +156,7 @@ def run_plan(args, cfg, overrides) -> int:
     plans["plans_name"] = plans_name
     plans_path = ws.new_plans_path(plans_name)
     _keep_previous(plans_path, stamp("plans", plans))
-    if plans_name == DEFAULT_PLANS and ws.plans_path(DEFAULT_PLANS) == ws.legacy_plans_path:
+    if plans_name == DEFAULT_PLANS and ws.legacy_plans_path.is_file() and not plans_path.is_file():
         _retire_legacy_plans(ws)
     write_json(plans_path, plans, kind="plans")
     save_config(ws.work_dir, "plan" if plans_name == DEFAULT_PLANS else f"plan_{plans_name}", cfg, overrides)
