@@ -124,7 +124,10 @@ def test_hand_edited_plan_is_respected_by_every_later_stage(tmp_path):
     plans_path.write_text(json.dumps(plans, indent=2))
 
     assert main(["preprocess", str(dataset), *roots(work), "configurations=[3d_fullres]"]) == 0
-    case = json.loads((work / dataset.name / "preprocessed" / data_identifier_of(work, dataset.name) / "case000.json").read_text())
+    # planned with preprocess.run=false: the one folder is the edited spacing's (its data_identifier recomputed)
+    [folder] = (work / dataset.name / "preprocessed").iterdir()
+    assert folder.name != data_identifier_of(work, dataset.name) and folder.name.startswith("3d_fullres_")
+    case = json.loads((folder / "case000.json").read_text())
     assert case["spacing_after_resampling"] == [4.0, 1.2, 1.2]
     assert main(["train", str(dataset), *roots(work), "fold=0", "trainer.max_epochs=1", "data.iterations_per_epoch=2",
                  "data.val_iterations=1", "data.num_workers=0", "trainer.accelerator=cpu"]) == 0
