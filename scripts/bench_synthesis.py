@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     results_dir = work / dataset.name / "results"
     generator, segmenter = results_dir / "denoise" / "2d", results_dir / "segment" / "2d"
     seconds = {}
-    if not (work / dataset.name / "plans.json").is_file():
+    if not (work / dataset.name / "plans_default.json").is_file():
         seconds["plan"] = run_segforge(["plan", *base, "plan.configurations=[2d]", f"plan.features_base={args.features}",
                                         f"plan.features_max_2d={args.features_max}"], log_path, args.threads)
     if not (segmenter / "fold_all" / "model_final.pt").is_file():

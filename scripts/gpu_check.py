@@ -141,7 +141,7 @@ def plan_dataset(report: Report, label: str, root: Path, work: Path, gpu_gb: flo
             f"plan.configurations={configurations}", f"preprocess.num_workers={settings['workers']}",
             f"preprocess.run={str(preprocess).lower()}", *settings["plan_overrides"]] + (["--verify"] if cuda else [])
     report.stage(f"plan_{label}")["wall_s"] = run_segforge(args, work / "logs" / f"plan_{label}.log", os.cpu_count() or 1)
-    return work / "segforge" / root.name / "plans.json"
+    return work / "segforge" / root.name / "plans_default.json"
 
 
 def record_plans(report: Report, planned: dict[str, Path], cuda: bool, settings: dict) -> None:
@@ -166,7 +166,7 @@ def record_plans(report: Report, planned: dict[str, Path], cuda: bool, settings:
 
 
 def work_dir(planned: dict[str, Path]) -> Path:
-    return next(iter(planned.values())).parents[2]  # <work>/segforge/<dataset>/plans.json
+    return next(iter(planned.values())).parents[2]  # <work>/segforge/<dataset>/plans_default.json
 
 
 def train_run(report: Report, label: str, root: Path, work: Path, precision: str, settings: dict, compiled: bool) -> Path:

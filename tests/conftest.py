@@ -100,3 +100,9 @@ def pytest_runtest_logreport(report):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         report.sections = [(key, text.encode("utf-8", "backslashreplace").decode("utf-8"))
                            for key, text in report.sections]
+
+
+def data_identifier_of(work: Path, dataset: str, configuration: str = "3d_fullres", plans: str = "default") -> str:
+    """The preprocessed folder name (``<configuration>_<hash>``) plan ``plans`` in ``<work>/<dataset>/`` records."""
+    recorded = json.loads((Path(work) / dataset / f"plans_{plans}.json").read_text())
+    return recorded["configurations"][configuration]["data_identifier"]

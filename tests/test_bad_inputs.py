@@ -54,14 +54,14 @@ def build_model(base: Path, name: str, ending: str, channels: dict, configuratio
     work = base / "work"
     assert main(["plan", str(dataset), f"paths.work_root={work}", "plan.features_base=4",
                  f"plan.configurations=[{configuration}]", "preprocess.run=false", "preprocess.num_workers=0"]) == 0
-    plans = json.loads((work / name / "plans.json").read_text())
+    plans = json.loads((work / name / "plans_default.json").read_text())
     plan_config = plans["configurations"][configuration]
     kwargs = network_kwargs(compose_config("train", []), plan_config, len(channels), len(labels))
     torch.manual_seed(0)
     network = instantiate(kwargs, _convert_="all")
     model = base / "model" / configuration
     (model / "fold_0").mkdir(parents=True)
-    shutil.copy(work / name / "plans.json", model / "plans.json")
+    shutil.copy(work / name / "plans_default.json", model / "plans.json")
     shutil.copy(dataset / "dataset.json", model / "dataset.json")
     write_weights(model / "fold_0" / FINAL_WEIGHTS, network, kwargs, configuration, plan_config)
     return model

@@ -104,7 +104,7 @@ def test_budget_plan_grows_with_the_budget_and_says_why(rules, monkeypatch):
                for s in measured)
     assert sized["steps_measured"] <= 12
     # the budget configuration trains on the full-resolution data and its topology follows its own patch
-    assert large["data_identifier"] == "3d_fullres"
+    assert large["data_identifier"].rpartition("_")[0] == "3d_fullres"  # 3d_fullres_<hash>: its data (test below)
     assert large["target_spacing"] == [2.0, 2.0, 2.0]
     assert len(large["network"]["strides"]) == len(large["network"]["features_per_stage"])
 
@@ -205,10 +205,12 @@ def test_a_budgeted_run_ends_within_its_budget_with_the_schedule_run_out(tmp_pat
     work = tmp_path / "work"
     assert main(["plan", str(dataset), f"paths.work_root={work}", "plan.configurations=[3d_fullres]", "budget=50s",
                  "plan.compute.target_iterations=100"]) == 0
-    plans = json.loads((work / dataset.name / "plans.json").read_text())
+    plans = json.loads((work / dataset.name / "plans_default.json").read_text())
     sized = plans["configurations"]["3d_budget"]["sized_for"]
     assert sized["budget_s"] == 50 and sized["steps_measured"] >= 1
-    assert not (work / dataset.name / "preprocessed" / "3d_budget").exists()  # shares 3d_fullres's data
+    shared = plans["configurations"]["3d_fullres"]["data_identifier"]  # 3d_budget shares 3d_fullres's data
+    assert plans["configurations"]["3d_budget"]["data_identifier"] == shared
+    assert [p.name for p in (work / dataset.name / "preprocessed").iterdir()] == [shared]
     assert main(["train", str(dataset), f"paths.work_root={work}", "budget=50s", "trainer.accelerator=cpu",
                  "callbacks.epoch_progress.plot_path=null", "logger.tensorboard=null"]) == 0
     fold = work / dataset.name / "results" / "segment" / "3d_budget" / "fold_0"

@@ -49,7 +49,7 @@ def test_a_budgeted_demo_plans_and_trains_the_budget_configuration(tmp_path, cap
     fold = out / "work" / "Dataset900_Demo3D" / "results" / "segment" / "3d_budget" / "fold_0"
     summary = json.loads((fold / "training_summary.json").read_text())
     assert summary["budget"]["budget_s"] == report["train_budget_s"]  # the train child got the time left (whole seconds)
-    plans = json.loads((out / "work" / "Dataset900_Demo3D" / "plans.json").read_text())
+    plans = json.loads((out / "work" / "Dataset900_Demo3D" / "plans_default.json").read_text())
     assert "3d_budget" in plans["configurations"]
     assert "(budget 150)" in capsys.readouterr().out
 
@@ -58,4 +58,4 @@ def test_a_budget_too_small_for_training_is_refused_before_planning(tmp_path, ca
     assert main(["demo", "--out", str(tmp_path / "demo"), "num_train=5", "num_test=2", "budget=20s"]) == 2
     err = capsys.readouterr().err
     assert "budget=20s leaves" in err and "Fix: a larger budget" in err
-    assert not (tmp_path / "demo" / "work" / "Dataset900_Demo3D" / "plans.json").exists()
+    assert not (tmp_path / "demo" / "work" / "Dataset900_Demo3D" / "plans_default.json").exists()

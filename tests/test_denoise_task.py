@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import data_identifier_of, write_dataset
 from segforge.cli.main import main
 from segforge.io.image import Geometry, read_image, write_image
 
@@ -67,7 +67,7 @@ def test_unlabelled_dataset_is_for_denoising_only(unlabelled, capsys):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert "has no labelsTr/" in err and "task=denoise" in err and "Fix:" in err, command
-    preprocessed = work / "pre" / dataset.name / "preprocessed" / "2d"
+    preprocessed = work / "pre" / dataset.name / "preprocessed" / data_identifier_of(work, dataset.name, "2d")
     assert json.loads((preprocessed / "manifest.json").read_text())["labelled"] is False
     assert sorted(p.name for p in preprocessed.glob("img00*")) == ["img00.json", "img00.npy"]  # no label files
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import data_identifier_of, write_dataset
 from segforge.cli.main import main
 
 QUICK = ["trainer.accelerator=cpu", "trainer.max_epochs=1", "data.iterations_per_epoch=2", "data.val_iterations=1",
@@ -57,7 +57,7 @@ def test_preprocessing_past_a_file_size_limit_stops_clearly_and_resumes(planned,
     assert done.returncode == 3, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert "file-size limit" in done.stderr and "run the same command again" in done.stderr
-    out = out_root / dataset.name / "preprocessed" / "3d_fullres"
+    out = out_root / dataset.name / "preprocessed" / data_identifier_of(work, dataset.name)
     for path in finished(out):  # whatever was finished reads back whole; nothing is half-written
         if path.suffix == ".npy":
             np.load(path)

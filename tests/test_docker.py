@@ -102,7 +102,7 @@ def test_a_non_root_user_plans_a_dataset_it_cannot_write(tmp_path):
                str(dataset), "plan.features_base=4", "plan.configurations=[3d_fullres]", "preprocess.num_workers=1"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (work / dataset.name / "plans.json").is_file()
+    assert (work / dataset.name / "plans_default.json").is_file()
     assert tree_hash(dataset) == before  # not a byte changed
     # writing into the dataset is refused before anything is done, with the reason
     denied = subprocess.run(command[:-3] + [f"paths.work_root={dataset / 'work'}"], capture_output=True, text=True,

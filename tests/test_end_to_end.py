@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tree_hash, write_dataset
+from conftest import data_identifier_of, tree_hash, write_dataset
 from segforge.cli.main import main
 from segforge.io.artifacts import SCHEMA_VERSIONS
 from segforge.io.image import read_image
@@ -46,11 +46,11 @@ def trained(tmp_path_factory):
 
 def test_artifact_layout(trained):
     work, name = trained["work"], trained["dataset"].name
-    plans = json.loads((work / name / "plans.json").read_text())
+    plans = json.loads((work / name / "plans_default.json").read_text())
     assert plans["kind"] == "plans" and plans["schema_version"] == SCHEMA_VERSIONS["plans"] and "segforge_version" in plans
     assert (work / name / "fingerprint.json").is_file()
     assert (work / name / "plan_config.yaml").is_file()
-    assert (work / "pre" / name / "preprocessed" / "3d_fullres" / "manifest.json").is_file()
+    assert (work / "pre" / name / "preprocessed" / data_identifier_of(work, name) / "manifest.json").is_file()
     model_dir = trained["model_dir"]
     for item in ("plans.json", "dataset.json", "fold_0/config.yaml", "fold_0/overrides.yaml", "fold_0/model_final.pt",
                  "fold_0/checkpoints/last.ckpt"):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import data_identifier_of, write_dataset
 from segforge.io.image import read_image
 
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ def test_killed_preprocessing_resumes_to_identical_arrays(setting):
     plan = ["plan", str(dataset), "plan.features_base=4", "plan.configurations=[3d_fullres]", "preprocess.num_workers=1"]
     run([*plan, *roots(base / "straight")], base / "pre_straight.log")
     killed_work = base / "killed"
-    out = killed_work / dataset.name / "preprocessed" / "3d_fullres"
+    out = killed_work / dataset.name / "preprocessed" / data_identifier_of(base / "straight", dataset.name)
     after = int(rng.integers(1, 6))  # cases finished before the kill
     landed = kill_when([*plan, *roots(killed_work)], base / "pre_killed.log",
                        lambda: len(list(out.glob("case*_seg.npy"))) >= after, float(rng.uniform(0, 0.05)))
@@ -100,7 +100,7 @@ def test_killed_preprocessing_resumes_to_identical_arrays(setting):
     assert_complete(killed_work)
     (out / ".tmp-4242-case000.npy").write_bytes(b"\x93NUMPY half")  # as if killed while writing
     run(["preprocess", str(dataset), *roots(killed_work)], base / "pre_again.log")
-    reference = base / "straight" / dataset.name / "preprocessed" / "3d_fullres"
+    reference = base / "straight" / dataset.name / "preprocessed" / data_identifier_of(base / "straight", dataset.name)
     assert not list(out.glob(".tmp-*"))
     names = sorted(p.name for p in reference.iterdir())
     assert sorted(p.name for p in out.iterdir()) == names
@@ -114,7 +114,7 @@ def test_killed_preprocessing_resumes_to_identical_arrays(setting):
 def train_straight(base: Path, dataset: Path) -> list[str]:
     """The uninterrupted training run (planned and preprocessed by the preprocessing test, or now); its command."""
     work = base / "straight"
-    if not (work / dataset.name / "plans.json").is_file():
+    if not (work / dataset.name / "plans_default.json").is_file():
         run(["plan", str(dataset), "plan.features_base=4", "plan.configurations=[3d_fullres]", *roots(work)],
             base / "plan.log")
     train = ["train", str(dataset), *roots(work), *TRAIN]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import write_dataset
+from conftest import data_identifier_of, write_dataset
 from segforge.cli.main import main
 from segforge.io.dataset import load_dataset
 from segforge.planning.fingerprint import class_summary, compute_fingerprint, intensity_stats
@@ -81,7 +81,7 @@ def test_plan_for_a_bigger_card_and_one_configuration(tiny_dataset, tmp_path):
     work = tmp_path / "work"
     assert main(["plan", str(tiny_dataset), *roots(work), "plan.gpu_memory_gb=24", "plan.configurations=[3d_fullres]",
                  "preprocess.run=false"]) == 0
-    plans = json.loads((work / tiny_dataset.name / "plans.json").read_text())
+    plans = json.loads((work / tiny_dataset.name / "plans_default.json").read_text())
     assert list(plans["configurations"]) == ["3d_fullres"]
     memory = plans["configurations"]["3d_fullres"]["memory"]
     assert memory["gpu_memory_gb"] == 24 and memory["method"] == "traced" and memory["predicted_peak_bytes"] > 0
@@ -105,7 +105,7 @@ def test_unknown_gpu_preset_is_a_clear_error(tiny_dataset, tmp_path, capsys):
     assert main(["plan", str(tiny_dataset), *roots(work), "plan.gpu=rtx9999", "preprocess.run=false"]) != 0
     err = capsys.readouterr().err
     assert "rtx9999" in err and "a100-80gb" in err and "Traceback" not in err
-    assert not (work / tiny_dataset.name / "plans.json").exists()
+    assert not (work / tiny_dataset.name / "plans_default.json").exists()
 
 
 def test_hand_edited_plan_is_respected_by_every_later_stage(tmp_path):
@@ -113,7 +113,7 @@ def test_hand_edited_plan_is_respected_by_every_later_stage(tmp_path):
     work = tmp_path / "work"
     assert main(["plan", str(dataset), *roots(work), "plan.configurations=[3d_fullres]", "plan.features_base=8",
                  "plan.memory.method=analytic", "preprocess.run=false"]) == 0
-    plans_path = work / dataset.name / "plans.json"
+    plans_path = work / dataset.name / "plans_default.json"
     plans = json.loads(plans_path.read_text())
     conf = plans["configurations"]["3d_fullres"]
     conf["target_spacing"] = [4.0, 1.2, 1.2]
@@ -124,7 +124,10 @@ def test_hand_edited_plan_is_respected_by_every_later_stage(tmp_path):
     plans_path.write_text(json.dumps(plans, indent=2))
 
     assert main(["preprocess", str(dataset), *roots(work), "configurations=[3d_fullres]"]) == 0
-    case = json.loads((work / dataset.name / "preprocessed" / "3d_fullres" / "case000.json").read_text())
+    # planned with preprocess.run=false: the one folder is the edited spacing's (its data_identifier recomputed)
+    [folder] = (work / dataset.name / "preprocessed").iterdir()
+    assert folder.name != data_identifier_of(work, dataset.name) and folder.name.startswith("3d_fullres_")
+    case = json.loads((folder / "case000.json").read_text())
     assert case["spacing_after_resampling"] == [4.0, 1.2, 1.2]
     assert main(["train", str(dataset), *roots(work), "fold=0", "trainer.max_epochs=1", "data.iterations_per_epoch=2",
                  "data.val_iterations=1", "data.num_workers=0", "trainer.accelerator=cpu"]) == 0

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from conftest import write_dataset
+from conftest import data_identifier_of, write_dataset
 from segforge.cli.main import main
 from segforge.io.image import read_image
 
@@ -21,11 +21,11 @@ def test_3d_lowres_plans_trains_and_predicts(tmp_path):
     work = tmp_path / "work"
     roots = [f"paths.work_root={work}"]
     assert main(["plan", str(dataset), *roots, *LOWRES_PLAN]) == 0
-    plans = json.loads((work / dataset.name / "plans.json").read_text())
+    plans = json.loads((work / dataset.name / "plans_default.json").read_text())
     full, low = plans["configurations"]["3d_fullres"], plans["configurations"]["3d_lowres"]
     assert full["patch_covers_median_fraction"] < 0.25 <= low["patch_covers_median_fraction"]
     assert all(lo > fu for lo, fu in zip(low["target_spacing"], full["target_spacing"]))
-    manifest = work / dataset.name / "preprocessed" / "3d_lowres" / "manifest.json"
+    manifest = work / dataset.name / "preprocessed" / data_identifier_of(work, dataset.name, "3d_lowres") / "manifest.json"
     assert manifest.is_file()  # plan preprocessed every configuration it planned
 
     assert main(["train", str(dataset), *roots, "configuration=3d_lowres", "trainer.max_epochs=1",

@@ -196,7 +196,7 @@ def test_plan_verify_measures_each_step_at_the_planned_precision(tiny_dataset, t
     work = tmp_path / "work"
     assert main(["plan", str(tiny_dataset), f"paths.work_root={work}", "plan.features_base=4", "preprocess.num_workers=0",
                  "plan.configurations=[3d_fullres]", "preprocess.run=false", "--verify"]) == 0
-    plans = json.loads((work / tiny_dataset.name / "plans.json").read_text())
+    plans = json.loads((work / tiny_dataset.name / "plans_default.json").read_text())
     assert plans["configurations"]["3d_fullres"]["precision"] == "bf16-mixed" and seen == ["bf16-mixed"]
     row = json.loads((work / tiny_dataset.name / "memory_verification.json").read_text())["configurations"]["3d_fullres"]
     assert row["precision"] == "bf16-mixed" and row["ratio"] == pytest.approx(1.05, abs=1e-3)  # predicted at bf16 too
@@ -213,7 +213,7 @@ def test_training_warns_when_its_precision_override_outgrows_the_plan(tmp_path, 
     paths = [f"paths.work_root={work}", f"paths.preprocessed_root={work / 'pre'}", f"paths.results_root={work / 'res'}"]
     assert main(["plan", str(dataset), *paths, "plan.features_base=4", "plan.configurations=[3d_fullres]",
                  "plan.memory.precision=16-mixed"]) == 0
-    plans_path = work / dataset.name / "plans.json"
+    plans_path = work / dataset.name / "plans_default.json"
     plans_path.write_text(json.dumps(shrink_card(json.loads(plans_path.read_text()))))  # a hand edit: the card is smaller (preprocessed data stays valid)
     capsys.readouterr()
     assert main(["train", str(dataset), *paths, "trainer.precision=32-true", "trainer.accelerator=cpu",

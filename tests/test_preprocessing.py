@@ -166,7 +166,7 @@ def _plans(tiny_dataset: Path, tmp_path: Path) -> dict:
 
     assert main(["plan", str(tiny_dataset), "--work", str(tmp_path / "w"), "preprocess.run=false",
                  "plan.configurations=[3d_fullres]"]) == 0
-    return json.loads((tmp_path / "w" / tiny_dataset.name / "plans.json").read_text())
+    return json.loads((tmp_path / "w" / tiny_dataset.name / "plans_default.json").read_text())
 
 
 def test_resume_after_a_crash_gives_identical_files(tiny_dataset, tmp_path, monkeypatch):
@@ -213,19 +213,19 @@ def test_changed_plan_invalidates_and_unrelated_edit_does_not(tiny_dataset, tmp_
 @pytest.mark.slow
 def test_sigkill_during_preprocess_then_rerun_gives_identical_files(tmp_path):
     """The real thing: `segforge preprocess` killed with SIGKILL mid-run, then run again."""
-    from conftest import write_dataset
+    from conftest import data_identifier_of, write_dataset
 
     dataset = write_dataset(tmp_path / "Dataset002_Kill", num_train=24, num_test=0)
     env = {**os.environ, "SEGFORGE_WORK": str(tmp_path / "ref")}
     base = [sys.executable, "-m", "segforge"]
     subprocess.run(base + ["plan", str(dataset), "plan.configurations=[3d_fullres]", "preprocess.num_workers=1"],
                    env=env, check=True, capture_output=True)
-    reference = tmp_path / "ref" / dataset.name / "preprocessed" / "3d_fullres"
+    reference = tmp_path / "ref" / dataset.name / "preprocessed" / data_identifier_of(tmp_path / "ref", dataset.name)
     killed_work = tmp_path / "killed"
     (killed_work / dataset.name).mkdir(parents=True)
-    (killed_work / dataset.name / "plans.json").write_bytes((tmp_path / "ref" / dataset.name / "plans.json").read_bytes())
+    (killed_work / dataset.name / "plans_default.json").write_bytes((tmp_path / "ref" / dataset.name / "plans_default.json").read_bytes())
     env_killed = {**env, "SEGFORGE_WORK": str(killed_work)}
-    out = killed_work / dataset.name / "preprocessed" / "3d_fullres"
+    out = killed_work / dataset.name / "preprocessed" / reference.name
     proc = subprocess.Popen(base + ["preprocess", str(dataset), "preprocess.num_workers=1"], env=env_killed,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120

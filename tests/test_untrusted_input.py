@@ -193,13 +193,13 @@ def model(planned) -> Path:
     from segforge.training.run import network_kwargs
 
     dataset, work = planned
-    plans = json.loads((work / dataset.name / "plans.json").read_text())
+    plans = json.loads((work / dataset.name / "plans_default.json").read_text())
     plan_config = plans["configurations"]["3d_fullres"]
     kwargs = network_kwargs(compose_config("train", []), plan_config, 1, 3)
     torch.manual_seed(0)
     folder = work / "model" / "3d_fullres"
     (folder / "fold_0").mkdir(parents=True)
-    shutil.copy(work / dataset.name / "plans.json", folder / "plans.json")
+    shutil.copy(work / dataset.name / "plans_default.json", folder / "plans.json")
     shutil.copy(dataset / "dataset.json", folder / "dataset.json")
     write_weights(folder / "fold_0" / FINAL_WEIGHTS, build_network(kwargs, "test"), kwargs, "3d_fullres", plan_config)
     return folder

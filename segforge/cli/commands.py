@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import atomic_write_text, read_json, write_json
 from segforge.io.dataset import DatasetError, load_dataset
-from segforge.workspace import Workspace, check_not_inside, resolve_dataset
+from segforge.workspace import DEFAULT_PLANS, Workspace, check_not_inside, check_plans_name, resolve_dataset
 
 log = logging.getLogger("segforge")
 
@@ -90,7 +90,7 @@ def run_check(args, cfg, overrides) -> int:
 
 
 def _keep_previous(path: Path, new_payload: dict) -> None:
-    """A plans.json someone may have edited is never lost: if it differs, it is kept under a dated name."""
+    """A plans file someone may have edited is never lost: if it differs, it is kept under a dated name."""
     if not path.is_file():
         return
     try:
@@ -136,6 +136,7 @@ def run_plan(args, cfg, overrides) -> int:
         if not torch.cuda.is_available():
             raise SegforgeError("--verify runs each planned training step on a CUDA device, and there is none here. "
                                 "Fix: run it on the GPU machine; plans themselves need no GPU (drop --verify)")
+    plans_name = check_plans_name(cfg.plan.name)  # before any work
     spec = _checked_dataset(args.dataset, cfg)
     ws = Workspace.from_config(cfg.paths, spec.name)
     check_not_inside(ws.work_dir, spec.root, "dataset folder")
@@ -152,9 +153,13 @@ def run_plan(args, cfg, overrides) -> int:
         plans = make_plans(fingerprint, rules, budget_s=parse_duration(cfg.get("budget"), "budget"))
     except ValueError as exc:
         raise SegforgeError(f"{spec.root}: {exc}") from exc
-    _keep_previous(ws.plans_path, stamp("plans", plans))
-    write_json(ws.plans_path, plans, kind="plans")
-    save_config(ws.work_dir, "plan", cfg, overrides)
+    plans["plans_name"] = plans_name
+    plans_path = ws.new_plans_path(plans_name)
+    _keep_previous(plans_path, stamp("plans", plans))
+    if plans_name == DEFAULT_PLANS and ws.legacy_plans_path.is_file() and not plans_path.is_file():
+        _retire_legacy_plans(ws)
+    write_json(plans_path, plans, kind="plans")
+    save_config(ws.work_dir, "plan" if plans_name == DEFAULT_PLANS else f"plan_{plans_name}", cfg, overrides)
     for name, conf in plans["configurations"].items():
         memory = conf["memory"]
         log.info("plan %s: patch %s, batch %s, spacing %s, stages %d, predicted peak %.2f GiB of %.1f GB (%s)", name,
@@ -166,12 +171,22 @@ def run_plan(args, cfg, overrides) -> int:
             log.info("plan %s: features %s, %.3f s per step on %s (%s), about %d iterations in %.0f s: %s", name,
                      conf["network"]["features_per_stage"], sized["step_s"], sized["device"], conf["precision"],
                      sized["expected_iterations"], sized["budget_s"], sized["reason"])
-    print(f"fingerprint: {ws.fingerprint_path}\nplans:       {ws.plans_path}")
+    print(f"fingerprint: {ws.fingerprint_path}\nplans:       {plans_path}")
     if getattr(args, "verify", False):
         _verify_memory(plans, ws)
     if cfg.preprocess.get("run", True):
-        _preprocess(spec, ws, cfg, None)
+        _preprocess(spec, ws, cfg, None, plans_name)
     return 0
+
+
+def _retire_legacy_plans(ws: Workspace) -> None:
+    """The first `segforge plan` (plan default) in a work folder from before named plans: its plans.json becomes a
+    dated previous copy, so that plans_default.json alone is plan default (its model folders stay as they are)."""
+    legacy = ws.legacy_plans_path
+    backup = legacy.with_name(f"{legacy.stem}.previous-{time.strftime('%Y%m%d-%H%M%S')}{legacy.suffix}")
+    os.replace(legacy, backup)
+    log.info("plan %s now lives in %s; kept the former %s as %s", DEFAULT_PLANS, ws.new_plans_path(DEFAULT_PLANS).name,
+             legacy.name, backup.name)
 
 
 def _verify_memory(plans: dict, ws: Workspace) -> None:
@@ -190,28 +205,33 @@ def _verify_memory(plans: dict, ws: Workspace) -> None:
     write_json(ws.work_dir / "memory_verification.json", {"configurations": rows})
 
 
-def _preprocess(spec, ws: Workspace, cfg, configurations) -> None:
-    from segforge.preprocessing.pipeline import run_preprocessing
+def _preprocess(spec, ws: Workspace, cfg, configurations, plans_name: str) -> None:
+    from segforge.preprocessing.pipeline import data_folder_name, run_preprocessing
 
-    plans = read_json(ws.plans_path, "plans")
+    plans_path = ws.existing_plans_path(plans_name, spec.root)
+    plans = read_json(plans_path, "plans")
     names = list(configurations) if configurations else list(plans["configurations"])
     unknown = [n for n in names if n not in plans["configurations"]]
     if unknown:
-        raise SegforgeError(f"configuration {unknown[0]} is not in {ws.plans_path}; it has {sorted(plans['configurations'])}")
-    # a configuration that shares another's data (3d_budget: 3d_fullres's spacing) is preprocessed as that one
-    names = list(dict.fromkeys(plans["configurations"][n].get("data_identifier", n) for n in names))
+        raise SegforgeError(f"configuration {unknown[0]} is not in {plans_path}; it has {sorted(plans['configurations'])}")
+    # one folder per data identifier: a configuration that shares another's data (3d_budget: 3d_fullres's spacing),
+    # or another plan's that agrees on the data (e.g. made for another GPU), is preprocessed once, as the first
+    folders = {}
     for name in names:
-        check_not_inside(ws.preprocessed(name), spec.root, "dataset folder")
-        counts = run_preprocessing(spec.cases, plans, name, ws.preprocessed(name), spec.label_values,
+        folders.setdefault(data_folder_name(plans, name, plans_path), name)
+    for identifier, name in folders.items():
+        out = ws.preprocessed(identifier)
+        check_not_inside(out, spec.root, "dataset folder")
+        counts = run_preprocessing(spec.cases, plans, name, out, spec.label_values,
                                    int(cfg.preprocess.num_workers), int(cfg.preprocess.foreground_samples_per_class),
                                    ignore_label=spec.ignore_label)
-        print(f"preprocessed {name}: {ws.preprocessed(name)} ({counts['done']} done, {counts['skipped']} up to date)")
+        print(f"preprocessed {name}: {out} ({counts['done']} done, {counts['skipped']} up to date)")
 
 
 def run_preprocess(args, cfg, overrides) -> int:
     spec = _checked_dataset(args.dataset, cfg)
     ws = Workspace.from_config(cfg.paths, spec.name)
-    _preprocess(spec, ws, cfg, cfg.configurations)
+    _preprocess(spec, ws, cfg, cfg.configurations, str(cfg.plans))
     return 0
 
 
@@ -259,6 +279,9 @@ def run_predict(args, cfg, overrides) -> int:
                                            gaussian_sigma=float(cfg.predict.gaussian_sigma),
                                            gaussian_centre_weight=float(cfg.predict.gaussian_centre_weight))
                   for model in args.model]
+    for model, loaded in zip(args.model, predictors):  # which plan each model was trained from (plans.json records it)
+        log.info("model %s: configuration %s of plans %s", model, loaded.configuration,
+                 loaded.plans.get("plans_name", DEFAULT_PLANS))
     sources = [Path(m) for m in args.model]
     members = pair_stages(predictors, sources)  # a cascade stage and its previous stage's model become one member
     predictor = members[0] if len(members) == 1 else Ensemble(members)
@@ -389,9 +412,12 @@ def run_evaluate(args, cfg, overrides) -> int:
 def run_select(args, cfg, overrides) -> int:
     from segforge.evaluation.selection import select
 
-    result = select(Path(args.task_dir), postprocessing=bool(cfg.postprocessing))
+    plans = cfg.get("plans")
+    plans = None if plans is None else [str(plans)] if isinstance(plans, (str, int)) else [str(p) for p in plans]
+    result = select(Path(args.task_dir), postprocessing=bool(cfg.postprocessing), plans=plans)
     for name, dice in sorted(result["cross_validation_dice"].items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<32} cross-validation Dice {dice:.4f}{'   <- best' if name == result['best'] else ''}")
+        described = result["candidates"][name]
+        print(f"  {described:<48} cross-validation Dice {dice:.4f}{'   <- best' if name == result['best'] else ''}")
     if "postprocessing" in result:
         print(f"postprocessing: {result['postprocessing']}")
     print(f"selection: {Path(args.task_dir) / 'selection.json'}\npredict with: {result['predict_command']}")

@@ -1,8 +1,9 @@
 """Which kind of segforge folder a path is, so that a command given the wrong kind says which command takes it.
 
 A dataset folder (nnU-Net raw layout) goes to check/plan/preprocess/train; a model folder (plans.json + fold_*/) to
-predict/sample/denoise/export-model; a fold folder, a task folder (one model folder per configuration) and a work
-folder are pointed to the folder the command wants. Only the layout is looked at, nothing is read.
+predict/sample/denoise/export-model; a fold folder, a task folder (one model folder per configuration and plan) and a
+work folder (plans_<name>.json, or a plans.json from before named plans) are pointed to the folder the command wants.
+Only the layout is looked at, nothing is read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ MODEL_COMMANDS = ("predict", "sample", "denoise", "export-model")
 
 
 def folder_kind(path: Path) -> str | None:
-    """``dataset``, ``model``, ``fold``, ``task`` (model folders inside), ``work`` (plans.json, no folds) or None."""
+    """``dataset``, ``model``, ``fold``, ``task`` (model folders inside), ``work`` (plans files, no folds) or None."""
     path = Path(path)
     if not path.is_dir():
         return None
@@ -30,7 +31,7 @@ def folder_kind(path: Path) -> str | None:
         return "fold"
     if any(_holds_folds(child) for child in path.iterdir() if child.is_dir()):
         return "task"
-    if (path / "plans.json").is_file() or (path / "fingerprint.json").is_file():
+    if (path / "plans.json").is_file() or (path / "fingerprint.json").is_file() or any(path.glob("plans_*.json")):
         return "work"
     return None
 
@@ -46,7 +47,7 @@ def check_folder_kind(command: str, path: Path) -> None:
     if command in DATASET_COMMANDS and kind in ("model", "fold", "task", "work"):
         what = {"model": "a trained model folder (plans.json and fold_*/)", "fold": "the fold folder of a training run",
                 "task": "a results folder holding model folders", "work": "segforge's work folder for a dataset "
-                "(plans.json, fingerprint.json, preprocessed/)"}[kind]
+                "(plans_<name>.json, fingerprint.json, preprocessed/)"}[kind]
         use = {"model": f"to predict with it: segforge predict -i IMAGES -o OUT --model {path}",
                "fold": f"to predict with its model: segforge predict -i IMAGES -o OUT --model {path.parent}",
                "task": f"to compare its configurations: segforge select {path}",
@@ -66,10 +67,14 @@ def check_folder_kind(command: str, path: Path) -> None:
                                 f"({alone} for this fold alone)")
         if kind == "task":
             models = sorted(child.name for child in Path(path).iterdir() if (child / "plans.json").is_file())
-            raise SegforgeError(f"{path}: holds one model folder per configuration ({', '.join(models)}). Fix: pass "
-                                f"one of them, e.g. --model {Path(path) / models[0]}")
-        raise SegforgeError(f"{path}: is segforge's work folder for a dataset (plans.json, no trained folds). Fix: pass "
-                            f"a trained model folder, e.g. {Path(path) / 'results' / 'segment' / '3d_fullres'}")
+            raise SegforgeError(f"{path}: holds one model folder per configuration ({', '.join(models)}) and plan "
+                                f"(<configuration>__<plans> for a plan other than default). Fix: pass one of them, "
+                                f"e.g. --model {Path(path) / models[0]}")
+        trained = sorted(str(m) for m in Path(path).glob("results/*/*") if _holds_folds(m))  # results_root = work root
+        example = ", ".join(trained[:4]) if trained else str(Path(path) / "results" / "segment" / "3d_fullres")
+        raise SegforgeError(f"{path}: is segforge's work folder for a dataset (plans files, no trained folds). Fix: pass "
+                            f"a trained model folder (<configuration> for plan default, <configuration>__<plans> else), "
+                            f"e.g. {example}")
 
 
 def model_paths(args) -> list[Path]:

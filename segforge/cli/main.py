@@ -23,14 +23,14 @@ from segforge.errors import SegforgeError
 COMMANDS = {
     "check": "List every problem of a training dataset (exit 0 when clean).",
     "plan": "Check, fingerprint and plan a dataset (and preprocess it unless preprocess.run=false).",
-    "preprocess": "Crop, normalise and resample the training cases as plans.json says.",
+    "preprocess": "Crop, normalise and resample the training cases as a plan (plans_<name>.json, plans=<name>) says.",
     "train": "Train one fold of one configuration (Lightning; DDP-ready).",
     "predict": "Predict masks for a folder of images with a trained model folder.",
     "sample": "Generate images with a trained denoising model (task=denoise); with --masks, one per label map.",
     "denoise": "Denoise images with a trained denoising model (task=denoise) by entering its reverse process at their noise level.",
     "evaluate": "Dice, IoU, HD95 and NSD per case and class between a prediction and a reference folder.",
     "report": "A self-contained HTML page of an evaluated prediction folder or a fold folder: metrics table, overlays, curves.",
-    "select": "Compare configurations (and their ensembles) on cross-validation, pick the best, find its postprocessing.",
+    "select": "Compare configurations of every plan (and their ensembles) on cross-validation, pick the best, find its postprocessing.",
     "export-model": "Pack a model folder (plans, weights of chosen folds, postprocessing, checksums) into one zip.",
     "import-model": "Check a model zip against its checksums and unpack it as a model folder.",
     "demo": "Generate a synthetic dataset and run check, plan, preprocess, train, predict and evaluate on it.",
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("archive", help="a zip written by segforge export-model")
             p.add_argument("destination", help="the model folder to create (must not exist)")
         if name == "select":
-            p.add_argument("task_dir", help="<results>/<dataset>/results/<task>: the folder holding one model folder per configuration")
+            p.add_argument("task_dir", help="<results>/<dataset>/results/<task>: the folder holding one model folder per configuration "
+                                               "and plan (<configuration>, <configuration>__<plans>)")
         if name == "train":
             p.add_argument("-m", "--multirun", action="store_true",
                            help="one run per combination of comma-separated values, through Hydra's launcher: "

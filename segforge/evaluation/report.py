@@ -23,6 +23,7 @@ from pathlib import Path
 from segforge.errors import SegforgeError
 from segforge.evaluation.metrics import nan_mean
 from segforge.evaluation.report_images import case_views, colour, curves_from_logs
+from segforge.evaluation.selection import model_identity
 from segforge.io.artifacts import atomic_write_text, read_json
 from segforge.io.model_folder import trained_folds
 from segforge.io.image import file_ending
@@ -318,6 +319,17 @@ SORT_SCRIPT = """document.querySelectorAll('table.metrics thead th').forEach(fun
 });"""
 
 
+def trained_from(source: Source) -> str:
+    """``; model: 3d_fullres of plans default`` for a fold folder whose model folder has its plans.json, else ``""``."""
+    if source.fold_dir is None or not (source.fold_dir.parent / "plans.json").is_file():
+        return ""
+    try:
+        identity = model_identity(source.fold_dir.parent)
+    except SegforgeError:  # an unreadable plans.json: the report goes on without the line
+        return ""
+    return f"; model: {identity['configuration']} of plans {identity['plans']}"
+
+
 def render(source: Source, max_cases: int | None = 50, max_px: int = 512) -> str:
     summary = source.summary
     cases = case_order(summary.get("cases", []))
@@ -349,7 +361,8 @@ def render(source: Source, max_cases: int | None = 50, max_px: int = 512) -> str
     head = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{MARKER}\n<title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
             f'<p class="source">{"fold folder" if source.fold_dir else "predictions"}: '
-            f"{html.escape(str(source.folder.resolve()))}; summary: {html.escape(str(source.summary_path))}</p>\n"
+            f"{html.escape(str(source.folder.resolve()))}; summary: {html.escape(str(source.summary_path))}"
+            f"{html.escape(trained_from(source))}</p>\n"
             f"<p>{summary.get('num_cases', len(cases))} case(s); mean foreground Dice "
             f"{fg if fg is None else f'{fg:.4f}'}; HD95 in mm; NSD at {summary.get('nsd_tolerance_mm', 1.0)} mm. "
             "Worst cases first (by mean foreground Dice); click a header to sort.</p>\n")

@@ -1,7 +1,8 @@
-"""Model selection on cross-validation (``segforge select TASK_DIR``): the cross-validation Dice of every
-configuration (its folds' ``validation/`` predictions pooled), of every pair of configurations ensembled (when the
-validation saved probabilities), the best of them, and the postprocessing for it; ``selection.json`` says how to
-predict with the winner.
+"""Model selection on cross-validation (``segforge select TASK_DIR``): the cross-validation Dice of every model
+folder (its folds' ``validation/`` predictions pooled), of every pair ensembled (when the validation saved
+probabilities), the best of them, and the postprocessing for it; ``selection.json`` says how to predict with the winner.
+A model folder is one configuration of one plan (``<configuration>`` for plan default, ``<configuration>__<plans>``
+else, its plans.json records ``plans_name``): every plan's folders are candidates, and pairs across plans are ensembled.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from segforge.inference.postprocessing import save_rules, search_postprocessing
 from segforge.io.artifacts import read_json, write_json
 from segforge.io.image import read_image
 from segforge.io.model_folder import fold_dirs, trained_folds
+from segforge.workspace import DEFAULT_PLANS, MODEL_FOLDER_SEPARATOR, model_folder_name
 
 log = logging.getLogger("segforge")
 
@@ -75,19 +77,45 @@ def with_previous_stages(task_dir: Path, members: list[str]) -> list[str]:
     ``predict`` joins to it; a previous stage that is a member of its own is listed again, to be ensembled)."""
     out = []
     for member in members:
-        configuration = (read_json(task_dir / member / "plans.json").get("configurations") or {}).get(member) or {}
-        out += [configuration["previous_stage"], member] if configuration.get("previous_stage") else [member]
+        identity = model_identity(task_dir / member)
+        plans = read_json(task_dir / member / "plans.json")
+        configuration = (plans.get("configurations") or {}).get(identity["configuration"]) or {}
+        previous = configuration.get("previous_stage")  # of the same plan: its model folder carries the plan's name
+        out += [model_folder_name(previous, identity["plans"]), member] if previous else [member]
     return out
 
 
-def select(task_dir: Path, postprocessing: bool = True) -> dict:
-    """Compare the configurations under ``task_dir`` (and their pairwise ensembles), pick the best, search its
-    postprocessing; writes ``selection.json`` in ``task_dir``."""
+def model_identity(model_dir: Path) -> dict:
+    """The configuration and the plans name of a model folder (its plans.json's ``plans_name``; none: default)."""
+    plans = read_json(Path(model_dir) / "plans.json")
+    plans_name = plans.get("plans_name", DEFAULT_PLANS) if isinstance(plans, dict) else DEFAULT_PLANS
+    suffix = f"{MODEL_FOLDER_SEPARATOR}{plans_name}"
+    name = Path(model_dir).name
+    configuration = name[:-len(suffix)] if plans_name != DEFAULT_PLANS and name.endswith(suffix) else name
+    return {"configuration": configuration, "plans": str(plans_name)}
+
+
+def describe(candidate: str, identities: dict) -> str:
+    """``3d_fullres (plans default)``; an ensemble: its members joined by `` + ``."""
+    return " + ".join(f"{identities[m]['configuration']} (plans {identities[m]['plans']})" for m in candidate.split("+"))
+
+
+def select(task_dir: Path, postprocessing: bool = True, plans: list[str] | None = None) -> dict:
+    """Compare the model folders under ``task_dir`` (every configuration of every plan, or of the ``plans`` named)
+    and their pairwise ensembles, pick the best, search its postprocessing; writes ``selection.json`` in ``task_dir``."""
     task_dir = Path(task_dir)
     models = sorted(p for p in task_dir.iterdir() if (p / "plans.json").is_file() and fold_dirs(p))
     if not models:
         raise SegforgeError(f"{task_dir}: no model folder (plans.json and fold_*) inside. Fix: pass "
                             "<results>/<dataset>/results/<task>, the folder that holds one folder per configuration")
+    identities = {m.name: model_identity(m) for m in models}
+    if plans is not None:
+        kept = [m for m in models if identities[m.name]["plans"] in plans]
+        if not kept:
+            found = sorted({i["plans"] for i in identities.values()})
+            raise SegforgeError(f"{task_dir}: no model folder of plans {', '.join(plans)} (its model folders are of "
+                                f"plans {', '.join(found)}). Fix: plans=null for all, or one of them")
+        models = kept
     candidates, details = {}, {}
     for model in models:
         try:
@@ -111,9 +139,10 @@ def select(task_dir: Path, postprocessing: bool = True) -> dict:
     best = max(candidates, key=lambda k: candidates[k])
     members = best.split("+")
     result = {"task_dir": str(task_dir), "cross_validation_dice": candidates,
-              "configurations": {k: {"folds": v["folds"], "num_cases": v["num_cases"], "mean_dice": v["mean_dice"]}
-                                 for k, v in details.items()},
-              "ensembles": ensembles, "best": best}
+              "configurations": {k: {**identities[k], "folds": v["folds"], "num_cases": v["num_cases"],
+                                     "mean_dice": v["mean_dice"]} for k, v in details.items()},
+              "candidates": {k: describe(k, identities) for k in candidates},
+              "ensembles": ensembles, "best": best, "best_described": describe(best, identities)}
     if postprocessing and len(members) == 1:
         cv = details[best]
         pairs = [(cv["predictions"][c], cv["references"][c]) for c in sorted(cv["references"])]

@@ -30,6 +30,7 @@ from segforge.planning.budget import (
 from segforge.planning.fingerprint import clip_keys
 from segforge.planning.memory import StepSpec, rules_encoder
 from segforge.planning.precision import planned_precision
+from segforge.preprocessing.pipeline import data_identifier
 from segforge.preprocessing.resample import resampling_modes, with_default_rules
 
 log = logging.getLogger(__name__)
@@ -439,7 +440,7 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
         conf.setdefault("precision", gpu_precision[0])
         conf.setdefault("precision_reason", gpu_precision[1])
     median_relative_size = float(np.median([c["relative_size_after_crop"] for c in cases]))
-    return {
+    plans = {
         "dataset_name": fingerprint["dataset_name"],
         "channel_names": fingerprint["channel_names"],
         "labels": fingerprint["labels"],
@@ -455,3 +456,6 @@ def make_plans(fingerprint: dict, rules, budget_s: float | None = None) -> dict:
         "memory_traces": oracle.traces,
         "rules": OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given),
     }
+    for name, conf in configurations.items():  # the preprocessed folder: plans that agree on the data share it
+        conf["data_identifier"] = data_identifier(plans, name, conf.get("data_identifier"))
+    return plans

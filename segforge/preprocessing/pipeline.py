@@ -9,6 +9,9 @@ A case without a label (an unlabelled dataset, for ``task=denoise``) has only ``
 (``"labelled": false``); the manifest says whether every case is labelled.
 Uncompressed ``.npy`` on purpose: a random patch is a memory-mapped slice, read without decoding anything else.
 
+The folder is named by the configuration's ``data_identifier`` (``data_identifier``: its name and the first
+characters of ``plan_hash``), so two plans whose configurations would write the same arrays share one folder.
+
 ``CASE.json`` is written last and carries the preprocessing hash (plan values that change the output, settings,
 code version), so a case counts as done only when complete and made the current way: a re-run after a crash
 redoes only unfinished cases, and an edited plan invalidates old output. Every file is written under a temporary
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # bump when the same plan and settings would produce different preprocessed files
 PREPROCESSING_VERSION = 2
+DATA_HASH_CHARS = 8  # hex digits of plan_hash in a data_identifier (4e9 values: no two plans' data collide by chance)
 
 
 def resampling_settings(plans: dict) -> dict:
@@ -55,6 +60,30 @@ def plan_hash(plans: dict, configuration: str) -> str:
     if not plans.get("crop_to_nonzero", True):  # only when off: the hashes of earlier plans stay valid
         relevant["crop_to_nonzero"] = False
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_identifier(plans: dict, configuration: str, shares: str | None = None) -> str:
+    """The name of a configuration's preprocessed folder: whose data it is (the configuration, or ``shares``, the one
+    it reads the data of, e.g. 3d_budget: 3d_fullres) and a short hash of what determines the arrays (``plan_hash``:
+    spacing, normalisation scheme and parameters per channel, resampling rules, crop rule, format version)."""
+    return f"{shares or configuration}_{plan_hash(plans, configuration)[:DATA_HASH_CHARS]}"
+
+
+def data_folder_name(plans: dict, configuration: str, source) -> str:
+    """The preprocessed folder of one configuration of the plans in ``source``: its ``data_identifier``; after a hand
+    edit that changes the data (spacing, normalisation, resampling) the identifier's hash is recomputed, so the edit
+    is respected and never written over another plan's folder; a plan from before identifiers: the name it records
+    (3d_budget: 3d_fullres) or the configuration's own."""
+    recorded = str(plans["configurations"][configuration].get("data_identifier", configuration))
+    shares, _, digest = recorded.rpartition("_")
+    if not (shares and re.fullmatch(f"[0-9a-f]{{{DATA_HASH_CHARS}}}", digest)):
+        return recorded
+    current = data_identifier(plans, configuration, shares)
+    if current != recorded:
+        log.warning("%s: configuration %s records data_identifier %s, but its spacing, normalisation or resampling "
+                    "(edited by hand?) make %s: its preprocessed data is %s", source, configuration, recorded, current,
+                    current)
+    return current
 
 
 def preprocess_image(image: np.ndarray, geometry: Geometry, plans: dict, configuration: str,

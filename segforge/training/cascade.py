@@ -18,7 +18,13 @@ from pathlib import Path
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import read_json
 from segforge.preprocessing.cascade import NEXT_STAGE_FOLDER
-from segforge.workspace import Workspace
+from segforge.preprocessing.pipeline import data_folder_name
+from segforge.workspace import DEFAULT_PLANS, Workspace
+
+
+def plans_name(plans: dict) -> str:
+    """The plan both stages belong to (a cascade's previous stage is of the same plan): its model folders' suffix."""
+    return str(plans.get("plans_name", DEFAULT_PLANS))
 
 
 def next_stages(workspace: Workspace, task: str, plans: dict, configuration: str) -> dict[str, tuple[Path, Path]]:
@@ -27,8 +33,8 @@ def next_stages(workspace: Workspace, task: str, plans: dict, configuration: str
     for name in plans["configurations"][configuration].get("next_stage") or []:
         entry = plans["configurations"].get(name)
         if entry is not None:
-            out[name] = (workspace.preprocessed(entry.get("data_identifier", name)),
-                         workspace.model_dir(task, configuration) / NEXT_STAGE_FOLDER / name)
+            out[name] = (workspace.preprocessed(data_folder_name(plans, name, workspace.work_dir)),
+                         workspace.model_dir(task, configuration, plans_name(plans)) / NEXT_STAGE_FOLDER / name)
     return out
 
 
@@ -52,19 +58,20 @@ def previous_stage(workspace: Workspace, task: str, plans: dict, configuration: 
     if not previous:
         return None
     if previous not in plans["configurations"]:
-        raise SegforgeError(f"{workspace.plans_path}: {configuration} names previous_stage {previous!r}, which the plan "
+        raise SegforgeError(f"{workspace.plans_path(plans_name(plans))}: {configuration} names previous_stage {previous!r}, which the plan "
                             f"lacks. Fix: re-run `segforge plan {dataset_root}`")
     splits = read_json(workspace.splits_path) if workspace.splits_path.is_file() else []
     fold_of = {case: k for k, split in enumerate(splits) for case in split["val"]}
-    folder = workspace.model_dir(task, previous) / NEXT_STAGE_FOLDER / configuration
+    folder = workspace.model_dir(task, previous, plans_name(plans)) / NEXT_STAGE_FOLDER / configuration
     arrays = {case: folder / f"{case}.npy" for case in [*train_ids, *val_ids]}
-    masks = {case: workspace.fold_dir(task, previous, fold_of.get(case, "?")) / "validation" / f"{case}{ending}"
+    masks = {case: workspace.fold_dir(task, previous, fold_of.get(case, "?"), plans_name(plans)) / "validation" / f"{case}{ending}"
              for case in val_ids}
     missing = sorted({case for case, path in [*arrays.items(), *masks.items()] if not path.is_file()})
     if missing:
         folds = sorted({fold_of[c] for c in missing if c in fold_of})
-        command = " && ".join(f"segforge train {dataset_root} configuration={previous} fold={k}" for k in folds) \
-            if folds else f"segforge train {dataset_root} configuration={previous} fold=K for every fold K"
+        of_plan = "" if plans_name(plans) == DEFAULT_PLANS else f" plans={plans_name(plans)}"
+        command = " && ".join(f"segforge train {dataset_root}{of_plan} configuration={previous} fold={k}" for k in folds) \
+            if folds else f"segforge train {dataset_root}{of_plan} configuration={previous} fold=K for every fold K"
         raise SegforgeError(f"{folder}: no {previous} prediction of case(s) {', '.join(missing[:5])}"
                             f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(arrays)}): {configuration} "
                             f"trains on the {previous} prediction of every case, made by the final validation of the "

@@ -32,7 +32,7 @@ def load_initial_weights(network: torch.nn.Module, network_kwargs: dict, source:
     if differ:
         detail = "; ".join(f"{k}: source {theirs.get(k)} vs here {network_kwargs.get(k)}" for k in differ)
         raise SegforgeError(f"init_from={source}: the architecture differs ({detail}). Fix: train with the source's "
-                            "plan (copy its plans.json), or set model.* to match it")
+                            "plan (copy its plans.json to <work>/<dataset>/plans_<name>.json and add plans=<name>), or set model.* to match it")
     state = payload["state_dict"]
     own = network.state_dict()
     skipped = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]

@@ -5,6 +5,7 @@
 <results>/<task>/<configuration>/fold_<k>/   config.yaml, overrides.yaml, network.yaml, checkpoints/{last,best}.ckpt,
                                              model_final.pt, logs/, progress.png, validation/summary.json
 ```
+(``plans=<name>`` other than default: ``<configuration>__<name>/``; its plans.json records ``plans_name``.)
 The task (``training/tasks.py``: ``task=segment`` or ``task=denoise``) decides the network's arguments, the
 LightningModule, what the batches carry and the final validation; everything else here is the same for every task.
 Every DDP rank runs this function with the same config and lands in the same folder; only global rank 0 writes
@@ -31,7 +32,7 @@ from segforge.io.model_folder import FINAL_WEIGHTS, build_network, check_model_f
 from segforge.io.storage import check_writable, remove_stale_temporaries
 from segforge.planning.memory import network_encoder
 from segforge.planning.precision import check_step_memory, training_precision
-from segforge.preprocessing.pipeline import plan_hash
+from segforge.preprocessing.pipeline import data_folder_name, plan_hash
 from segforge.training.budget import (BudgetPacer, BudgetSplit, elapsed_since, forward_seconds,
                                       split_budget, validation_windows)
 from segforge.training.cascade import PreviousStage, next_stages, previous_stage
@@ -45,7 +46,7 @@ from segforge.training.settings import check_train_settings
 from segforge.training.splits import check_splits, make_splits
 from segforge.training.tasks import (  # noqa: F401  (re-exported)
     label_setup, make_task, trained_encoder, segmentation_network_kwargs)
-from segforge.workspace import Workspace
+from segforge.workspace import DEFAULT_PLANS, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class RunInputs:
     fold's cases and the Trainer's arguments (precision resolved)."""
 
     workspace: Workspace
+    plans_name: str
+    plans_path: Path
     plans: dict
     configuration: str
     plan_config: dict
@@ -137,11 +140,15 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
     seconds; the command's start), else from the start of this process."""
     inputs = run_inputs(cfg, spec)
     task = make_task(cfg, spec, inputs.plan_config, inputs.data_dir, inputs.manifest, inputs.plans)
-    model_dir = inputs.workspace.model_dir(task.name, inputs.configuration)
-    fold_dir = inputs.workspace.fold_dir(task.name, inputs.configuration, cfg.fold)
+    model_dir = inputs.workspace.model_dir(task.name, inputs.configuration, inputs.plans_name)
+    fold_dir = inputs.workspace.fold_dir(task.name, inputs.configuration, cfg.fold, inputs.plans_name)
     resume_from = resume_checkpoint(cfg, fold_dir)
-    copies = {model_dir / "plans.json": inputs.workspace.plans_path, model_dir / "dataset.json": spec.root / "dataset.json"}
+    copies = {model_dir / "dataset.json": spec.root / "dataset.json"}
     task_files = {model_dir / name: text for name, text in task.model_files().items()}
+    if inputs.plans.get("plans_name", DEFAULT_PLANS) == inputs.plans_name:  # the file itself says which plan it is
+        copies[model_dir / "plans.json"] = inputs.plans_path
+    else:  # a plans file copied by hand under another name: the model folder's copy names the plan it was trained from
+        task_files[model_dir / "plans.json"] = json.dumps({**inputs.plans, "plans_name": inputs.plans_name}, indent=2) + "\n"
     check_model_folder(model_dir, copies, task_files)
 
     previous = previous_stage(inputs.workspace, task.name, inputs.plans, inputs.configuration, inputs.train_ids,
@@ -212,15 +219,18 @@ def run_inputs(cfg, spec: DatasetSpec) -> RunInputs:
     """The plan's configuration and its preprocessed data (refused when from another plan), the settings checked,
     the fold's cases, and the Trainer's arguments with the precision resolved and the step's memory re-checked."""
     workspace = Workspace.from_config(cfg.paths, spec.name)
-    plans = read_json(workspace.plans_path, "plans")
+    plans_name = str(cfg.plans)
+    plans_path = workspace.existing_plans_path(plans_name, spec.root)
+    plans = read_json(plans_path, "plans")
     budget_s = parse_duration(cfg.get("budget"), "budget")
-    configuration = resolve_configuration(str(cfg.configuration), plans, workspace.plans_path, budget_s)
+    configuration = resolve_configuration(str(cfg.configuration), plans, plans_path, budget_s)
     plan_config = plans["configurations"][configuration]
-    data_dir = workspace.preprocessed(plan_config.get("data_identifier", configuration))
+    data_dir = workspace.preprocessed(data_folder_name(plans, configuration, plans_path))
     manifest = read_json(data_dir / "manifest.json", "preprocessing_manifest") if (data_dir / "manifest.json").is_file() else None
     if manifest is None or manifest["plan_hash"] != plan_hash(plans, configuration):
+        named = "" if plans_name == DEFAULT_PLANS else f" plans={plans_name}"
         raise SegforgeError(f"{data_dir}: preprocessed data is missing or from another plan. "
-                            f"Fix: run `segforge preprocess {spec.root}`")
+                            f"Fix: run `segforge preprocess {spec.root}{named}`")
     check_train_settings(cfg, OmegaConf.to_container(cfg.trainer, resolve=True), plan_config)
     train_ids, val_ids, splits = fold_case_ids(workspace, manifest["cases"], cfg.fold, int(cfg.num_folds), int(cfg.seed),
                                                cfg.get("split_groups"))
@@ -238,8 +248,8 @@ def run_inputs(cfg, spec: DatasetSpec) -> RunInputs:
         check_step_memory(plans, configuration, requested if requested != "plan" else plan_config["memory"]["precision"],
                           cfg.data.batch_size, str(spec.root), cfg.data.get("patch_size"),
                           encoder=network_encoder(encoder))
-    return RunInputs(workspace, plans, configuration, plan_config, data_dir, manifest, train_ids, val_ids, splits,
-                     trainer_kwargs, budget_s)
+    return RunInputs(workspace, plans_name, plans_path, plans, configuration, plan_config, data_dir, manifest,
+                     train_ids, val_ids, splits, trainer_kwargs, budget_s)
 
 
 def resume_checkpoint(cfg, fold_dir: Path) -> str | None:
