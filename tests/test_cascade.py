@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import write_dataset
+from conftest import data_identifier_of, write_dataset
 from segforge.cli.main import main
 from segforge.errors import SegforgeError
 from segforge.evaluation.selection import with_previous_stages
@@ -40,14 +40,14 @@ def cascade(tmp_path_factory):
 
 
 def test_plan_records_the_cascade_stage(cascade):
-    plans = json.loads((cascade["work"] / cascade["dataset"].name / "plans.json").read_text())
+    plans = json.loads((cascade["work"] / cascade["dataset"].name / "plans_default.json").read_text())
     configurations = plans["configurations"]
     stage, full = configurations["3d_cascade_fullres"], configurations["3d_fullres"]
     assert stage["previous_stage"] == "3d_lowres" and configurations["3d_lowres"]["next_stage"] == ["3d_cascade_fullres"]
-    assert stage["data_identifier"] == "3d_fullres"  # 3d_fullres' preprocessed data, not a folder of its own
+    assert stage["data_identifier"] == full["data_identifier"]  # 3d_fullres' preprocessed data, not a folder of its own
     assert stage["previous_stage_labels"] == [1, 2]  # ball, box: background gets no channel
     assert stage["patch_size"] == full["patch_size"] and stage["target_spacing"] == full["target_spacing"]
-    assert not (cascade["work"] / cascade["dataset"].name / "preprocessed" / "3d_cascade_fullres").exists()
+    assert not list((cascade["work"] / cascade["dataset"].name / "preprocessed").glob("3d_cascade_fullres*"))
     # plan.cascade=false plans no cascade
     fingerprint = read_json(cascade["work"] / cascade["dataset"].name / "fingerprint.json")
     plain = make_plans(fingerprint, OmegaConf.create({**plans["rules"], "cascade": False}))["configurations"]
@@ -68,7 +68,7 @@ def test_cascade_trains_on_the_lowres_predictions_and_predicts_in_two_stages(cas
     splits = json.loads((cascade["work"] / dataset.name / "splits.json").read_text())
     assert len(splits) == 2
     next_stage = results / "3d_lowres" / "predicted_next_stage" / "3d_cascade_fullres"
-    fullres = cascade["work"] / dataset.name / "preprocessed" / "3d_fullres"
+    fullres = cascade["work"] / dataset.name / "preprocessed" / data_identifier_of(cascade["work"], dataset.name)
     for case in sorted(c for split in splits for c in split["val"]):  # every case, once, from its held-out fold
         prior = np.load(next_stage / f"{case}.npy")
         assert prior.dtype == np.int16 and prior.shape == np.load(fullres / f"{case}.npy", mmap_mode="r").shape[1:]

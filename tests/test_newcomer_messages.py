@@ -37,11 +37,11 @@ def test_a_typo_in_an_override_names_the_closest_key(tmp_path, capsys, override,
     ("callbacks.best_checkpoint=false", "Fix: callbacks.best_checkpoint=null"),
     ("callbacks.early_stopping_patience=20", "Fix: callbacks=early_stopping callbacks.early_stopping.patience=20"),
     ("callbacks.dice_ema_decay=0.8", "Fix: task.validation.metric_ema_decay=0.8"),
-    ("callbacks.epoch_progress.plot_path=null", "Fix: callbacks.epoch_progress.plot_path=null"),
+    ("callbacks.progress_plot=false", "Fix: callbacks.epoch_progress.plot_path=null"),
     ("callbacks.progress_bar=rich", "Fix: callbacks.progress_bar.kind=rich"),
     ("callbacks.extra=[{_target_:a.B}]", "Fix: +callbacks.NAME._target_=module.Class"),
     ("logger.csv=false", "Fix: logger.csv=null"),
-    ("logger.tensorboard=null", "Fix: logger.tensorboard=null"),
+    ("logger.tensorboard=false", "Fix: logger.tensorboard=null"),
 ])
 def test_an_override_of_a_moved_key_names_the_new_one(tmp_path, capsys, override, fix):
     assert main(["train", str(tmp_path / "Dataset001_X"), override]) == 2

@@ -133,8 +133,9 @@ def roots(work: Path, results: str) -> list[str]:
     return [f"paths.work_root={work}", f"paths.preprocessed_root={work / 'pre'}", f"paths.results_root={work / results}"]
 
 
-def trained_network(work: Path, dataset: Path, results: str) -> dict:
-    fold = work / results / dataset.name / "results" / "segment" / "3d_fullres" / "fold_0"
+def trained_network(work: Path, dataset: Path, results: str, plans: str = "default") -> dict:
+    folder = "3d_fullres" if plans == "default" else f"3d_fullres__{plans}"  # a preset names its plans
+    fold = work / results / dataset.name / "results" / "segment" / folder / "fold_0"
     return yaml.safe_load((fold / "network.yaml").read_text())
 
 
@@ -152,19 +153,20 @@ def resenc_planned(tmp_path_factory):
 
 def test_a_preset_plan_trains_its_residual_encoder(resenc_planned, caplog):
     dataset, work = resenc_planned
-    plans = json.loads((work / dataset.name / "plans.json").read_text())
+    plans = json.loads((work / dataset.name / "plans_resenc_m.json").read_text())  # the preset's own name
+    assert plans["plans_name"] == "resenc_m"
     network = plans["configurations"]["3d_fullres"]["network"]
     assert network["encoder"] == "residual" and network["blocks_per_stage"] == NNUNET_BLOCKS[:len(network["strides"])]
     with caplog.at_level(logging.WARNING):
-        assert main(["train", str(dataset), *roots(work, "res"), *QUICK]) == 0
-    trained = trained_network(work, dataset, "res")
+        assert main(["train", str(dataset), *roots(work, "res"), "plans=resenc_m", *QUICK]) == 0
+    trained = trained_network(work, dataset, "res", "resenc_m")
     assert trained["encoder"] == "residual" and trained["blocks_per_stage"] == network["blocks_per_stage"]
     assert not [r for r in caplog.records if "model.encoder" in r.getMessage()]  # the plan's own network: no warning
     # an explicit override still wins: the plain encoder on the residual plan, traced and warned of
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert main(["train", str(dataset), *roots(work, "plain"), *QUICK, "model.encoder=plain"]) == 0
-    assert trained_network(work, dataset, "plain")["encoder"] == "plain"
+        assert main(["train", str(dataset), *roots(work, "plain"), "plans=resenc_m", *QUICK, "model.encoder=plain"]) == 0
+    assert trained_network(work, dataset, "plain", "resenc_m")["encoder"] == "plain"
     warned = [r.getMessage() for r in caplog.records if "model.encoder=plain" in r.getMessage()]
     assert warned and "GiB" in warned[0] and "plan=resenc_m" in warned[0]
 
@@ -175,7 +177,7 @@ def test_the_residual_encoder_on_a_plain_plan_is_traced_and_warned_of(tmp_path, 
     dataset = write_dataset(tmp_path / "Dataset001_Tiny")
     work = tmp_path / "work"
     assert main(["plan", str(dataset), *roots(work, "res"), "plan.features_base=4", "plan.configurations=[3d_fullres]"]) == 0
-    plans = json.loads((work / dataset.name / "plans.json").read_text())
+    plans = json.loads((work / dataset.name / "plans_default.json").read_text())
     assert plans["configurations"]["3d_fullres"]["network"]["encoder"] == "plain"
     with caplog.at_level(logging.WARNING):
         assert main(["train", str(dataset), *roots(work, "res"), *QUICK, "model.encoder=residual"]) == 0
