@@ -84,7 +84,21 @@ def check_demo_budget(budget_s: float, train_budget_s: float) -> None:
 
 def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int]) -> int:
     """The demo as ``cfg`` (``configs/demo.yaml``) says; ``run_command(argv)`` runs one `segforge` command and returns
-    its exit code."""
+    its exit code. With ``torch_threads`` set for its dim, every step (the plan's step timing, training, predict)
+    runs on that many intra-op threads; this process's setting is restored after."""
+    import torch
+
+    threads = cfg.torch_threads[int(cfg.dim)]
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        return _run_demo(cfg, run_command, [] if threads is None else [f"data.torch_threads={int(threads)}"])
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_demo(cfg, run_command: Callable[[list[str]], int], thread_overrides: list[str]) -> int:
     from segforge.demo.baseline import threshold_baseline
 
     out = Path(cfg.out).expanduser().resolve()
@@ -118,7 +132,7 @@ def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int])
         configuration = f"{configuration[:2]}_budget"
     else:
         schedule = [f"configuration={configuration}", "experiment=demo"]
-    train_cmd = [sys.executable, "-m", "segforge", "train", str(dataset), *roots, *schedule,
+    train_cmd = [sys.executable, "-m", "segforge", "train", str(dataset), *roots, *schedule, *thread_overrides,
                  *[str(o) for o in cfg.train_overrides]]
     print(f"\n$ {' '.join(train_cmd[2:])}", flush=True)
     t0 = time.monotonic()
