@@ -346,3 +346,17 @@ def test_a_2d_budget_configuration_counts_every_slice_in_its_final_validation(ru
     in_plane = math.prod(len(window_starts(n, p, 0.5)) for n, p in zip([96, 80], conf["patch_size"]))
     windows = sized["final_validation_s"] * 3 * conf["batch_size"] / (4 * sized["step_s"])  # 4 validation cases
     assert windows == pytest.approx(80 * in_plane, rel=0.02)  # 80 slices per case, not one
+
+
+def test_a_short_2d_budget_keeps_the_patch_floor(rules, monkeypatch):
+    """A budget that buys few steps falls back to the candidate that trains most, but not below
+    plan.compute.min_coverage_2d of the median image (16x16 of a 96x80 image sees no context)."""
+    fake_device(monkeypatch, tflops=0.001)
+    rules.configurations = ["2d"]
+    conf = make_plans(brain_fingerprint(), rules, budget_s=60)["configurations"]["2d_budget"]
+    assert "no candidate reaches" in conf["sized_for"]["reason"]
+    assert conf["patch_covers_median_fraction"] >= rules.compute.min_coverage_2d > 0
+    rules.compute.min_coverage_2d = 0.0
+    unfloored = make_plans(brain_fingerprint(), rules, budget_s=60)["configurations"]["2d_budget"]
+    assert unfloored["patch_covers_median_fraction"] < conf["patch_covers_median_fraction"]
+    assert math.prod(unfloored["patch_size"]) < math.prod(conf["patch_size"])

@@ -9,6 +9,7 @@ on the held-out cases (``demo/baseline.py``), which shows the demo is not solvab
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -84,7 +85,21 @@ def check_demo_budget(budget_s: float, train_budget_s: float) -> None:
 
 def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int]) -> int:
     """The demo as ``cfg`` (``configs/demo.yaml``) says; ``run_command(argv)`` runs one `segforge` command and returns
-    its exit code."""
+    its exit code. With ``torch_threads`` set for its dim, every step (the plan's step timing, training, predict)
+    runs on that many intra-op threads; this process's setting is restored after."""
+    import torch
+
+    threads = cfg.torch_threads[int(cfg.dim)]
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        return _run_demo(cfg, run_command, None if threads is None else int(threads))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_demo(cfg, run_command: Callable[[list[str]], int], threads: int | None) -> int:
     from segforge.demo.baseline import threshold_baseline
 
     out = Path(cfg.out).expanduser().resolve()
@@ -108,21 +123,23 @@ def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int])
     if budget_s:  # the plan sizes a configuration for the training time left (3d_budget / 2d_budget)
         train_budget_s = float(int(budget_s * (1 - cfg.finish_share - cfg.plan_share) - (time.monotonic() - start)))
         check_demo_budget(budget_s, train_budget_s)
-        plan_overrides.append(f"budget={train_budget_s:.0f}s")
+        plan_overrides += [f"budget={train_budget_s:.0f}s", *[str(o) for o in cfg.budget_overrides[int(cfg.dim)].plan]]
     _run(run_command, ["plan", str(dataset)] + roots + plan_overrides, timings, "plan+preprocess")
 
     if budget_s:  # what is left, less the time predict and evaluate take
         train_budget_s = min(train_budget_s, float(int(budget_s * (1 - cfg.finish_share) - (time.monotonic() - start))))
         check_demo_budget(budget_s, train_budget_s)
-        schedule = [f"budget={train_budget_s:.0f}s", "configuration=budget"]
+        schedule = [f"budget={train_budget_s:.0f}s", "configuration=budget", *[str(o) for o in cfg.budget_overrides[int(cfg.dim)].train]]
         configuration = f"{configuration[:2]}_budget"
     else:
         schedule = [f"configuration={configuration}", "experiment=demo"]
+    # the child's threads from its start (the budget's forward timing comes before the data policy sets them)
+    env = dict(os.environ) if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     train_cmd = [sys.executable, "-m", "segforge", "train", str(dataset), *roots, *schedule,
-                 *[str(o) for o in cfg.train_overrides]]
+                 *([] if threads is None else [f"data.torch_threads={threads}"]), *[str(o) for o in cfg.train_overrides]]
     print(f"\n$ {' '.join(train_cmd[2:])}", flush=True)
     t0 = time.monotonic()
-    if subprocess.run(train_cmd).returncode != 0:
+    if subprocess.run(train_cmd, env=env).returncode != 0:
         raise SegforgeError("demo training failed (see its output above)")
     timings["train"] = time.monotonic() - t0
 
@@ -139,7 +156,7 @@ def run_demo(cfg, overrides: list[str], run_command: Callable[[list[str]], int])
               "dice": summary["mean_dice"], "mean_foreground_dice": summary["foreground_mean_dice"],
               "threshold_baseline_dice": baseline, "threshold_baseline_mean": baseline_mean,
               "seconds": {k: round(v, 1) for k, v in timings.items()}, "total_seconds": round(time.monotonic() - start, 1),
-              "budget_s": budget_s, "train_budget_s": train_budget_s}
+              "budget_s": budget_s, "train_budget_s": train_budget_s, "torch_threads": threads}
     atomic_write_text(out / "demo_report.json", json.dumps(report, indent=2) + "\n")
     print("\n== segforge demo ==")
     print(f"dataset:       {dataset}\nwork root:     {work}\nmodel folder:  {model_dir}\npredictions:   {predictions}")

@@ -311,6 +311,10 @@ def budget_configuration(spacing: list[float], median_shape: list[float], full: 
                and math.prod(p) > math.prod(t["total_pooling"]) and len(t["strides"]) >= 3]  # a U-Net, normable
     if not patches:
         raise ValueError(f"no patch of at least 3 U-Net stages fits the median image {median_shape} for a budget configuration")
+    # a patch floor (plan.compute.min_coverage_2d/_3d): below it a patch sees too little context to learn from,
+    # however many steps it buys; the largest patch stays when none reaches the floor
+    floor = float(compute.min_coverage_2d if dims == 2 else compute.min_coverage_3d) * math.prod(median_shape)
+    patches = [pt for pt in patches if math.prod(pt[0]) >= floor] or patches[:1]
     measure = (lambda spec, **kwargs: measure_step_seconds(spec, device, **kwargs)) if not compute.tflops else None
     # precision is measured on a mid-sized step (plan.compute.precision_probe)
     sizes = compute.precision_probe
