@@ -59,3 +59,15 @@ def test_a_budget_too_small_for_training_is_refused_before_planning(tmp_path, ca
     err = capsys.readouterr().err
     assert "budget=20s leaves" in err and "Fix: a larger budget" in err
     assert not (tmp_path / "demo" / "work" / "Dataset900_Demo3D" / "plans_default.json").exists()
+
+
+def test_both_demos_default_to_a_budget_that_ends_them_in_time():
+    """budget=auto: 3D within 220 s (scripts/demo.sh's set-up check makes it 4 minutes), 2D within 80 s (with the
+    check, 90 s); `budget=null` is the fixed schedule, a duration overrides."""
+    from segforge.cli.demo import demo_budget
+    from segforge.cli.main import compose_config
+
+    assert demo_budget(compose_config("demo", [])) == 220
+    assert demo_budget(compose_config("demo", ["dim=2"])) == 80
+    assert demo_budget(compose_config("demo", ["dim=2", "budget=null"])) is None
+    assert demo_budget(compose_config("demo", ["dim=2", "budget=2m"])) == 120
