@@ -67,3 +67,41 @@ def test_the_slurm_launcher_composes_with_the_resources_of_its_config():
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)
     assert (launcher.timeout_min, launcher.cpus_per_task, launcher.mem_gb, launcher.signal_delay_s) == (1440, 8, 64, 120)
     assert "/multirun/" in launcher.submitit_folder
+
+
+@pytest.mark.parametrize("override", [
+    "+hydra.callbacks.x._target_=os.mkdir",                           # Hydra instantiates hydra.callbacks itself
+    "+hydra.callbacks.x={_target_:os.mkdir,path:MARK}",
+    "hydra.launcher._target_=os.mkdir",                              # ... and the launcher
+    "+hydra.callbacks.x=${oc.create:{_target_:os.mkdir,path:MARK}}",  # a node built from a string
+])
+def test_a_sweep_cannot_make_hydra_instantiate_code(tmp_path, capsys, override):
+    """`-m` hands the composed config to Hydra, which builds its launcher, sweeper and callbacks before any job (and
+    so before the per-job `_target_` check): their classes must be Hydra's or its plugins'."""
+    mark = tmp_path / "ran"
+    dataset = write_dataset(tmp_path / "Dataset001_Tiny")
+    code = main(["train", str(dataset), "-m", "fold=0,1", f"paths.work_root={tmp_path / 'work'}",
+                 override.replace("MARK", str(mark))])
+    assert code == 2 and not mark.exists()
+    err = capsys.readouterr().err
+    assert "Fix: remove the override" in err or "${oc.create" in override and "Fix:" in err  # or no valid override
+    assert not (tmp_path / "work" / dataset.name / "results").exists()
+
+
+def test_the_packaged_launchers_pass_the_sweep_gate():
+    from segforge.cli.targets import check_hydra_targets
+
+    check_hydra_targets(launcher_config(str(CONFIG_DIR), "train", ["fold=0,1"], node="hydra"))  # the basic launcher
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
+        check_hydra_targets(launcher_config(str(CONFIG_DIR), "train", ["fold=0,1", "hydra/launcher=slurm"], node="hydra"))
+
+
+def test_the_launchers_settings_on_the_command_line_reach_hydra(tmp_path, monkeypatch):
+    """`-m ... hydra.launcher.partition=gpu` (README) is handed to Hydra's sweep, not dropped like a relauncher's
+    `hydra.run.dir` in a single run."""
+    import segforge.cli.multirun as multirun
+
+    seen = {}
+    monkeypatch.setattr(multirun, "run_multirun", lambda config_dir, name, overrides, run_job: seen.setdefault("o", overrides) and 0)
+    assert main(["train", str(tmp_path), "-m", "fold=0,1", "hydra.sweep.dir=/scratch/s", "+hydra.launcher.x=1"]) == 0
+    assert "hydra.sweep.dir=/scratch/s" in seen["o"] and "+hydra.launcher.x=1" in seen["o"]

@@ -207,14 +207,16 @@ def override_error(exc: Exception, overrides: list[str]) -> str:
 
 
 def split_overrides(args: argparse.Namespace) -> list[str]:
-    """User overrides minus Hydra's own (`hydra.*`, appended by relaunchers), with flags translated in front."""
+    """User overrides with flags translated in front; a single run drops Hydra's own (`hydra.*`, appended by
+    relaunchers), a sweep (``-m``) keeps them: they set its launcher (checked by ``check_hydra_targets``)."""
     bad = [o for o in args.overrides if "=" not in o or o.startswith("-")]
     if bad:
         raise SegforgeError(f"unexpected argument(s) {bad}: config overrides are written key=value (see --help)")
     flags = [f"paths.work_root={args.work}"] if getattr(args, "work", None) else []
     if getattr(args, "out", None):
         flags.append(f"out={args.out}")
-    user = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra.")]
+    user = [o for o in args.overrides
+            if getattr(args, "multirun", False) or not o.lstrip("+~").startswith("hydra.")]
     return flags + user
 
 

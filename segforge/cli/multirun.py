@@ -51,8 +51,11 @@ def run_multirun(config_dir: str, config_name: str, overrides: list[str], run_jo
     from hydra import version
 
     version.setbase("1.3")  # as compose_config: no working-directory change, 1.3 defaults
-    GlobalHydra.instance().clear()
+    from segforge.cli.targets import check_hydra_targets
+
     try:
+        check_hydra_targets(launcher_config(config_dir, config_name, overrides, node="hydra"))  # before Hydra builds any
+        GlobalHydra.instance().clear()
         hydra = Hydra.create_main_hydra2(task_name=config_name, config_search_path=create_config_search_path(config_dir))
         returns = hydra.multirun(config_name=config_name, task_function=task, overrides=sweep_overrides(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
@@ -64,9 +67,9 @@ def run_multirun(config_dir: str, config_name: str, overrides: list[str], run_jo
     return next((code for code in codes if code), 0)
 
 
-def launcher_config(config_dir: str, config_name: str, overrides: list[str]):
+def launcher_config(config_dir: str, config_name: str, overrides: list[str], node: str = "launcher"):
     """The composed ``hydra.launcher`` node a sweep with ``overrides`` would use (what a SLURM job would be
-    submitted with), without launching anything."""
+    submitted with), without launching anything; ``node="hydra"``: all of Hydra's settings."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
@@ -79,4 +82,4 @@ def launcher_config(config_dir: str, config_name: str, overrides: list[str]):
                                    with_log_configuration=False)
     finally:
         GlobalHydra.instance().clear()
-    return cfg.hydra.launcher
+    return cfg.hydra if node == "hydra" else cfg.hydra[node]

@@ -98,3 +98,35 @@ def check_targets(cfg, config_dir: Path) -> None:
                             "network comes from segforge's own list). Fix: remove the override, or add a callback as "
                             "+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging "
                             "+callbacks.swa.swa_lrs=0.001")
+
+
+# what Hydra itself instantiates in a sweep (`hydra.launcher`, `hydra.sweeper`, `hydra.callbacks`): classes of Hydra and
+# of its installed plugins only; an interpolation that builds a node (`${oc.create:...}`) could hide a `_target_`
+HYDRA_PACKAGES = ("hydra", "hydra_plugins")
+_NODE_BUILDERS = ("oc.create", "oc.decode")
+
+
+def check_hydra_targets(hydra_node) -> None:
+    """Refuse a sweep whose composed ``hydra`` node (what ``Hydra.multirun`` instantiates before any job runs) names a
+    class outside Hydra and its plugins, or builds a node from a string (e.g. ``+hydra.callbacks.x._target_=...``)."""
+    tree = OmegaConf.to_container(hydra_node, resolve=False)
+    for where, target in _targets(tree, "hydra"):
+        if not (isinstance(target, str) and _allowed_class(target, HYDRA_PACKAGES)):
+            raise SegforgeError(f"{where}._target_={target}: a sweep's Hydra settings may only name classes of Hydra "
+                                "and its plugins (launchers, sweepers); segforge instantiates nothing else from the "
+                                "command line. Fix: remove the override (callbacks of a run go in callbacks.NAME)")
+    strings = [value for value in _strings(tree) if any(f"${{{b}:" in value.replace(" ", "") for b in _NODE_BUILDERS)]
+    if strings:
+        raise SegforgeError(f"hydra: {strings[0]}: a sweep's Hydra settings take plain values, not nodes built from "
+                            "strings. Fix: remove the override")
+
+
+def _strings(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+    elif isinstance(node, str):
+        yield node
