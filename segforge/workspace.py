@@ -31,7 +31,8 @@ log = logging.getLogger("segforge")
 DEFAULT_PLANS = "default"  # the plan of `segforge plan DATASET` without plan.name: its model folders carry no suffix
 LEGACY_PLANS_FILE = "plans.json"  # the one plans file of a work folder from before named plans (read as plan default)
 MODEL_FOLDER_SEPARATOR = "__"  # <configuration>__<plans name>: the model folder of a plan other than default
-_PLANS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# letters, digits, '.', '_', '-'; never ".previous-": plans_<name>.previous-<date>.json is a kept copy, not a plan
+_PLANS_NAME = re.compile(r"(?!.*\.previous-)[A-Za-z0-9][A-Za-z0-9._-]*")
 _legacy_logged: set[Path] = set()
 
 
@@ -39,7 +40,8 @@ def check_plans_name(name, setting: str = "plan.name") -> str:
     """A plans name is part of file and folder names: letters, digits, ``.``, ``_``, ``-``."""
     text = str(name)
     if not _PLANS_NAME.fullmatch(text):
-        raise SegforgeError(f"{setting}={text}: a plans name is letters, digits, '.', '_' and '-' (it names "
+        raise SegforgeError(f"{setting}={text}: a plans name is letters, digits, '.', '_' and '-', without "
+                            "'.previous-' (the mark of a kept copy) (it names "
                             f"plans_<name>.json and the model folders <configuration>__<name>). Fix: e.g. {setting}=ResEncL")
     return text
 

@@ -223,3 +223,18 @@ def test_report_of_a_fold_names_its_plan(trained, tmp_path):
     out = tmp_path / "report.html"
     assert main(["report", str(fold), "-o", str(out), "max_cases=1"]) == 0
     assert "model: 3d_fullres of plans coarse" in out.read_text()
+
+
+def test_a_kept_copy_of_a_replanned_plan_is_not_a_plan(tmp_path):
+    """Re-planning keeps the old file as plans_<name>.previous-<date>.json: no plan of that name is listed or taken."""
+    from segforge.errors import SegforgeError
+    from segforge.workspace import Workspace, check_plans_name
+
+    work = tmp_path / "work" / "Dataset001_X"
+    work.mkdir(parents=True)
+    for name in ("plans_default.json", "plans_card24.json", "plans_card24.previous-20261203-101500.json"):
+        (work / name).write_text("{}")
+    workspace = Workspace("Dataset001_X", work, tmp_path / "pre", tmp_path / "res")
+    assert workspace.plans_names() == ["card24", "default"]
+    with pytest.raises(SegforgeError, match="previous"):
+        check_plans_name("card24.previous-20261203-101500", "plans")
