@@ -158,3 +158,26 @@ def test_previous_stage_channels_follow_the_label_through_augmentation(tmp_path)
         assert perturbed.sum(0).max() <= 1.0 and not torch.equal(perturbed, channels)
         if removal:  # each channel is one small component here: both removed
             assert perturbed.sum() == 0
+
+
+def test_a_cascade_stage_is_joined_to_the_lowres_model_of_its_own_plan(tmp_path):
+    """Given the lowres models of two plans, a plan's cascade stage takes its own plan's; the other stays an ensemble
+    member; without its own plan's lowres it is refused, naming that folder (<configuration>__<plans>)."""
+    from types import SimpleNamespace
+
+    from segforge.errors import SegforgeError
+    from segforge.inference.cascade import Cascade, pair_stages
+
+    def model(configuration, plans, previous=None):
+        return SimpleNamespace(configuration=configuration, previous_stage=previous, plans={} if plans == "default"
+                               else {"plans_name": plans}, dataset_json={}, plan_config={}, regions_class_order=None,
+                               class_names=["ball", "box"])
+
+    lowres_default, lowres_x = model("3d_lowres", "default"), model("3d_lowres", "x")
+    stage_x = model("3d_cascade_fullres", "x", previous="3d_lowres")
+    sources = [tmp_path / "3d_lowres", tmp_path / "3d_lowres__x", tmp_path / "3d_cascade_fullres__x"]
+    members = pair_stages([lowres_default, lowres_x, stage_x], sources)
+    assert members[0] is lowres_default and isinstance(members[1], Cascade)
+    assert members[1].previous is lowres_x and members[1].stage is stage_x and len(members) == 2
+    with pytest.raises(SegforgeError, match="3d_lowres__x --model"):
+        pair_stages([lowres_default, stage_x], [sources[0], sources[2]])

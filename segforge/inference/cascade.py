@@ -14,6 +14,7 @@ import torch
 
 from segforge.errors import SegforgeError
 from segforge.io.image import Geometry, read_case
+from segforge.workspace import DEFAULT_PLANS, model_folder_name
 
 
 class Cascade:
@@ -66,20 +67,28 @@ class Cascade:
         return self.stage.predict(image, geometry, overwrite_input=overwrite_input, previous=prior)
 
 
+def plans_name(plans: dict) -> str:
+    """The plan a model folder's plans.json records (none: the default plan)."""
+    return str(plans.get("plans_name", DEFAULT_PLANS))
+
+
 def pair_stages(predictors: list, sources: list) -> list:
     """``predictors`` (of the model folders ``sources``, in the order given) with each cascade stage joined to the
     predictor of its ``previous_stage`` (which it then uses up); refused when that one is not among them."""
     stages = [p for p in predictors if getattr(p, "previous_stage", None)]
     used, joined = set(), {}
-    for stage in stages:
+    for stage in stages:  # the previous stage of the same plan (a cascade trained on that plan's lowres folds)
         found = [i for i, p in enumerate(predictors) if i not in used and p is not stage
-                 and p.configuration == stage.previous_stage and not getattr(p, "previous_stage", None)]
+                 and p.configuration == stage.previous_stage and not getattr(p, "previous_stage", None)
+                 and plans_name(p.plans) == plans_name(stage.plans)]
         if not found:
             source = sources[predictors.index(stage)]
-            raise SegforgeError(f"{source}: is a {stage.configuration} model, a cascade stage that takes the "
-                                f"{stage.previous_stage} prediction as input, and no {stage.previous_stage} model was "
-                                f"given. Fix: pass its model folder too: `segforge predict -i IMAGES -o OUT --model "
-                                f"{source.parent / stage.previous_stage} --model {source}`")
+            previous = model_folder_name(stage.previous_stage, plans_name(stage.plans))
+            raise SegforgeError(f"{source}: is a {stage.configuration} model of plans {plans_name(stage.plans)}, a "
+                                f"cascade stage that takes the {stage.previous_stage} prediction of the same plans as "
+                                f"input, and no such {stage.previous_stage} model was given. Fix: pass its model "
+                                f"folder too: `segforge predict -i IMAGES -o OUT --model {source.parent / previous} "
+                                f"--model {source}`")
         used.add(found[0])
         joined[id(stage)] = Cascade(predictors[found[0]], stage)
     return [joined.get(id(p), p) for i, p in enumerate(predictors) if i not in used]

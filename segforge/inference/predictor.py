@@ -25,6 +25,7 @@ from segforge.io.image import Geometry, read_case
 from segforge.io.model_folder import (FINAL_WEIGHTS, load_network, read_model_files, read_weights, select_device,
                                       select_folds, trained_windows)
 from segforge.preprocessing.pipeline import preprocess_image, restore_probabilities
+from segforge.workspace import DEFAULT_PLANS, model_folder_name
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +170,11 @@ class Predictor:
         if self.previous_labels is None:
             return preprocess_image(image, geometry, self.plans, self.configuration, copy=copy)
         if previous is None:
+            plans = self.plans.get("plans_name", DEFAULT_PLANS)  # model folders of another plan carry its name
+            before, this = (model_folder_name(c, plans) for c in (self.previous_stage, self.configuration))
             raise SegforgeError(f"{self.configuration} is a cascade stage: it takes the {self.previous_stage} "
                                 f"prediction as input. Fix: pass the {self.previous_stage} model folder too, before it: "
-                                f"`segforge predict -i IMAGES -o OUT --model .../{self.previous_stage} --model "
-                                f".../{self.configuration}`")
+                                f"`segforge predict -i IMAGES -o OUT --model .../{before} --model .../{this}`")
         from segforge.preprocessing.cascade import one_hot, previous_stage_on_grid
 
         data, props = preprocess_image(image, geometry, self.plans, self.configuration, copy=copy)

@@ -151,7 +151,9 @@ def train(cfg, spec: DatasetSpec, overrides: list[str], started_at: float | None
         task_files[model_dir / "plans.json"] = json.dumps({**inputs.plans, "plans_name": inputs.plans_name}, indent=2) + "\n"
     check_model_folder(model_dir, copies, task_files)
 
-    previous = previous_stage(inputs.workspace, task.name, inputs.plans, inputs.configuration, inputs.train_ids,
+    # both stages' folders are of the plan trained (plans=, also for a plans file copied by hand under another name)
+    named_plans = {**inputs.plans, "plans_name": inputs.plans_name}
+    previous = previous_stage(inputs.workspace, task.name, named_plans, inputs.configuration, inputs.train_ids,
                               inputs.val_ids, spec.root, spec.file_ending)  # a cascade stage's extra input channels
     if previous is not None and task.name != "segment":
         raise SegforgeError(f"configuration={inputs.configuration} is a cascade stage, a segmentation model. Fix: "
@@ -306,7 +308,8 @@ def finish_run(cfg, inputs: RunInputs, task, trainer, module, network, kwargs: d
                "global_step": trainer.global_step, "epochs": trainer.current_epoch, "final_metrics": metrics,
                "data_policy": datamodule.policy.to_json() if datamodule.policy else None}
     if inputs.val_ids and cfg.final_validation.enabled:
-        stages = next_stages(inputs.workspace, task.name, inputs.plans, inputs.configuration) if task.name == "segment" else {}
+        stages = next_stages(inputs.workspace, task.name, {**inputs.plans, "plans_name": inputs.plans_name},
+                             inputs.configuration) if task.name == "segment" else {}
         cascade = {**({"next_stages": stages} if stages else {}), **({"previous": previous.masks} if previous else {})}
         summary.update(task.final_validation(network, inputs.plans, inputs.configuration, inputs.val_ids, fold_dir,
                                              _validation_device(cfg), **trained, **cascade))
