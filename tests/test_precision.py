@@ -81,8 +81,10 @@ def test_an_unknown_planned_precision_names_the_setting():
 
 def test_plans_json_records_the_precision_and_traces_memory_at_it(monkeypatch):
     traced = []
-    real = budget_module.traced_peak_bytes
+    real, real_timeline = budget_module.traced_peak_bytes, budget_module.trace_timeline  # a size, or a topology's law
     monkeypatch.setattr(budget_module, "traced_peak_bytes", lambda spec, mode=None: traced.append(spec.precision) or real(spec, mode))
+    monkeypatch.setattr(budget_module, "trace_timeline",
+                        lambda spec, mode=None: traced.append(spec.precision) or real_timeline(spec, mode))
     config = rules()
     config.gpu = "l4"
     config.gpu_presets = {"l4": 0.3}  # a small card, so the plan's step stays tiny

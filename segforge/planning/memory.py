@@ -154,7 +154,8 @@ def spec_from_plan(plans: dict, configuration: str, batch_size: int | None = Non
     denoiser = {k: v for k, v in ((plans.get("rules") or {}).get("denoiser_step") or {}).items()
                 if k not in ("norm", "deep_supervision", "optimizer")}
     return replace(StepSpec(
-        spatial_dims=conf["dims"], in_channels=len(plans["channel_names"]), num_classes=count_outputs(plans["labels"]),
+        spatial_dims=conf["dims"],  # a cascade stage also takes one channel per previous-stage label
+        in_channels=len(plans["channel_names"]) + len(conf.get("previous_stage_labels") or []), num_classes=count_outputs(plans["labels"]),
         patch_size=tuple(conf["patch_size"]), batch_size=int(batch_size or conf["batch_size"]),
         features_per_stage=tuple(network["features_per_stage"]), kernel_sizes=tuple(tuple(k) for k in network["kernel_sizes"]),
         strides=tuple(tuple(s) for s in network["strides"]), conv_per_stage=int(network["conv_per_stage"]),
