@@ -300,5 +300,12 @@ def test_thread_policy():
     assert (gpu.augment_on, gpu.num_workers, gpu.torch_threads) == ("device", 4, 4)
     manual = thread_policy({**auto, "num_workers": 3, "torch_threads": 5, "augment_on": "device"}, False, 1, 2)
     assert (manual.augment_on, manual.num_workers, manual.torch_threads) == ("device", 3, 5)
+    capped = thread_policy(auto, on_cuda=False, ranks_on_node=1, cores=16, thread_limit=1)
+    assert capped.torch_threads == 1 and "OMP_NUM_THREADS=1" in capped.reason  # who set it shares the cores
+    assert thread_policy(auto, on_cuda=False, ranks_on_node=2, cores=2, thread_limit=4).torch_threads == 1
+    assert thread_policy({**auto, "torch_threads": 3}, False, 1, 2, thread_limit=1).torch_threads == 3
+    from segforge.training.threads import environment_thread_limit
+    assert [environment_thread_limit(e) for e in ({"OMP_NUM_THREADS": "2"}, {}, {"OMP_NUM_THREADS": "x"},
+                                                  {"OMP_NUM_THREADS": "0"})] == [2, None, None, None]
     with pytest.raises(ValueError, match="augment_on"):
         thread_policy({**auto, "augment_on": "gpu"}, False)

@@ -284,6 +284,52 @@ def test_pacer_caps_validation_and_stops_within_half_a_step_of_the_deadline(monk
         assert trainer.should_stop == (now == 200.0)
 
 
+def test_the_next_validation_is_capped_by_the_validation_batches_just_timed(monkeypatch):
+    """The first cap comes from the plan's window forward; on cores that got busy the batches ran 30x slower and a
+    validation took most of an epoch. After a validation (not the sanity check) the cap follows its timed batches,
+    in a real Lightning loop, and a resumed run keeps it."""
+    from types import SimpleNamespace
+
+    import lightning as L
+
+    from segforge.training import budget as budget_module
+    from segforge.training.budget import BudgetPacer, BudgetSplit
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
+    split = BudgetSplit(budget_s=300, setup_s=10, final_validation_s=20, finish_s=10, training_s=260, epoch_s=26,
+                        forward_s=0.01, windows=10, validation_share=0.1)
+    data = SimpleNamespace(cfg={"iterations_per_epoch": 250, "val_iterations": 25}, batch_size=2)
+    pacer = BudgetPacer(split, SimpleNamespace(elapsed=lambda: clock["now"]), data, first_epoch_steps=4)
+    assert data.cfg == {"iterations_per_epoch": 4, "val_iterations": 25}  # 0.1 x 26 s / 0.02 s: 130, capped
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            clock["now"] += 5.0
+            return self.layer(batch).sum()
+
+        def validation_step(self, batch, batch_idx):
+            clock["now"] += 1.25  # timed batches of 1.25 s: 0.1 x 26 s fits 2 of them
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
+                        limit_train_batches=4, limit_val_batches=3, callbacks=[pacer])
+    zeros = torch.utils.data.DataLoader(torch.zeros(4, 2), batch_size=1)
+    trainer.fit(Tiny(), zeros, zeros)
+    assert data.cfg == {"iterations_per_epoch": round(26 / 5.0), "val_iterations": 2}
+    resumed = SimpleNamespace(cfg={"iterations_per_epoch": 250, "val_iterations": 25}, batch_size=2)
+    again = BudgetPacer(split, None, resumed, first_epoch_steps=4)
+    again.load_state_dict(pacer.state_dict())
+    assert resumed.cfg == data.cfg
+
+
 class TwoRanks:
     """Broadcasts between two fake DDP ranks: rank 0's calls record what they send, rank 1's receive it in order."""
 

@@ -112,16 +112,19 @@ class BudgetPacer(L.Callback):
     """Agrees on the training time across ranks (rank 0's split), sets the schedule's clock to it, stops training
     when that clock (restored on resume) reaches it, and paces epochs by time: after each epoch the next one gets
     ``epoch_s`` worth of steps at the step time just measured (rank 0's figure, so every rank agrees; the loaders
-    are rebuilt per epoch with ``reload_dataloaders_every_n_epochs=1``).
+    are rebuilt per epoch with ``reload_dataloaders_every_n_epochs=1``). An epoch is not cut short when its steps
+    turn out slower than measured: Lightning skips the validation of an epoch ended from ``on_train_batch_start``
+    (2.6), so the pace is corrected at the next epoch.
 
-    Validation batches are capped so that a validation takes at most ``validation_share`` of an epoch (a batch costs
-    about ``batch_size`` window forwards): Lightning validates once more when training stops, and nnU-Net's 25
-    batches of a full-size 3D patch take minutes on a CPU. Training stops when the clock would pass the training
-    time within half of the last step, so that a slow step ends the budget on time on average.
+    Validation batches are capped so that a validation takes at most ``validation_share`` of an epoch: first from
+    the planned window forward (a batch costs about ``batch_size`` of them), then from the validation batches just
+    timed. Lightning validates once more when training stops, and nnU-Net's 25 batches of a full-size 3D patch
+    take minutes on a CPU. Training stops when the clock would pass the training time within half of the last
+    step, so that a slow step ends the budget on time on average.
 
     Every number that comes from a clock is rank 0's, broadcast (``setup``: the split each rank timed for itself and
-    the first epoch's steps; then the training time, the step counts and the stop): ranks that ran different numbers
-    of steps or validation batches would wait for each other in a collective for ever, or drift apart."""
+    the first epoch's steps; then the training time, the step counts, the validation cap and the stop): ranks that ran different numbers of steps or validation batches would wait for each other in a
+    collective for ever, or drift apart."""
 
     def __init__(self, split: BudgetSplit, schedule, datamodule, first_epoch_steps: int):
         self.split, self.schedule, self.datamodule = split, schedule, datamodule
@@ -130,10 +133,14 @@ class BudgetPacer(L.Callback):
         self._last_end: float | None = None
         self._last_step_s = 0.0
         self._seconds, self._steps = 0.0, 0
+        self._validation_start: float | None = None
+        self._validation_s, self._validation_batches = 0.0, 0
         self._created = time.monotonic()  # set-up goes on after the split: the trainer, loaders, sanity checks
 
-    def validation_batches(self) -> int:
-        batch_s = self.split.forward_s * int(self.datamodule.batch_size)
+    def validation_batches(self, batch_s: float | None = None) -> int:
+        """Validation batches of ``batch_s`` seconds (default: the planned forward x batch size) that fit the share."""
+        if batch_s is None:
+            batch_s = self.split.forward_s * int(self.datamodule.batch_size)
         if batch_s <= 0:
             return self._val_cap
         return int(min(self._val_cap, max(1, self.split.validation_share * self.split.epoch_s // batch_s)))
@@ -176,8 +183,30 @@ class BudgetPacer(L.Callback):
         # every rank broadcasts, whatever its own count: a collective only some ranks reach never returns
         self.datamodule.cfg["iterations_per_epoch"] = int(trainer.strategy.broadcast(steps, src=0))
 
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._validation_s, self._validation_batches = 0.0, 0
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._validation_start = time.monotonic()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._validation_start is not None:
+            self._validation_s += time.monotonic() - self._validation_start
+            self._validation_batches += 1
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:  # every rank alike: no collective
+            return
+        cap = int(self.datamodule.cfg["val_iterations"])
+        if self._validation_batches:
+            cap = self.validation_batches(self._validation_s / self._validation_batches)
+        self.datamodule.cfg["val_iterations"] = int(trainer.strategy.broadcast(cap, src=0))
+
     def state_dict(self) -> dict:
-        return {"iterations_per_epoch": int(self.datamodule.cfg["iterations_per_epoch"])}
+        return {"iterations_per_epoch": int(self.datamodule.cfg["iterations_per_epoch"]),
+                "val_iterations": int(self.datamodule.cfg["val_iterations"])}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.datamodule.cfg["iterations_per_epoch"] = int(state_dict.get("iterations_per_epoch", 1))
+        if "val_iterations" in state_dict:
+            self.datamodule.cfg["val_iterations"] = int(state_dict["val_iterations"])

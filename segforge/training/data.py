@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from segforge.training.augment import AugmentationSettings, Augmenter, PatchGeometry
 from segforge.training.sampling import PatchCollate, PatchDataset, PatchIndexSampler
-from segforge.training.threads import ThreadPolicy, thread_policy
+from segforge.training.threads import ThreadPolicy, environment_thread_limit, thread_policy
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def resolve_policy(self) -> ThreadPolicy:
         if self.policy is None:
             ranks = int(getattr(self.trainer, "num_devices", 1) or 1) if self.trainer else 1
-            self.policy = thread_policy(self.cfg, self._on_cuda(), ranks)
+            self.policy = thread_policy(self.cfg, self._on_cuda(), ranks, thread_limit=environment_thread_limit())
             torch.set_num_threads(self.policy.torch_threads)
             log.info("data: %s (%s)", {k: v for k, v in self.policy.to_json().items() if k != "reason"}, self.policy.reason)
         return self.policy

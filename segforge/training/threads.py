@@ -12,6 +12,10 @@ workers make every epoch slower. The policy here:
   iteration with one augmenting worker, 0.8 s in the training process). With four cores or more in the share, one
   worker reads the next crops from disk meanwhile.
 
+An ``OMP_NUM_THREADS`` set in the environment caps the automatic intra-op threads, as it caps torch's own default:
+whoever set it knows the process shares the cores (a job step, a test worker, a second run beside this one), and
+two threads on cores busy with other work ran 10-30x slower steps than one (measured on 2 cores).
+
 Every value can be set instead (``data.num_workers``, ``data.torch_threads``, ``data.worker_threads``,
 ``data.augment_on``); the resolved policy and its reason are logged and saved with the run.
 """
@@ -41,12 +45,20 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def environment_thread_limit(environ=None) -> int | None:
+    """``OMP_NUM_THREADS`` when set to a positive integer, else None."""
+    value = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def _value(setting, auto):
     return auto if setting in (None, "auto") else setting
 
 
-def thread_policy(data_cfg, on_cuda: bool, ranks_on_node: int = 1, cores: int | None = None) -> ThreadPolicy:
-    """The thread and worker policy of one rank (see module docstring); ``data_cfg`` values other than auto win."""
+def thread_policy(data_cfg, on_cuda: bool, ranks_on_node: int = 1, cores: int | None = None,
+                  thread_limit: int | None = None) -> ThreadPolicy:
+    """The thread and worker policy of one rank (see module docstring); ``data_cfg`` values other than auto win.
+    ``thread_limit`` (``environment_thread_limit()``) caps the automatic intra-op threads."""
     cores = cores or available_cores()
     share = max(1, cores // max(1, ranks_on_node))
     augment_on = str(_value(data_cfg.get("augment_on"), "device"))
@@ -60,7 +72,11 @@ def thread_policy(data_cfg, on_cuda: bool, ranks_on_node: int = 1, cores: int | 
         why = (f"{share} core(s) per rank on CPU: the step uses them all, augmentation runs between steps"
                + ("; one worker reads crops meanwhile" if workers else ""))
     workers = int(_value(data_cfg.get("num_workers"), workers))
-    torch_threads = int(_value(data_cfg.get("torch_threads"), max(1, share - (workers if on_cuda else 0))))
+    auto_threads = max(1, share - (workers if on_cuda else 0))
+    if thread_limit is not None and thread_limit < auto_threads:
+        auto_threads = thread_limit
+        why += f"; OMP_NUM_THREADS={thread_limit} caps the training process's threads"
+    torch_threads = int(_value(data_cfg.get("torch_threads"), auto_threads))
     worker_threads = int(_value(data_cfg.get("worker_threads"), 1))
     if min(workers, torch_threads - 1, worker_threads - 1) < 0:
         raise ValueError("data.num_workers must be >= 0, data.torch_threads and data.worker_threads >= 1")
