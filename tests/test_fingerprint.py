@@ -31,6 +31,15 @@ def test_class_summary_counts_voxels_and_components():
     counts, components = class_summary(label, [0, 1, 2, 3])
     assert counts == {"0": int((label == 0).sum()), "1": 18 + 50, "2": 16 + 2, "3": 0}
     assert components == {"1": 2, "2": 3, "3": 0}
+    # counted per bounding box: the same as a whole-volume bincount and labelling, in every integer dtype
+    rng = np.random.default_rng(0)
+    noisy = (rng.random((12, 30, 25)) < 0.3) * rng.integers(1, 5, (12, 30, 25))
+    values = [0, 1, 2, 3, 4, 7]  # 7 declared, absent
+    from scipy import ndimage
+    expected_counts = {str(v): int((noisy == v).sum()) for v in values}
+    expected_components = {str(v): int(ndimage.label(noisy == v)[1]) for v in values if v}
+    for dtype in (np.uint8, np.uint16, np.int16, np.int32):
+        assert class_summary(noisy.astype(dtype), values) == (expected_counts, expected_components)
 
 
 def test_intensity_stats():

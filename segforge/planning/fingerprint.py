@@ -47,18 +47,28 @@ def clip_keys(fingerprint: dict) -> tuple[str, str]:
 
 
 def class_summary(label: np.ndarray, label_values: list[int]) -> tuple[dict, dict]:
-    """Voxel count and number of connected components (face connectivity) of every declared label value."""
+    """Voxel count and number of connected components (face connectivity) of every declared label value.
+
+    Counted inside each value's bounding box (one ``find_objects`` pass finds them all): a comparison over a box is
+    a fraction of ``bincount``'s pass over the whole volume, which widens every voxel to 8 bytes first (5 ms of a
+    case's 18 ms on a 67x179x166 CT-like label)."""
     from scipy import ndimage  # here, not at the top: `segforge plan` on a saved fingerprint never loads scipy
 
-    counts = np.bincount(label.reshape(-1), minlength=max(label_values) + 1)
-    boxes = ndimage.find_objects(label)  # one pass: the bounding box of every value present
-    components = {}
+    boxes = ndimage.find_objects(label)  # the bounding box of every positive value present
+    counts, components = {}, {}
     for value in label_values:
         if value == 0:
             continue
-        box = boxes[value - 1] if value - 1 < len(boxes) else None
-        components[str(value)] = int(ndimage.label(label[box] == value)[1]) if box is not None else 0
-    return {str(v): int(counts[v]) for v in label_values}, components
+        box = boxes[value - 1] if value <= len(boxes) else None
+        if box is None:
+            counts[str(value)] = components[str(value)] = 0
+            continue
+        mask = label[box] == value
+        counts[str(value)] = int(np.count_nonzero(mask))
+        components[str(value)] = int(ndimage.label(mask)[1])
+    if 0 in label_values:
+        counts["0"] = int(np.count_nonzero(label == 0))
+    return {str(v): counts[str(v)] for v in label_values}, components
 
 
 def fingerprint_case(case: Case, label_values: list[int], samples_per_case: int, seed: int) -> dict:
@@ -75,7 +85,9 @@ def fingerprint_case(case: Case, label_values: list[int], samples_per_case: int,
     del image
     if case.label_file is not None:
         label, _ = read_image(case.label_file)
-        label = np.ascontiguousarray(crop(label[None], bbox)[0]).astype(np.int32, copy=False)
+        label = np.ascontiguousarray(crop(label[None], bbox)[0])
+        if label.dtype.kind not in "iu" or label.dtype.itemsize > 4:  # find_objects takes integers up to 32 bits
+            label = label.astype(np.int32)
         foreground = np.flatnonzero(label > 0)
         rng = np.random.default_rng(seed)
         if foreground.size > samples_per_case:

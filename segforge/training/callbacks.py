@@ -25,12 +25,17 @@ log = logging.getLogger("segforge")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written under a temporary name and renamed: a kill mid-write never leaves a truncated file."""
+    """Checkpoints written under a temporary name and renamed: a kill mid-write never leaves a truncated file.
+
+    The file keeps the mode the umask gave the temporary: Lightning's writer (fsspec) replaces it with a file of the
+    umask fsspec read once per process (``get_umask`` is cached), which a later umask never reaches."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         with atomic_path(path, f".tmp-{os.getpid()}-{path.name}") as tmp:
+            mode = os.stat(tmp).st_mode & 0o777
             super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.chmod(tmp, mode)
 
 
 PROGRESS_BARS = ("auto", "rich", "tqdm", "none")
