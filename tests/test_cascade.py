@@ -109,6 +109,11 @@ def test_cascade_trains_on_the_lowres_predictions_and_predicts_in_two_stages(cas
     assert with_previous_stages(results, ["3d_cascade_fullres", "3d_lowres"]) == \
         ["3d_lowres", "3d_cascade_fullres", "3d_lowres"]
 
+    # the task folder with configuration=3d_cascade_fullres: the stage and its lowres, the same masks
+    assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(tmp_path / "by_name"), "--model", str(results),
+                 "configuration=3d_cascade_fullres", *roots, "predict.mirror=false"]) == 0
+    assert np.array_equal(read_image(tmp_path / "by_name" / "case004.nii.gz")[0], mask)
+
     # the cascade model alone is refused, naming the lowres model to add
     assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(tmp_path / "alone"), "--model", str(model),
                  *roots]) != 0

@@ -144,6 +144,31 @@ def test_predict_with_a_named_plans_model_folder(trained, tmp_path, caplog):
     assert "configuration 3d_fullres of plans coarse" in caplog.text
 
 
+def test_predict_picks_a_plans_model_folder_by_configuration_and_plans(trained, tmp_path, caplog, capsys):
+    """nnU-Net's `-c 3d_fullres -p PLANS`: the task folder with configuration= and plans= is that plan's model."""
+    dataset, segment = trained["dataset"], trained["ws"].results_dir / "segment"
+    images = str(dataset / "imagesTs")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="segforge"):
+        assert main(["predict", "-i", images, "-o", str(tmp_path / "coarse"), "--model", str(segment),
+                     "configuration=3d_fullres", "plans=coarse", "predict.mirror=false"]) == 0
+    assert "configuration 3d_fullres of plans coarse" in caplog.text and (tmp_path / "coarse" / "case004.nii.gz").is_file()
+    with caplog.at_level(logging.INFO, logger="segforge"):  # no plans=: plan default's folder
+        assert main(["predict", "-i", images, "-o", str(tmp_path / "default"), "--model", str(segment),
+                     "configuration=3d_fullres", "predict.mirror=false"]) == 0
+    assert "configuration 3d_fullres of plans default" in caplog.text
+    capsys.readouterr()
+    # a plan with no trained model there, and a model folder of another plan than the one asked for: refused
+    assert main(["predict", "-i", images, "-o", str(tmp_path / "none"), "--model", str(segment),
+                 "configuration=3d_fullres", "plans=card24"]) == 2
+    err = capsys.readouterr().err
+    assert "3d_fullres__card24/" in err and "3d_fullres, 3d_fullres__coarse" in err and "plans=card24" in err
+    assert main(["predict", "-i", images, "-o", str(tmp_path / "other"), "--model", str(segment / "3d_fullres"),
+                 "plans=coarse"]) == 2
+    assert "trained from plans default, not plans=coarse" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists() and not (tmp_path / "other").exists()
+
+
 def test_select_compares_and_ensembles_across_plans(trained, capsys):
     segment = trained["ws"].results_dir / "segment"
     assert main(["select", str(segment), *roots(trained["work"])]) == 0

@@ -280,8 +280,11 @@ def run_predict(args, cfg, overrides) -> int:
                                            gaussian_centre_weight=float(cfg.predict.gaussian_centre_weight))
                   for model in args.model]
     for model, loaded in zip(args.model, predictors):  # which plan each model was trained from (plans.json records it)
-        log.info("model %s: configuration %s of plans %s", model, loaded.configuration,
-                 loaded.plans.get("plans_name", DEFAULT_PLANS))
+        trained_from = loaded.plans.get("plans_name", DEFAULT_PLANS)
+        if cfg.get("plans") is not None and str(cfg.plans) != trained_from:
+            raise SegforgeError(f"{model}: was trained from plans {trained_from}, not plans={cfg.plans}. Fix: pass the "
+                                f"model folder of plans {cfg.plans} (<configuration>__{cfg.plans}), or drop plans=")
+        log.info("model %s: configuration %s of plans %s", model, loaded.configuration, trained_from)
     sources = [Path(m) for m in args.model]
     members = pair_stages(predictors, sources)  # a cascade stage and its previous stage's model become one member
     predictor = members[0] if len(members) == 1 else Ensemble(members)

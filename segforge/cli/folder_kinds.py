@@ -85,6 +85,30 @@ def model_paths(args) -> list[Path]:
     return [Path(v) for v in (value if isinstance(value, list) else [value])]
 
 
+def resolve_model_folders(paths: list[Path], configuration, plans) -> list[Path]:
+    """``--model`` given a task folder (``results/<task>``, one model folder per configuration and plan) with
+    ``configuration=`` (and ``plans=``): that plan's model folder of the configuration, as nnU-Net's ``-c``/``-p``
+    pick one; a cascade stage comes with its ``3d_lowres`` of the same plan. Other paths are kept as given."""
+    from segforge.workspace import DEFAULT_PLANS, model_folder_name
+
+    resolved = []
+    for path in paths:
+        if configuration is None or folder_kind(path) != "task":
+            resolved.append(path)
+            continue
+        plan = DEFAULT_PLANS if plans is None else str(plans)
+        stages = ["3d_lowres", str(configuration)] if str(configuration).startswith("3d_cascade") else [str(configuration)]
+        for stage in stages:
+            folder = Path(path) / model_folder_name(stage, plan)
+            if not _holds_folds(folder):
+                models = sorted(child.name for child in Path(path).iterdir() if _holds_folds(child))
+                raise SegforgeError(f"{path}: has no trained model of configuration {stage} and plans {plan} "
+                                    f"({folder.name}/); it holds {', '.join(models) or 'none'}. Fix: train it "
+                                    f"(segforge train DATASET configuration={stage} plans={plan}) or pick one of those")
+            resolved.append(folder)
+    return resolved
+
+
 def check_arguments(command: str, args) -> None:
     """``check_folder_kind`` for the dataset and model folders of a command's arguments."""
     if command in DATASET_COMMANDS and getattr(args, "dataset", None):

@@ -333,8 +333,13 @@ def run_command(args, cfg, overrides: list[str]) -> int:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
     from segforge.cli import commands
-    from segforge.cli.folder_kinds import check_arguments
+    from segforge.cli.folder_kinds import check_arguments, resolve_model_folders
 
+    if args.command == "predict":  # a results/<task> folder with configuration= [plans=]: its model folder
+        from pathlib import Path
+
+        args.model = [str(p) for p in resolve_model_folders([Path(m) for m in args.model], cfg.get("configuration"),
+                                                              cfg.get("plans"))]
     check_arguments(args.command, args)  # a model folder given to train, a dataset to --model: say which command
     return int(getattr(commands, f"run_{args.command.replace('-', '_')}")(args, cfg, overrides) or 0)
 
