@@ -169,6 +169,19 @@ def test_predict_picks_a_plans_model_folder_by_configuration_and_plans(trained, 
     assert not (tmp_path / "none").exists() and not (tmp_path / "other").exists()
 
 
+def test_a_renamed_model_folder_keeps_its_configuration_and_plan(trained, tmp_path):
+    """`import-model model.zip DEST` may name the folder anything: its identity comes from what it holds."""
+    import shutil
+
+    from segforge.evaluation.selection import model_identity
+
+    renamed = tmp_path / "segment" / "my_model"
+    shutil.copytree(trained["ws"].results_dir / "segment" / "3d_fullres__coarse", renamed)
+    assert model_identity(renamed) == {"configuration": "3d_fullres", "plans": "coarse"}
+    (renamed / "fold_0" / "model_final.pt").write_bytes(b"broken")  # unreadable: the folder's name, no crash
+    assert model_identity(renamed) == {"configuration": "my_model", "plans": "coarse"}
+
+
 def test_select_compares_and_ensembles_across_plans(trained, capsys):
     segment = trained["ws"].results_dir / "segment"
     assert main(["select", str(segment), *roots(trained["work"])]) == 0

@@ -18,7 +18,7 @@ from segforge.evaluation.metrics import label_classes, metrics_per_class, nan_me
 from segforge.inference.postprocessing import save_rules, search_postprocessing
 from segforge.io.artifacts import read_json, write_json
 from segforge.io.image import read_image
-from segforge.io.model_folder import fold_dirs, trained_folds
+from segforge.io.model_folder import FINAL_WEIGHTS, fold_dirs, read_weights, trained_folds
 from segforge.workspace import DEFAULT_PLANS, MODEL_FOLDER_SEPARATOR, model_folder_name
 
 log = logging.getLogger("segforge")
@@ -86,9 +86,19 @@ def with_previous_stages(task_dir: Path, members: list[str]) -> list[str]:
 
 
 def model_identity(model_dir: Path) -> dict:
-    """The configuration and the plans name of a model folder (its plans.json's ``plans_name``; none: default)."""
+    """The configuration and the plans name of a model folder (its plans.json's ``plans_name``; none: default). The
+    configuration is the one its trained weights record (a folder unpacked by ``import-model`` may have any name),
+    else the folder's name less ``__<plans>``."""
     plans = read_json(Path(model_dir) / "plans.json")
     plans_name = plans.get("plans_name", DEFAULT_PLANS) if isinstance(plans, dict) else DEFAULT_PLANS
+    known = (plans.get("configurations") or {}) if isinstance(plans, dict) else {}
+    for fold in trained_folds(model_dir)[:1]:
+        try:
+            recorded = read_weights(fold / FINAL_WEIGHTS).get("configuration")
+        except SegforgeError:  # unreadable weights are predict's to refuse; selection reads validations only
+            recorded = None
+        if recorded in known:
+            return {"configuration": str(recorded), "plans": str(plans_name)}
     suffix = f"{MODEL_FOLDER_SEPARATOR}{plans_name}"
     name = Path(model_dir).name
     configuration = name[:-len(suffix)] if plans_name != DEFAULT_PLANS and name.endswith(suffix) else name
