@@ -51,7 +51,7 @@ def test_resampling_defaults_live_only_in_the_plan_config():
 def test_no_listed_number_is_a_python_default():
     """The numbers issue 18 lists take their defaults from the packaged YAML (None in the signature)."""
     from segforge.inference import generate, sliding_window
-    from segforge.planning import fingerprint, planner
+    from segforge.planning import fingerprint, normalization
     from segforge.training import budget, denoising, losses, validation
 
     def default(function, name):
@@ -62,7 +62,7 @@ def test_no_listed_number_is_a_python_default():
     assert not hasattr(sliding_window, "CENTRE_WEIGHT")
     assert default(losses.DiceCELoss, "smooth") is inspect.Parameter.empty
     assert default(losses.RegionDiceBCELoss, "smooth") is inspect.Parameter.empty
-    assert default(planner.plan_normalization, "nonzero_mask_threshold") is None
+    assert default(normalization.plan_normalization, "nonzero_mask_threshold") is None
     assert default(fingerprint.intensity_stats, "clip_percentiles") is None
     for name in ("total_samples", "seed", "clip_percentiles"):
         assert default(fingerprint.compute_fingerprint, name) is None
@@ -150,7 +150,7 @@ def _fingerprint(percentiles=None) -> dict:
 
 def test_planner_overrides_reach_the_normalisation():
     from segforge.planning.fingerprint import intensity_stats
-    from segforge.planning.planner import plan_normalization
+    from segforge.planning.normalization import plan_normalization
 
     cfg = compose_config("plan", ["plan.nonzero_mask_threshold=0.5", "fingerprint.clip_percentiles=[1,99]"])
     assert plan_normalization(_fingerprint(), 0.6)[1]["use_nonzero_mask"]  # the packaged 0.75

@@ -15,7 +15,9 @@ from omegaconf import OmegaConf
 import segforge
 from segforge.planning.budget import MemoryBudget
 from segforge.planning.memory import GIB, LiveStorageTracker, cuda_peak_bytes, measured_peak_bytes, spec_from_plan
-from segforge.planning.planner import make_plans, memory_budget, patch_candidates, step_spec
+from segforge.planning.fitting import memory_budget, step_spec
+from segforge.planning.planner import make_plans
+from segforge.planning.topology import patch_candidates
 
 RULES_FILE = Path(segforge.__file__).parent / "configs" / "plan" / "default.yaml"
 

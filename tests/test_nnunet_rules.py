@@ -18,7 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import segforge
-from segforge.planning.planner import divisible_patch, topology
+from segforge.planning.topology import divisible_patch, topology
 from segforge.preprocessing.resample import resampling_modes, separate_axis
 
 ANISO_THRESHOLD = 3  # nnunetv2.configuration.ANISO_THRESHOLD

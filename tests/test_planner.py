@@ -12,15 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import segforge
-from segforge.planning.planner import (
-    divisible_patch,
-    features_per_stage,
-    make_plans,
-    patch_candidates,
-    normalization_scheme,
-    target_spacing,
-    topology,
-)
+from segforge.planning.normalization import normalization_scheme
+from segforge.planning.planner import make_plans
+from segforge.planning.topology import divisible_patch, features_per_stage, patch_candidates, target_spacing, topology
 
 # conftest chdirs into tmp_path, so the config is found through the package, not the working directory
 RULES_FILE = Path(segforge.__file__).parent / "configs" / "plan" / "default.yaml"

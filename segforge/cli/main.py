@@ -185,7 +185,7 @@ def suggestion(exc: Exception, overrides: list[str], config_name: str) -> str | 
         close = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
         given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == group), f"{group}={name}")
         return (f"bad override {given}: {group} has no option {name!r} (options: {', '.join(available)})"
-                + (f"; did you mean {close[0]}? Fix: {group}={close[0]}" if close else f". Fix: choose one of them"))
+                + (f"; did you mean {close[0]}? Fix: {group}={close[0]}" if close else ". Fix: choose one of them"))
     return None
 
 
