@@ -332,7 +332,7 @@ def run_command(args, cfg, overrides: list[str]) -> int:
 
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
-    from segforge.cli import commands
+    from segforge.cli import commands, plan_commands
     from segforge.cli.folder_kinds import check_arguments, resolve_model_folders
 
     if args.command == "predict":  # a results/<task> folder with configuration= [plans=]: its model folder
@@ -341,7 +341,8 @@ def run_command(args, cfg, overrides: list[str]) -> int:
         args.model = [str(p) for p in resolve_model_folders([Path(m) for m in args.model], cfg.get("configuration"),
                                                               cfg.get("plans"))]
     check_arguments(args.command, args)  # a model folder given to train, a dataset to --model: say which command
-    return int(getattr(commands, f"run_{args.command.replace('-', '_')}")(args, cfg, overrides) or 0)
+    module = plan_commands if args.command in ("plan", "preprocess") else commands
+    return int(getattr(module, f"run_{args.command.replace('-', '_')}")(args, cfg, overrides) or 0)
 
 
 if __name__ == "__main__":
