@@ -106,12 +106,29 @@ def test_an_argument_the_network_does_not_take_is_a_message(planned, capfd):
     """+callbacks.x='${oc.create:"{_target_: os.system}"}'""",     # made by an interpolation when resolved
     "+callbacks.cli._target_=lightning.pytorch.cli.LightningCLI",   # builds classes from arguments of its own
     "+model.x._target_=segforge.training.step_timer.TrainingStepTimer",  # a class of segforge, outside the zones
+    "+callbacks.t._target_=lightning.pytorch.Trainer",              # Lightning's, but no callback
+    "+logger.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging",  # a callback is no logger
+    "optim.optimizer._target_=segforge.training.step_timer.TrainingStepTimer",  # segforge's, but no optimizer
+    "+callbacks.a._target_=segforge.errors.SegforgeError",           # segforge's, but no callback
 ])
 def test_a_target_outside_what_segforge_instantiates_is_refused(override, capfd):
     code = main(["train", "somewhere", "--cfg", "job", override])
     printed = "".join(capfd.readouterr())
     assert code == 2 and "Traceback" not in printed, printed
     assert "_target_=" in printed and "Fix:" in printed
+
+
+def test_a_config_that_does_not_resolve_here_hides_no_target_in_a_node_built_from_a_string():
+    """The check scans the resolved config; where it cannot resolve (a value that resolves only where the run does),
+    the unresolved tree shows no `_target_` inside `${oc.create:...}`: such a string is refused then."""
+    from omegaconf import OmegaConf
+
+    from segforge.cli.targets import check_targets
+
+    cfg = OmegaConf.create({"callbacks": {"x": '${oc.create:"{_target_: os.system}"}'}, "data": {"y": "${oc.env:SEGFORGE_UNSET_X}"}})
+    with pytest.raises(SegforgeError, match="node built from a string"):
+        check_targets(cfg, CONFIG_DIR)
+    check_targets(OmegaConf.create({"data": {"y": "${oc.env:SEGFORGE_UNSET_X}"}}), CONFIG_DIR)  # nothing built: fine
 
 
 @pytest.mark.parametrize("override", [

@@ -2,9 +2,10 @@
 
 A ``_target_`` names any callable (``torch.load`` of a pickle, ``subprocess.Popen``), so one typed on the command
 line is accepted only where segforge instantiates classes by design (``training/components.py``, ``training/optim.py``)
-and there only a class of the packages that belong there: an entry ``callbacks.NAME`` or ``logger.NAME`` a class of
-Lightning or segforge (Lightning's MLflow logger included), ``optim.optimizer`` a class of torch.optim or segforge,
-``optim.scheduler`` a class of segforge. A ``_target_`` nested inside an entry (an argument Hydra would build too) and
+and there only a class of the kind built there from the packages that belong there: an entry ``callbacks.NAME`` a
+Lightning ``Callback`` and ``logger.NAME`` a Lightning ``Logger`` of Lightning or segforge (Lightning's MLflow logger
+included), ``optim.optimizer`` a torch ``Optimizer`` of torch.optim or segforge, ``optim.scheduler`` a callback of
+segforge. A ``_target_`` nested inside an entry (an argument Hydra would build too) and
 one anywhere else, the ``model`` group included, must be one the packaged configs name: the network is built from
 segforge's own allow-list (``io.model_folder.build_network``), never by whatever a config says. Configs read back from
 a model folder (a fold's ``config.yaml``) are never instantiated at all: segforge reads the weights and plans there.
@@ -25,11 +26,14 @@ from segforge.errors import SegforgeError
 # come from; no other setting is instantiated, so a `_target_` anywhere else would either run code or be ignored
 LIGHTNING = ("lightning", "pytorch_lightning", "segforge")
 INSTANTIATED = {
-    re.compile(r"^callbacks\.[^.\[\]]+$"): ("callbacks.NAME", LIGHTNING,
+    re.compile(r"^callbacks\.[^.\[\]]+$"): ("callbacks.NAME", LIGHTNING, "lightning.pytorch.callbacks.Callback",
                                           "lightning.pytorch.callbacks.StochasticWeightAveraging"),
-    re.compile(r"^logger\.[^.\[\]]+$"): ("logger.NAME", LIGHTNING, "lightning.pytorch.loggers.MLFlowLogger"),
-    re.compile(r"^optim\.optimizer$"): ("optim.optimizer", ("torch.optim", "segforge"), "torch.optim.AdamW"),
-    re.compile(r"^optim\.scheduler$"): ("optim.scheduler", ("segforge",), "segforge.training.schedules.ScheduleCallback"),
+    re.compile(r"^logger\.[^.\[\]]+$"): ("logger.NAME", LIGHTNING, "lightning.pytorch.loggers.Logger",
+                                       "lightning.pytorch.loggers.MLFlowLogger"),
+    re.compile(r"^optim\.optimizer$"): ("optim.optimizer", ("torch.optim", "segforge"), "torch.optim.Optimizer",
+                                      "torch.optim.AdamW"),
+    re.compile(r"^optim\.scheduler$"): ("optim.scheduler", ("segforge",), "lightning.pytorch.callbacks.Callback",
+                                      "segforge.training.schedules.ScheduleCallback"),
 }
 WHERE = ("callbacks.NAME and logger.NAME (classes of Lightning or segforge), optim.optimizer (torch.optim) and "
          "optim.scheduler (segforge's ScheduleCallback)")
@@ -55,21 +59,29 @@ def _targets(node, path: str = ""):
             yield from _targets(value, f"{path}[{i}]")
 
 
-def _allowed_class(target: str, packages: tuple[str, ...]) -> bool:
-    """Whether ``target`` is a class defined in one of ``packages`` (nothing outside them is imported to find out)."""
+def _allowed_class(target: str, packages: tuple[str, ...], kind: str | None = None) -> bool:
+    """Whether ``target`` is a class defined in one of ``packages`` (nothing outside them is imported to find out),
+    and of ``kind`` (a dotted class: what the zone builds, e.g. Lightning's ``Callback``) when given."""
     def within(name: str) -> bool:
         return any(name == p or name.startswith(p + ".") for p in packages)
 
     if not within(target):
         return False
-    module_name, _, attribute = target.rpartition(".")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError):
-        return False
+    found = _imported(target)
     # a class defined there (not one re-exported from elsewhere), and no command-line parser that builds classes
     # from its own arguments (LightningCLI)
-    return isinstance(found, type) and within(found.__module__) and ".cli" not in f".{found.__module__}."
+    if not (isinstance(found, type) and within(found.__module__) and ".cli" not in f".{found.__module__}."):
+        return False
+    base = _imported(kind) if kind else object
+    return isinstance(base, type) and issubclass(found, base)
+
+
+def _imported(dotted: str):
+    module_name, _, attribute = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def check_targets(cfg, config_dir: Path) -> None:
@@ -80,17 +92,21 @@ def check_targets(cfg, config_dir: Path) -> None:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an override that does not resolve is reported where it is used; nothing resolves it here
         tree = OmegaConf.to_container(cfg, resolve=False)
+        # unresolved, a node built from a string (which may resolve where the run does: another environment, a
+        # SLURM node) would hide its `_target_`: none is accepted then
+        _refuse_node_builders(tree, "the config does not resolve here")
     for where, target in _targets(tree):
         setting = f"{where}._target_" if where else "_target_"
         if isinstance(target, str) and target in known:
             continue
         zone = next((z for pattern, z in INSTANTIATED.items() if pattern.match(where)), None)
         if zone is not None:
-            name, packages, example = zone
-            if isinstance(target, str) and _allowed_class(target, packages):
+            name, packages, kind, example = zone
+            if isinstance(target, str) and _allowed_class(target, packages, kind):
                 continue
-            raise SegforgeError(f"{setting}={target}: {name} may only name a class defined in {', '.join(packages)} "
-                                "(no command-line parser such as LightningCLI); segforge instantiates nothing else from "
+            raise SegforgeError(f"{setting}={target}: {name} may only name a {kind.rpartition('.')[2]} class defined "
+                                f"in {', '.join(packages)} (no command-line parser such as LightningCLI); segforge "
+                                "instantiates nothing else from "
                                 f"the command line. Fix: give such a class (e.g. {where}._target_={example}), or remove "
                                 "the override")
         raise SegforgeError(f"{setting}={target}: segforge instantiates classes named on the command line only in "
@@ -119,6 +135,13 @@ def check_hydra_targets(hydra_node) -> None:
     if strings:
         raise SegforgeError(f"hydra: {strings[0]}: a sweep's Hydra settings take plain values, not nodes built from "
                             "strings. Fix: remove the override")
+
+
+def _refuse_node_builders(tree, why: str) -> None:
+    strings = [value for value in _strings(tree) if any(f"${{{b}:" in value.replace(" ", "") for b in _NODE_BUILDERS)]
+    if strings:
+        raise SegforgeError(f"{strings[0]}: a node built from a string may hold a `_target_`, and {why}. Fix: give the "
+                            "setting's values themselves (e.g. +callbacks.NAME._target_=... +callbacks.NAME.ARG=...)")
 
 
 def _strings(node):
