@@ -203,6 +203,12 @@ def test_plan_verify_measures_each_step_at_the_planned_precision(tiny_dataset, t
     row = json.loads((work / tiny_dataset.name / "memory_verification.json").read_text())["configurations"]["3d_fullres"]
     assert row["precision"] == "bf16-mixed" and row["ratio"] == pytest.approx(1.05, abs=1e-3)  # predicted at bf16 too
     assert "verify 3d_fullres at bf16-mixed" in capsys.readouterr().out
+    # a named plan's verification has its own file: plan default's stays
+    assert main(["plan", str(tiny_dataset), f"paths.work_root={work}", "plan.features_base=4", "preprocess.num_workers=0",
+                 "plan.configurations=[3d_fullres]", "preprocess.run=false", "--verify", "plan.name=wide"]) == 0
+    named = json.loads((work / tiny_dataset.name / "memory_verification_wide.json").read_text())
+    assert named["plans_name"] == "wide" and "3d_fullres" in named["configurations"]
+    assert json.loads((work / tiny_dataset.name / "memory_verification.json").read_text())["configurations"]["3d_fullres"] == row
 
 
 def test_training_warns_when_its_precision_override_outgrows_the_plan(tmp_path, capsys):

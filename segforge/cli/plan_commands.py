@@ -103,7 +103,7 @@ def run_plan(args, cfg, overrides) -> int:
                      sized["expected_iterations"], sized["budget_s"], sized["reason"])
     print(f"fingerprint: {ws.fingerprint_path}\nplans:       {plans_path}")
     if getattr(args, "verify", False):
-        _verify_memory(plans, ws)
+        _verify_memory(plans, ws, plans_name)
     if cfg.preprocess.get("run", True):
         _preprocess(spec, ws, cfg, None, plans_name)
     return 0
@@ -119,8 +119,9 @@ def _retire_legacy_plans(ws: Workspace) -> None:
              legacy.name, backup.name)
 
 
-def _verify_memory(plans: dict, ws: Workspace) -> None:
-    """Run each planned step on the GPU and compare its measured peak with the prediction."""
+def _verify_memory(plans: dict, ws: Workspace, plans_name: str = DEFAULT_PLANS) -> None:
+    """Run each planned step on the GPU and compare its measured peak with the prediction: one file per plan
+    (``memory_verification.json`` for plan default, ``memory_verification_<name>.json`` else)."""
     from segforge.planning.memory import cuda_peak_bytes, spec_from_plan
 
     rows = {}
@@ -132,7 +133,8 @@ def _verify_memory(plans: dict, ws: Workspace) -> None:
                       "measured_peak_bytes": measured, "ratio": measured / predicted}
         print(f"verify {name} at {memory['precision']}: predicted {predicted / 2**30:.2f} GiB, measured "
               f"{measured / 2**30:.2f} GiB (measured/predicted {measured / predicted:.3f})")
-    write_json(ws.work_dir / "memory_verification.json", {"configurations": rows})
+    name = "memory_verification.json" if plans_name == DEFAULT_PLANS else f"memory_verification_{plans_name}.json"
+    write_json(ws.work_dir / name, {"plans_name": plans_name, "configurations": rows})
 
 
 def _preprocess(spec, ws: Workspace, cfg, configurations, plans_name: str) -> None:
