@@ -122,6 +122,11 @@ def test_cascade_trains_on_the_lowres_predictions_and_predicts_in_two_stages(cas
     with pytest.raises(SegforgeError, match="takes the 3d_lowres prediction"):
         stage.predict(case_image, geometry)
 
+    # exported, the stage names the lowres model to export with it
+    assert main(["export-model", str(model), str(tmp_path / "cascade.zip")]) == 0
+    out = capsys.readouterr().out
+    assert "is a cascade stage" in out and f"segforge export-model {results / '3d_lowres'}" in out
+
 
 def test_previous_stage_channels_follow_the_label_through_augmentation(tmp_path):
     """The previous stage's map is cropped, mirrored and warped exactly as the label (the same nearest/linear label

@@ -231,10 +231,21 @@ def run_select(args, cfg, overrides) -> int:
 def run_export_model(args, cfg, overrides) -> int:
     from segforge.io.model_archive import export_model
 
-    manifest = export_model(Path(args.model_dir), Path(args.archive), args.folds)
+    from segforge.evaluation.selection import model_identity
+    from segforge.workspace import model_folder_name
+
+    model_dir = Path(args.model_dir)
+    manifest = export_model(model_dir, Path(args.archive), args.folds)
     size = Path(args.archive).stat().st_size
     print(f"{args.archive}: {len(manifest['files'])} files of {manifest['model']} ({', '.join(manifest['folds'])}), "
           f"{size / 2**20:.1f} MB")
+    identity = model_identity(model_dir)
+    previous = (read_json(model_dir / "plans.json")["configurations"].get(identity["configuration"]) or {}).get("previous_stage")
+    if previous:  # a cascade stage predicts only after its previous stage: that model travels in its own archive
+        lowres = model_dir.parent / model_folder_name(previous, identity["plans"])
+        print(f"note: {model_dir.name} is a cascade stage; it predicts after its {previous} model. Export that too: "
+              f"segforge export-model {lowres} {Path(args.archive).with_name(lowres.name + '.zip')}; then predict with "
+              f"--model <{previous} folder> --model <this folder>")
     return 0
 
 
