@@ -122,6 +122,21 @@ def test_cascade_trains_on_the_lowres_predictions_and_predicts_in_two_stages(cas
     with pytest.raises(SegforgeError, match="takes the 3d_lowres prediction"):
         stage.predict(case_image, geometry)
 
+    # predictions of another network than the fold holding a case out now are refused, naming the fold to re-train
+    source_file = next_stage / "case000.json"
+    source = json.loads(source_file.read_text())
+    fold = source["fold"]
+    assert source["case"] == "case000" and len(source["weights_sha256"]) == 64
+    for edit, why in (({"weights_sha256": "0" * 64}, f"earlier weights of fold {fold}"),
+                      ({"fold": "7"}, f"made by fold 7, but fold {fold} holds the case out now")):
+        source_file.write_text(json.dumps({**source, **edit}))
+        assert main(cascade_train) != 0
+        err = capsys.readouterr().err
+        assert "case000" in err and why in err and f"configuration=3d_lowres fold={fold}" in err
+    source_file.unlink()
+    assert main(cascade_train) != 0 and "records no source" in capsys.readouterr().err
+    source_file.write_text(json.dumps(source))
+
     # exported, the stage names the lowres model to export with it
     assert main(["export-model", str(model), str(tmp_path / "cascade.zip")]) == 0
     out = capsys.readouterr().out

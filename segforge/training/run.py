@@ -309,7 +309,7 @@ def finish_run(cfg, inputs: RunInputs, task, trainer, module, network, kwargs: d
                "data_policy": datamodule.policy.to_json() if datamodule.policy else None}
     if inputs.val_ids and cfg.final_validation.enabled:
         stages = next_stages(inputs.workspace, task.name, {**inputs.plans, "plans_name": inputs.plans_name},
-                             inputs.configuration) if task.name == "segment" else {}
+                             inputs.configuration, cfg.fold) if task.name == "segment" else {}
         cascade = {**({"next_stages": stages} if stages else {}), **({"previous": previous.masks} if previous else {})}
         summary.update(task.final_validation(network, inputs.plans, inputs.configuration, inputs.val_ids, fold_dir,
                                              _validation_device(cfg), **trained, **cascade))
