@@ -206,3 +206,23 @@ def test_a_cascade_stage_is_joined_to_the_lowres_model_of_its_own_plan(tmp_path)
     assert members[1].previous is lowres_x and members[1].stage is stage_x and len(members) == 2
     with pytest.raises(SegforgeError, match="3d_lowres__x --model"):
         pair_stages([lowres_default, stage_x], [sources[0], sources[2]])
+
+
+def test_the_cpu_dilation_is_the_convolution_with_the_ball():
+    """On a CPU the perturbation dilates through the distance transform; it must be the same ball as the GPU's
+    convolution (erosion too, with the patch's outside counting as empty for dilation)."""
+    import torch.nn.functional as F
+
+    from segforge.training.morphology import ball, dilate, erode
+
+    def convolved(mask, radius):
+        conv = F.conv3d if mask.ndim == 3 else F.conv2d
+        return (conv(mask[None, None], ball(radius, mask.ndim, mask.device), padding=radius)[0, 0] > 0.5).float()
+
+    rng = np.random.default_rng(0)
+    for shape in [(20, 30, 25), (40, 50)]:
+        mask = convolved(torch.from_numpy((rng.random(shape) < 0.02).astype(np.float32)), 2)
+        for radius in range(1, 6):
+            assert torch.equal(dilate(mask, radius), convolved(mask, radius))
+            assert torch.equal(erode(mask, radius), 1 - convolved(1 - mask, radius))
+    assert torch.equal(dilate(torch.zeros(5, 6, 7), 3), torch.zeros(5, 6, 7))
