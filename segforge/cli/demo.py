@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from segforge.configs import packaged_defaults
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import atomic_write_text
 
@@ -114,7 +115,9 @@ def _run_demo(cfg, run_command: Callable[[list[str]], int], threads: int | None)
     roots = [f"paths.work_root={work}", f"paths.preprocessed_root={work}", f"paths.results_root={work}"]
     plan = OmegaConf.to_container(cfg.plan, resolve=True)
     plan["configurations"] = plan["configurations"] or [configuration]
-    plan_overrides = [_as_override(k, v) for k, v in _leaves("plan", plan)]
+    # what differs from the plan command's own defaults (the demo's plan section, a user's plan.* or plan=...)
+    packaged = dict(_leaves("plan", packaged_defaults("plan")))
+    plan_overrides = [_as_override(k, v) for k, v in _leaves("plan", plan) if k not in packaged or packaged[k] != v]
     plan_overrides.append(_as_override("preprocess.num_workers", int(cfg.preprocess.num_workers)))
 
     _run(run_command, ["check", str(dataset)] + roots, timings, "check")
