@@ -8,6 +8,8 @@ only a plain value there (``=false``, ``=rich``) is the old switch; ``=null`` (l
 
 from __future__ import annotations
 
+from segforge.configs import OPTIM_OPTIONS
+
 # old key -> the fix for a given value (a function of the value as typed)
 MOVED: dict[str, object] = {
     "callbacks.best_checkpoint": lambda v: "callbacks.best_checkpoint=null leaves the best checkpoint out (it is on by default)",
@@ -23,7 +25,7 @@ MOVED: dict[str, object] = {
                                   "StochasticWeightAveraging +callbacks.swa.swa_lrs=1e-3)"),
     "logger.csv": lambda v: "logger.csv=null leaves the CSV logger out (it is on by default)",
     "logger.tensorboard": lambda v: "logger.tensorboard=null leaves TensorBoard out (it is on by default)",
-    "optim.name": lambda v: (f"optim={ {'sgd': 'sgd_poly', 'adamw': 'adamw_cosine'}.get(v, 'sgd_poly|adamw_cosine') } "
+    "optim.name": lambda v: (f"optim={OPTIM_OPTIONS.get(v, '|'.join(OPTIM_OPTIONS.values()))} "
                              "(or optim.optimizer._target_=torch.optim.CLASS)"),
     **{f"optim.{key}": (lambda v, key=key: f"optim.optimizer.{key}={v}")
        for key in ("lr", "momentum", "nesterov", "weight_decay", "betas")},

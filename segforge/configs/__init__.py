@@ -12,6 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent
+# the packaged ``optim`` option of each optimizer a plan's memory entry names (the planner traces that option)
+OPTIM_OPTIONS = {"sgd": "sgd_poly", "adamw": "adamw_cosine"}
 
 
 @lru_cache(maxsize=None)

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 # the planner traces exactly what training runs: the same network class, loss and optimizer factory
-from segforge.configs import packaged_defaults
+from segforge.configs import OPTIM_OPTIONS, packaged_defaults
 from segforge.io.dataset import DatasetSpec
 from segforge.nn.denoiser import Denoiser
 from segforge.nn.unet import UNet
@@ -201,7 +201,7 @@ def _build(spec: StepSpec):
         num_outputs = len(spec.strides) - 1 if spec.deep_supervision else 1
         loss = make_segmentation_loss(None, num_outputs)  # task.loss of configs/task/segment.yaml
     network.train()
-    option = {"sgd": "sgd_poly", "adamw": "adamw_cosine"}[spec.optimizer]  # the packaged optimizer of that name
+    option = OPTIM_OPTIONS[spec.optimizer]  # the packaged optimizer of that name
     optimizer = make_optimizer(network.parameters(), packaged_defaults("optim", option)["optimizer"])
     return network, loss, optimizer
 
