@@ -31,10 +31,6 @@ class Cascade:
         self.regions_class_order = stage.regions_class_order
 
     @property
-    def predictors(self) -> list:
-        return [self.previous, self.stage]
-
-    @property
     def class_names(self) -> list[str]:
         return self.stage.class_names
 
