@@ -313,7 +313,8 @@ def test_the_next_validation_is_capped_by_the_validation_batches_just_timed(monk
             return self.layer(batch).sum()
 
         def validation_step(self, batch, batch_idx):
-            clock["now"] += 1.25  # timed batches of 1.25 s: 0.1 x 26 s fits 2 of them
+            # timed batches of 1.25 s: 0.1 x 26 s fits 2 of them; the sanity check's (10 s) would fit none
+            clock["now"] += 10.0 if self.trainer.sanity_checking else 1.25
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -328,6 +329,9 @@ def test_the_next_validation_is_capped_by_the_validation_batches_just_timed(monk
     again = BudgetPacer(split, None, resumed, first_epoch_steps=4)
     again.load_state_dict(pacer.state_dict())
     assert resumed.cfg == data.cfg
+    lower = SimpleNamespace(cfg={"iterations_per_epoch": 250, "val_iterations": 1}, batch_size=2)
+    BudgetPacer(split, None, lower, first_epoch_steps=4).load_state_dict(pacer.state_dict())
+    assert lower.cfg["val_iterations"] == 1  # resumed with data.val_iterations=1: never above it
 
 
 class TwoRanks:

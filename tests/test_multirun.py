@@ -74,6 +74,7 @@ def test_the_slurm_launcher_composes_with_the_resources_of_its_config():
     "+hydra.callbacks.x={_target_:os.mkdir,path:MARK}",
     "hydra.launcher._target_=os.mkdir",                              # ... and the launcher
     "+hydra.callbacks.x=${oc.create:{_target_:os.mkdir,path:MARK}}",  # a node built from a string
+    "+hydra.callbacks.x='${\toc.create:\"{_target_: os.mkdir, path: MARK}\"}'",  # ... with a tab OmegaConf takes
 ])
 def test_a_sweep_cannot_make_hydra_instantiate_code(tmp_path, capsys, override):
     """`-m` hands the composed config to Hydra, which builds its launcher, sweeper and callbacks before any job (and

@@ -166,19 +166,28 @@ def test_predict_picks_a_plans_model_folder_by_configuration_and_plans(trained, 
     assert main(["predict", "-i", images, "-o", str(tmp_path / "other"), "--model", str(segment / "3d_fullres"),
                  "plans=coarse"]) == 2
     assert "trained from plans default, not plans=coarse" in capsys.readouterr().err
-    assert not (tmp_path / "none").exists() and not (tmp_path / "other").exists()
+    assert main(["predict", "-i", images, "-o", str(tmp_path / "wrong"), "--model", str(segment / "3d_fullres"),
+                 "configuration=2d"]) == 2
+    assert "a model of configuration 3d_fullres, not configuration=2d" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("none", "other", "wrong"))
 
 
 def test_a_renamed_model_folder_keeps_its_configuration_and_plan(trained, tmp_path):
     """`import-model model.zip DEST` may name the folder anything: its identity comes from what it holds."""
     import shutil
 
+    import torch
+
     from segforge.evaluation.selection import model_identity
 
     renamed = tmp_path / "segment" / "my_model"
     shutil.copytree(trained["ws"].results_dir / "segment" / "3d_fullres__coarse", renamed)
     assert model_identity(renamed) == {"configuration": "3d_fullres", "plans": "coarse"}
-    (renamed / "fold_0" / "model_final.pt").write_bytes(b"broken")  # unreadable: the folder's name, no crash
+    weights = renamed / "fold_0" / "model_final.pt"
+    payload = torch.load(weights, weights_only=True)
+    torch.save({**payload, "configuration": ["3d_fullres"]}, weights)  # data of any type: the folder's name
+    assert model_identity(renamed) == {"configuration": "my_model", "plans": "coarse"}
+    weights.write_bytes(b"broken")  # unreadable: the folder's name, no crash
     assert model_identity(renamed) == {"configuration": "my_model", "plans": "coarse"}
 
 

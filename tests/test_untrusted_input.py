@@ -128,6 +128,12 @@ def test_a_config_that_does_not_resolve_here_hides_no_target_in_a_node_built_fro
     cfg = OmegaConf.create({"callbacks": {"x": '${oc.create:"{_target_: os.system}"}'}, "data": {"y": "${oc.env:SEGFORGE_UNSET_X}"}})
     with pytest.raises(SegforgeError, match="node built from a string"):
         check_targets(cfg, CONFIG_DIR)
+    for spaced in ('${\toc.create:"{_target_: os.system}"}', '${ \t oc.create :"{_target_: os.system}"}'):
+        # OmegaConf takes whitespace there too (a tab resolved to {'_target_': 'os.system'})
+        assert OmegaConf.create({"x": spaced.replace("os.system", "builtins.dict")}).x == {"_target_": "builtins.dict"}
+        with pytest.raises(SegforgeError, match="node built from a string"):
+            check_targets(OmegaConf.create({"callbacks": {"x": spaced}, "data": {"y": "${oc.env:SEGFORGE_UNSET_X}"}}),
+                          CONFIG_DIR)
     check_targets(OmegaConf.create({"data": {"y": "${oc.env:SEGFORGE_UNSET_X}"}}), CONFIG_DIR)  # nothing built: fine
 
 

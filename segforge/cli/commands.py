@@ -88,6 +88,14 @@ def run_predict(args, cfg, overrides) -> int:
         log.info("model %s: configuration %s of plans %s", model, loaded.configuration, trained_from)
     sources = [Path(m) for m in args.model]
     members = pair_stages(predictors, sources)  # a cascade stage and its previous stage's model become one member
+    wanted = cfg.get("configuration")
+    for member in members if wanted is not None else []:
+        if member.configuration != wanted and not (wanted == "budget" and member.configuration.endswith("_budget")):
+            stage = member.stage if isinstance(member, Cascade) else member
+            raise SegforgeError(f"{sources[predictors.index(stage)]}: is a model of configuration "
+                                f"{member.configuration}, not configuration={wanted}. Fix: pass the model folder of "
+                                f"{wanted} (or its results/<task> folder with configuration={wanted}), or drop "
+                                "configuration=")
     predictor = members[0] if len(members) == 1 else Ensemble(members)
     postprocess = None
     # one model (or one cascade: its last stage's rules)

@@ -97,6 +97,9 @@ def resolve_model_folders(paths: list[Path], configuration, plans) -> list[Path]
             resolved.append(path)
             continue
         plan = DEFAULT_PLANS if plans is None else str(plans)
+        if str(configuration) == "budget":  # as train's configuration=budget: the plan's budget configuration
+            configuration = next((c for c in ("3d_budget", "2d_budget")
+                                  if _holds_folds(Path(path) / model_folder_name(c, plan))), "3d_budget")
         stages = ["3d_lowres", str(configuration)] if str(configuration).startswith("3d_cascade") else [str(configuration)]
         for stage in stages:
             folder = Path(path) / model_folder_name(stage, plan)

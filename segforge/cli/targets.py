@@ -119,7 +119,8 @@ def check_targets(cfg, config_dir: Path) -> None:
 # what Hydra itself instantiates in a sweep (`hydra.launcher`, `hydra.sweeper`, `hydra.callbacks`): classes of Hydra and
 # of its installed plugins only; an interpolation that builds a node (`${oc.create:...}`) could hide a `_target_`
 HYDRA_PACKAGES = ("hydra", "hydra_plugins")
-_NODE_BUILDERS = ("oc.create", "oc.decode")
+# OmegaConf takes whitespace (tabs, newlines too) after `${` and around the resolver's name
+_NODE_BUILDER = re.compile(r"\$\{\s*oc\s*\.\s*(create|decode)\s*:")
 
 
 def check_hydra_targets(hydra_node) -> None:
@@ -131,16 +132,16 @@ def check_hydra_targets(hydra_node) -> None:
             raise SegforgeError(f"{where}._target_={target}: a sweep's Hydra settings may only name classes of Hydra "
                                 "and its plugins (launchers, sweepers); segforge instantiates nothing else from the "
                                 "command line. Fix: remove the override (callbacks of a run go in callbacks.NAME)")
-    strings = [value for value in _strings(tree) if any(f"${{{b}:" in value.replace(" ", "") for b in _NODE_BUILDERS)]
+    strings = [value for value in _strings(tree) if _NODE_BUILDER.search(value)]
     if strings:
-        raise SegforgeError(f"hydra: {strings[0]}: a sweep's Hydra settings take plain values, not nodes built from "
+        raise SegforgeError(f"hydra: {strings[0]!r}: a sweep's Hydra settings take plain values, not nodes built from "
                             "strings. Fix: remove the override")
 
 
 def _refuse_node_builders(tree, why: str) -> None:
-    strings = [value for value in _strings(tree) if any(f"${{{b}:" in value.replace(" ", "") for b in _NODE_BUILDERS)]
+    strings = [value for value in _strings(tree) if _NODE_BUILDER.search(value)]
     if strings:
-        raise SegforgeError(f"{strings[0]}: a node built from a string may hold a `_target_`, and {why}. Fix: give the "
+        raise SegforgeError(f"{strings[0]!r}: a node built from a string may hold a `_target_`, and {why}. Fix: give the "
                             "setting's values themselves (e.g. +callbacks.NAME._target_=... +callbacks.NAME.ARG=...)")
 
 

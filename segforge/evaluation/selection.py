@@ -97,7 +97,7 @@ def model_identity(model_dir: Path) -> dict:
             recorded = read_weights(fold / FINAL_WEIGHTS).get("configuration")
         except SegforgeError:  # unreadable weights are predict's to refuse; selection reads validations only
             recorded = None
-        if recorded in known:
+        if isinstance(recorded, str) and recorded in known:  # the file is data: any type may be there
             return {"configuration": str(recorded), "plans": str(plans_name)}
     suffix = f"{MODEL_FOLDER_SEPARATOR}{plans_name}"
     name = Path(model_dir).name

@@ -134,7 +134,7 @@ class BudgetPacer(L.Callback):
         self._last_step_s = 0.0
         self._seconds, self._steps = 0.0, 0
         self._validation_start: float | None = None
-        self._validation_s, self._validation_batches = 0.0, 0
+        self._validation_batches = 0
         self._created = time.monotonic()  # set-up goes on after the split: the trainer, loaders, sanity checks
 
     def validation_batches(self, batch_s: float | None = None) -> int:
@@ -184,22 +184,18 @@ class BudgetPacer(L.Callback):
         self.datamodule.cfg["iterations_per_epoch"] = int(trainer.strategy.broadcast(steps, src=0))
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._validation_s, self._validation_batches = 0.0, 0
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._validation_start = time.monotonic()
+        self._validation_start, self._validation_batches = time.monotonic(), 0
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._validation_start is not None:
-            self._validation_s += time.monotonic() - self._validation_start
-            self._validation_batches += 1
+        self._validation_batches += 1
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:  # every rank alike: no collective
             return
         cap = int(self.datamodule.cfg["val_iterations"])
-        if self._validation_batches:
-            cap = self.validation_batches(self._validation_s / self._validation_batches)
+        if self._validation_batches and self._validation_start is not None:
+            # the whole validation per batch: reading, transfer and augmentation hooks come before a batch's own hooks
+            cap = self.validation_batches((time.monotonic() - self._validation_start) / self._validation_batches)
         self.datamodule.cfg["val_iterations"] = int(trainer.strategy.broadcast(cap, src=0))
 
     def state_dict(self) -> dict:
@@ -208,5 +204,5 @@ class BudgetPacer(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.datamodule.cfg["iterations_per_epoch"] = int(state_dict.get("iterations_per_epoch", 1))
-        if "val_iterations" in state_dict:
-            self.datamodule.cfg["val_iterations"] = int(state_dict["val_iterations"])
+        if "val_iterations" in state_dict:  # never above this run's data.val_iterations
+            self.datamodule.cfg["val_iterations"] = min(self._val_cap, int(state_dict["val_iterations"]))
