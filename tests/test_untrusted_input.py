@@ -349,3 +349,29 @@ def test_cases_named_like_the_folders_own_files_overwrite_nothing(planned, model
     for case in cases:
         meta = json.loads((out / f"{case}.probabilities.json").read_text())
         assert meta["channels"] == ["background", "ball", "box"] and (out / f"{case}.npz").is_file()
+
+
+def test_at_building_an_entry_resolved_late_calls_nothing_but_its_kind_or_a_segforge_factory(tmp_path, monkeypatch):
+    """The second gate, where Hydra instantiates: the entry as it resolves then (an interpolation the command line's
+    check could not resolve) builds no function outside segforge, no class of another kind, no nested argument."""
+    import lightning as L
+    import torch
+    from omegaconf import OmegaConf
+
+    from segforge.training.components import build
+    from segforge.training.optim import make_optimizer
+
+    mark = tmp_path / "MARK"
+    monkeypatch.setenv("SEGFORGE_LATE", f'{{_target_: os.mkdir, path: "{mark}"}}')
+    late = OmegaConf.create({"x": "${oc.create:${oc.env:SEGFORGE_LATE}}"})
+    with pytest.raises(SegforgeError, match="not a lightning.pytorch.callbacks.callback.Callback class nor a segforge"):
+        build(late.x, "callbacks.x", "remove it", L.Callback)
+    nested = OmegaConf.create({"_target_": "lightning.pytorch.callbacks.LambdaCallback",
+                               "on_fit_start": {"_target_": "os.mkdir", "path": str(mark)}})
+    with pytest.raises(SegforgeError, match="would be built too"):
+        build(nested, "callbacks.l", "remove it", L.Callback)
+    with pytest.raises(SegforgeError, match="not a torch.optim.optimizer.Optimizer class"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(1))], {"_target_": "os.mkdir", "path": str(mark)})
+    assert not mark.exists()
+    assert build(OmegaConf.create({"_target_": "segforge.training.callbacks.progress_bar", "kind": "none"}),
+                 "callbacks.progress_bar", "", L.Callback) is None  # a segforge factory: built

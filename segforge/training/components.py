@@ -14,6 +14,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from segforge.errors import SegforgeError
+from segforge.training.buildable import check_buildable
 
 
 def fill_run_context(cfg, fold_dir, monitor: str, name: str) -> None:
@@ -46,14 +47,16 @@ def _made_error(exc: Exception, target, setting: str, fix: str) -> SegforgeError
                          f"arguments it takes, or {fix}")
 
 
-def build(entry, setting: str, fix: str):
-    """``instantiate(entry)`` with plain containers as arguments (a checkpoint holds no OmegaConf object); an entry
-    that cannot be made is a user error naming ``setting`` and ``fix``."""
+def build(entry, setting: str, fix: str, kind: type | None = None):
+    """``instantiate(entry)`` with plain containers as arguments (a checkpoint holds no OmegaConf object), once
+    ``check_buildable`` passed (a ``kind`` class or a segforge factory); an entry that cannot be made is a user
+    error naming ``setting`` and ``fix``."""
     from hydra.utils import instantiate
 
     if not isinstance(entry, DictConfig) or "_target_" not in entry:
         raise SegforgeError(f"{setting}={OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry!r}: "
                             f"must be an entry {{_target_: module.Class, arg: value, ...}} or null (left out). Fix: {fix}")
+    check_buildable(entry, setting, kind, fix)
     try:
         return instantiate(entry, _convert_="all")
     except Exception as exc:  # Hydra wraps import and argument errors alike
@@ -69,7 +72,7 @@ def entries(cfg, group: str, kind: type, what: str) -> list:
             continue
         setting = f"{group}.{name}"
         fix = f"{setting}=null to leave it out ({setting}.ARG=VALUE sets an argument)"
-        obj = build(entry, setting, fix)
+        obj = build(entry, setting, fix, kind)
         if obj is None:
             continue
         if not isinstance(obj, kind):
@@ -98,7 +101,7 @@ def make_schedule(cfg, total_steps: int | None, max_time_s: float | None):
 
     fix = ("optim.scheduler.schedule=poly|cosine|constant (optim.scheduler.warmup_fraction, .poly_exponent), or "
            "optim=sgd_poly|adamw_cosine")
-    made = build(cfg.optim.get("scheduler"), "optim.scheduler", fix)
+    made = build(cfg.optim.get("scheduler"), "optim.scheduler", fix, ScheduleCallback)
     try:  # a _partial_'s arguments are checked when it is called
         schedule = made(total_steps=total_steps, max_time_s=max_time_s) if callable(made) else made
     except Exception as exc:
