@@ -21,7 +21,7 @@ from segforge.planning.compute import (Candidate, ComputeBudget, StepTimer, choo
 from segforge.planning.memory import StepSpec
 from segforge.planning.planner import make_plans
 from segforge.training.budget import split_budget, validation_windows
-from segforge.training.schedules import parse_duration
+from segforge.durations import parse_duration
 
 RULES_FILE = Path(segforge.__file__).parent / "configs" / "plan" / "default.yaml"
 TRAIN_FILE = Path(segforge.__file__).parent / "configs" / "train.yaml"

@@ -410,3 +410,29 @@ def test_progress_and_no_labels(tmp_path, capsys):
     assert check_dataset(root, require_labels=False, progress=True) == []
     assert "checked 2/2 case(s)" in capsys.readouterr().err
     assert names(check_dataset(root), "case_a.nii.gz")
+
+
+def test_cases_read_in_worker_processes_report_what_one_process_reports(tmp_path, monkeypatch):
+    """`plan` and `check` read large datasets in `num_workers` processes: the same problems, in case order, and
+    the cross-case 2D/3D check still sees every file."""
+    import segforge.io.checks as checks
+
+    root = make_dataset(tmp_path / "ds", cases=("case_a", "case_b", "case_c", "case_d"))
+    _undeclared_value(root)
+    _two_d_in_3d(root)
+    _truncated(root)
+    serial = check_dataset(root)
+    assert len(serial) >= 3
+    monkeypatch.setattr(checks, "PARALLEL_MIN_BYTES", 0)  # this tiny dataset too
+    import segforge.parallel as parallel
+
+    seen, original = [], parallel.progress_map
+
+    def recording(function, args, num_workers, desc, **kwargs):
+        seen.append(num_workers)
+        return original(function, args, num_workers, desc, **kwargs)
+
+    monkeypatch.setattr(parallel, "progress_map", recording)  # imported where it is used: this one is called
+    assert [str(p) for p in check_dataset(root, num_workers=2)] == [str(p) for p in serial] and seen == [2]
+    monkeypatch.setattr(checks, "PARALLEL_MIN_BYTES", 2**40)  # under the threshold: this process
+    assert [str(p) for p in check_dataset(root, num_workers=2)] == [str(p) for p in serial] and seen == [2, 0]

@@ -8,7 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from segforge.errors import SegforgeError
-from segforge.training.schedules import ScheduleCallback, lr_factor, parse_duration, training_progress
+from segforge.durations import parse_duration
+from segforge.training.schedules import ScheduleCallback, lr_factor, training_progress
 
 GRID = np.linspace(0.0, 1.0, 41)
 

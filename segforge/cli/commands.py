@@ -27,7 +27,7 @@ def run_check(args, cfg, overrides) -> int:
     root = resolve_dataset(args.dataset, cfg.paths.raw_root)
     if cfg.get("require_labels") is None:
         _refuse_unlabelled(root, cfg)
-    problems = check_dataset(root, require_labels=labels_wanted(cfg, root))
+    problems = check_dataset(root, require_labels=labels_wanted(cfg, root), num_workers=int(cfg.get("num_workers") or 0))
     if problems:
         print(format_problems(problems, root), file=sys.stderr)
         return 1

@@ -62,7 +62,8 @@ def _checked_dataset(dataset_arg: str, cfg, require_labels: bool | None = None):
     if require_labels is None:
         _refuse_unlabelled(root, cfg)
         require_labels = labels_wanted(cfg, root)
-    problems = check_dataset(root, require_labels=require_labels)
+    problems = check_dataset(root, require_labels=require_labels,
+                             num_workers=int((cfg.get("preprocess") or {}).get("num_workers") or 0))
     if problems:
         raise DatasetError(problems)
     return load_dataset(root, require_labels=require_labels)

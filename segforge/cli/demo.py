@@ -66,7 +66,7 @@ def _dataset(cfg, out: Path) -> Path:
 
 def demo_budget(cfg) -> float | None:
     """The demo's wall-clock budget in seconds (``budget``: a duration, ``auto`` by dim, or null: none)."""
-    from segforge.training.schedules import parse_duration
+    from segforge.durations import parse_duration
 
     value = cfg.get("budget")
     if value is None or str(value).lower() in ("null", "none", ""):

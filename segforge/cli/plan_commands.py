@@ -71,7 +71,7 @@ def run_plan(args, cfg, overrides) -> int:
     ws = Workspace.from_config(cfg.paths, spec.name)
     check_not_inside(ws.work_dir, spec.root, "dataset folder")
     fingerprint = _fingerprint(spec, ws, cfg)
-    from segforge.training.schedules import parse_duration
+    from segforge.durations import parse_duration
 
     try:
         rules = cfg.plan

@@ -24,7 +24,7 @@ from segforge.errors import SegforgeError
 
 # where a command-line `_target_` is instantiated by design (the node holding it), and the packages its classes may
 # come from; no other setting is instantiated, so a `_target_` anywhere else would either run code or be ignored
-LIGHTNING = ("lightning", "pytorch_lightning", "segforge")
+LIGHTNING = ("lightning", "segforge")  # lightning.pytorch (pytorch_lightning's classes do not fit its Trainer)
 INSTANTIATED = {
     re.compile(r"^callbacks\.[^.\[\]]+$"): ("callbacks.NAME", LIGHTNING, "lightning.pytorch.callbacks.Callback",
                                           "lightning.pytorch.callbacks.StochasticWeightAveraging"),

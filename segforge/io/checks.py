@@ -29,28 +29,50 @@ MAX_LISTED = 10  # values shown per problem before "..."
 REEXPORT_FIX = "re-export the file from the original data (the copy may have been interrupted)"
 
 
+# below this many bytes of case files the cases are read in this process: a pool's start (its workers import
+# SimpleITK and nibabel, about 0.5 s) costs more than reading them
+PARALLEL_MIN_BYTES = 32 * 2**20
+
+
 def check_dataset(root: Path, require_labels: bool = True, progress: bool = False, *,
-                  allowed_roots: list[Path] | None = None, env_root: bool = True) -> list[Problem]:
+                  allowed_roots: list[Path] | None = None, env_root: bool = True, num_workers: int = 0) -> list[Problem]:
     """Every problem of the dataset at ``root`` (empty when it is fit for planning and training).
 
     ``allowed_roots``: folders outside the dataset that its files (through symlinks) may live in; with
     ``env_root`` (the default) the folder in ``$SEGFORGE_RAW``, if set, is allowed too. ``progress`` prints a
-    case counter on stderr.
+    case counter on stderr. ``num_workers`` > 1 reads the cases in that many processes (each file is read whole:
+    on 100 CT-like cases of 244 MB, 3.7 s in one process), once they hold ``PARALLEL_MIN_BYTES`` or more.
     """
+    from segforge.parallel import progress_map
+
     root = Path(root)
     spec, problems = scan_dataset(root, require_labels)
     if spec is None:
         return problems
     already = {p.path for p in problems}  # files scan_dataset reported (missing, outside): not read again
     roots = _allowed_roots(allowed_roots, env_root)
+    workers = int(num_workers) if int(num_workers) > 1 and _case_bytes(spec) >= PARALLEL_MIN_BYTES else 0
     ndims: list[tuple[str, int]] = []
-    for i, case in enumerate(spec.cases, 1):
-        problems += _check_case(root, spec, case, roots, already, ndims)
+    cases = progress_map(_check_case, [(root, spec, case, roots, already) for case in spec.cases], workers, "check")
+    for i, (case_problems, case_ndims) in enumerate(cases, 1):
+        problems += case_problems
+        ndims += case_ndims
         if progress:
             print(f"\rchecked {i}/{len(spec.cases)} case(s)", end="\n" if i == len(spec.cases) else "",
                   file=sys.stderr, flush=True)
     problems += _dimension_problems(ndims)
     return problems
+
+
+def _case_bytes(spec: DatasetSpec) -> int:
+    total = 0
+    for case in spec.cases:
+        for path in [*case.image_files, *([case.label_file] if case.label_file else [])]:
+            try:
+                total += path.stat().st_size
+            except OSError:  # missing or unreadable: the case check reports it
+                pass
+    return total
 
 
 def format_problems(problems: list[Problem], dataset: str | os.PathLike = "the dataset") -> str:
@@ -65,10 +87,12 @@ def _allowed_roots(allowed_roots: list[Path] | None, env_root: bool) -> list[Pat
     return [Path(os.path.realpath(r)) for r in roots]
 
 
-def _check_case(root: Path, spec: DatasetSpec, case: Case, roots: list[Path], already: set[str],
-                ndims: list[tuple[str, int]]) -> list[Problem]:
-    """Problems of one case's files; reads one file at a time and keeps only the reference grid."""
+def _check_case(root: Path, spec: DatasetSpec, case: Case, roots: list[Path],
+                already: set[str]) -> tuple[list[Problem], list[tuple[str, int]]]:
+    """Problems of one case's files, and each image's (path, dimensions); reads one file at a time and keeps only
+    the reference grid."""
     problems: list[Problem] = []
+    ndims: list[tuple[str, int]] = []
     ref: tuple[Path, tuple, Geometry] | None = None  # first readable channel: what the others must match
     for path in case.image_files:
         got = _read(root, path, roots, already, problems)
@@ -95,7 +119,7 @@ def _check_case(root: Path, spec: DatasetSpec, case: Case, roots: list[Path], al
                                            "export the label on its image's voxel grid (same size, spacing, "
                                            "origin and direction), e.g. resample it with nearest-neighbour")
             problems += _label_problems(case.label_file, label, spec)
-    return problems
+    return problems, ndims
 
 
 def _read(root: Path, path: Path, roots: list[Path], already: set[str],

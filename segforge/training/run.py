@@ -41,7 +41,7 @@ from segforge.training.components import fill_run_context, make_callbacks, make_
 from segforge.training.data import SegmentationDataModule
 from segforge.training.finetune import load_initial_weights
 from segforge.training.requeue import RequeueOnSignal, slurm_requeue_wanted
-from segforge.training.schedules import parse_duration
+from segforge.durations import parse_duration
 from segforge.training.settings import check_train_settings
 from segforge.training.splits import check_splits, make_splits
 from segforge.training.tasks import (  # noqa: F401  (re-exported)

@@ -8,12 +8,10 @@ keeps its clock in the checkpoint, so a resumed run continues the same curve.
 from __future__ import annotations
 
 import math
-import re
 import time
 
 import lightning as L
 
-from segforge.errors import SegforgeError
 
 
 def training_progress(step: int, total_steps: int | None, elapsed_s: float = 0.0, max_time_s: float | None = None) -> float:
@@ -38,41 +36,6 @@ def lr_factor(progress: float, schedule: str = "poly", poly_exponent: float = 0.
     if schedule == "constant":
         return 1.0
     raise ValueError(f"unknown schedule {schedule!r}; use poly, cosine or constant")
-
-
-_UNITS = {"d": 86400, "h": 3600, "m": 60, "min": 60, "s": 1}
-
-
-def parse_duration(value, name: str = "duration") -> float | None:
-    """Seconds from Lightning's ``max_time`` forms ("DD:HH:MM:SS", a dict of days/hours/minutes/seconds, seconds) or
-    a short form: "15m", "1h30m", "90s", "2d". ``None`` or "" is no limit; anything else unreadable, zero or negative
-    is refused naming the setting (``name``, e.g. ``budget``)."""
-    if value in (None, "", "null"):
-        return None
-    try:
-        seconds = _seconds(value)
-    except (ValueError, KeyError, TypeError):
-        seconds = None
-    if seconds is None or not seconds > 0:
-        raise SegforgeError(f"{name}={value!r}: not a positive duration. Fix: write e.g. {name}=15m, 1h30m, 90s or "
-                            "DD:HH:MM:SS")
-    return seconds
-
-
-def _seconds(value) -> float | None:
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = str(value).strip().lower()
-    if text and text[-1].isalpha():
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*(d|h|min|m|s)", text)
-        if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
-            return None
-        return float(sum(float(n) * _UNITS[u] for n, u in parts))
-    if isinstance(value, dict) or hasattr(value, "items"):
-        units = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
-        return float(sum(units[k] * float(v) for k, v in dict(value).items()))
-    parts = [float(p) for p in str(value).split(":")]
-    return float(sum(part * unit for part, unit in zip(reversed(parts), (1, 60, 3600, 86400))))
 
 
 class ScheduleCallback(L.Callback):
