@@ -208,3 +208,18 @@ def test_inference_modules_import_no_training_module(module):
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('segforge.training')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_plan_with_a_budget_never_loads_lightning(tmp_path):
+    """`segforge plan` (check, fingerprint, plans, preprocessing) needs no training loop: Lightning's import took
+    1.5 s of it when a duration parser lived beside the schedule callback."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import write_dataset
+
+    dataset = write_dataset(tmp_path / "Dataset001_Tiny", num_train=4, num_test=0)
+    code = ("import sys\nfrom segforge.cli.main import main\n"
+            f"code = main(['plan', {str(dataset)!r}, 'paths.work_root={tmp_path / 'work'}', 'plan.configurations=[3d_fullres]',"
+            " 'plan.memory.method=analytic', 'preprocess.num_workers=0', 'budget=60s', 'plan.compute.target_iterations=10'])\n"
+            "print(code, 'lightning' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "0 False", out.stdout[-2000:] + out.stderr[-2000:]
