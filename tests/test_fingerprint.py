@@ -86,6 +86,35 @@ def test_plan_reuses_the_fingerprint_until_the_dataset_changes(tiny_dataset, tmp
     assert path.stat().st_mtime_ns != second
 
 
+def test_a_replan_of_unchanged_files_reads_no_image_and_a_changed_file_is_checked_again(tiny_dataset, tmp_path,
+                                                                                        capsys, caplog):
+    """Named plans re-plan one dataset often: files that passed the check and made fingerprint.json are not read
+    again; a changed one is, and its problem refused."""
+    import logging
+
+    from segforge.io.image import read_image, write_image
+
+    work = tmp_path / "work"
+    args = ["plan", str(tiny_dataset), *roots(work), "plan.configurations=[3d_fullres]", "plan.memory.method=analytic",
+            "preprocess.run=false"]
+    assert main(args) == 0
+    with caplog.at_level(logging.INFO, logger="segforge"):
+        assert main(args + ["plan.name=second"]) == 0
+        assert "images not read again" in caplog.text
+        caplog.clear()
+        assert main(args + ["plan.name=third", "fingerprint.reuse=false"]) == 0
+        assert "images not read again" not in caplog.text
+    label_file = tiny_dataset / "labelsTr" / "case001.nii.gz"
+    label, geometry = read_image(label_file)
+    label[0, 0, 0] = 7  # a value dataset.json does not declare
+    write_image(label_file, label, geometry)
+    capsys.readouterr()
+    assert main(args + ["plan.name=fourth"]) != 0
+    err = capsys.readouterr().err
+    assert "case001.nii.gz" in err and "[7]" in err
+    assert not (work / tiny_dataset.name / "plans_fourth.json").exists()
+
+
 def test_plan_for_a_bigger_card_and_one_configuration(tiny_dataset, tmp_path):
     work = tmp_path / "work"
     assert main(["plan", str(tiny_dataset), *roots(work), "plan.gpu_memory_gb=24", "plan.configurations=[3d_fullres]",

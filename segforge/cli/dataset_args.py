@@ -4,6 +4,7 @@ the composed config saved beside a command's outputs."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -12,6 +13,8 @@ from segforge.errors import SegforgeError
 from segforge.io.artifacts import atomic_write_text
 from segforge.io.dataset import DatasetError, load_dataset
 from segforge.workspace import resolve_dataset
+
+log = logging.getLogger("segforge")
 
 
 def save_config(folder: Path, command: str, cfg, overrides: list[str]) -> None:
@@ -55,13 +58,23 @@ def _refuse_unlabelled(root: Path, cfg) -> None:
                             f"case, or add task=denoise to the command (e.g. `segforge plan {root} task=denoise`)")
 
 
-def _checked_dataset(dataset_arg: str, cfg, require_labels: bool | None = None):
+def _checked_dataset(dataset_arg: str, cfg, require_labels: bool | None = None, checked_before=None):
+    """The dataset, every problem of it refused at once. ``checked_before(spec)``: whether these very files (names,
+    sizes, modification times) passed a check already; then only the layout is looked at (paths inside the dataset,
+    files present), not every image read again."""
     from segforge.io.checks import check_dataset
+    from segforge.io.dataset import scan_dataset
 
     root = resolve_dataset(dataset_arg, cfg.paths.raw_root)
     if require_labels is None:
         _refuse_unlabelled(root, cfg)
         require_labels = labels_wanted(cfg, root)
+    if checked_before is not None:
+        spec, problems = scan_dataset(root, require_labels)
+        if spec is not None and not problems and checked_before(spec):
+            log.info("%s: unchanged since it was checked (the files fingerprint.json was made from): images not "
+                     "read again (fingerprint.reuse=false reads them)", root)
+            return load_dataset(root, require_labels=require_labels)
     problems = check_dataset(root, require_labels=require_labels,
                              num_workers=int((cfg.get("preprocess") or {}).get("num_workers") or 0))
     if problems:

@@ -35,12 +35,39 @@ def _keep_previous(path: Path, new_payload: dict) -> None:
     log.info("kept the previous %s as %s", path.name, backup.name)
 
 
+def _fingerprint_settings(cfg) -> dict:
+    from segforge.planning.fingerprint import fingerprint_settings
+
+    return fingerprint_settings(cfg.fingerprint.total_samples, cfg.fingerprint.seed, cfg.fingerprint.clip_percentiles)
+
+
+def _checked_with_fingerprint(cfg):
+    """``_checked_dataset``'s ``checked_before``: the work folder's fingerprint.json (written after a passing check,
+    by this segforge version) was made from these very files, so they passed the check then."""
+    def checked_before(spec) -> bool:
+        from segforge import __version__
+        from segforge.io.artifacts import ArtifactError
+        from segforge.planning.fingerprint import dataset_signature
+
+        path = Workspace.from_config(cfg.paths, spec.name).fingerprint_path
+        if not (cfg.get("fingerprint") or {}).get("reuse", True) or not path.is_file():
+            return False
+        try:
+            old = read_json(path, "fingerprint")
+            # the signature of the files it was made from, with the settings it was made with
+            return old.get("segforge_version") == __version__ and \
+                old.get("source_signature") == dataset_signature(spec, old["settings"])
+        except (ArtifactError, ValueError, KeyError, TypeError):
+            return False
+    return checked_before
+
+
 def _fingerprint(spec, ws: Workspace, cfg) -> dict:
     """fingerprint.json, reused while the dataset and the settings are unchanged (``fingerprint.reuse``)."""
     from segforge.io.artifacts import ArtifactError
-    from segforge.planning.fingerprint import compute_fingerprint, dataset_signature, fingerprint_settings
+    from segforge.planning.fingerprint import compute_fingerprint, dataset_signature
 
-    settings = fingerprint_settings(cfg.fingerprint.total_samples, cfg.fingerprint.seed, cfg.fingerprint.clip_percentiles)
+    settings = _fingerprint_settings(cfg)
     signature = dataset_signature(spec, settings)
     if cfg.fingerprint.reuse and ws.fingerprint_path.is_file():
         try:
@@ -67,7 +94,7 @@ def run_plan(args, cfg, overrides) -> int:
             raise SegforgeError("--verify runs each planned training step on a CUDA device, and there is none here. "
                                 "Fix: run it on the GPU machine; plans themselves need no GPU (drop --verify)")
     plans_name = check_plans_name(cfg.plan.name)  # before any work
-    spec = _checked_dataset(args.dataset, cfg)
+    spec = _checked_dataset(args.dataset, cfg, checked_before=_checked_with_fingerprint(cfg))
     ws = Workspace.from_config(cfg.paths, spec.name)
     check_not_inside(ws.work_dir, spec.root, "dataset folder")
     fingerprint = _fingerprint(spec, ws, cfg)
@@ -161,7 +188,7 @@ def _preprocess(spec, ws: Workspace, cfg, configurations, plans_name: str) -> No
 
 
 def run_preprocess(args, cfg, overrides) -> int:
-    spec = _checked_dataset(args.dataset, cfg)
+    spec = _checked_dataset(args.dataset, cfg, checked_before=_checked_with_fingerprint(cfg))
     ws = Workspace.from_config(cfg.paths, spec.name)
     _preprocess(spec, ws, cfg, cfg.configurations, str(cfg.plans))
     return 0
