@@ -102,7 +102,7 @@ def test_a_replan_of_unchanged_files_reads_no_image_and_a_changed_file_is_checke
         assert main(args + ["plan.name=second"]) == 0
         assert "images not read again" in caplog.text
         caplog.clear()
-        assert main(args + ["plan.name=third", "fingerprint.reuse=false"]) == 0
+        assert main(args + ["plan.name=third", "recheck=true"]) == 0
         assert "images not read again" not in caplog.text
     label_file = tiny_dataset / "labelsTr" / "case001.nii.gz"
     label, geometry = read_image(label_file)
@@ -113,6 +113,38 @@ def test_a_replan_of_unchanged_files_reads_no_image_and_a_changed_file_is_checke
     err = capsys.readouterr().err
     assert "case001.nii.gz" in err and "[7]" in err
     assert not (work / tiny_dataset.name / "plans_fourth.json").exists()
+
+
+@pytest.mark.parametrize("change", ["symlink_outside", "dangling_symlink", "mhd_data_file"])
+def test_a_replan_after_a_change_the_file_sizes_and_times_keep_is_checked_again(tmp_path, capsys, change):
+    """What a passing check vouches for is the files as the file system has them: a case file moved out and linked
+    back (same size and mtime), a link whose target is gone, the data file of an .mhd header cut short."""
+    import shutil
+
+    from conftest import write_dataset
+
+    dataset = write_dataset(tmp_path / "Dataset001_Tiny", num_train=4, num_test=0,
+                            **({"ending": ".mhd"} if change == "mhd_data_file" else {}))
+    work = tmp_path / "work"
+    args = ["plan", str(dataset), *roots(work), "plan.configurations=[3d_fullres]", "plan.memory.method=analytic",
+            "preprocess.run=false"]
+    assert main(args) == 0 and (work / dataset.name / "checked.json").is_file()
+    if change == "mhd_data_file":
+        data = next(p for p in (dataset / "labelsTr").iterdir() if not p.name.endswith(".mhd"))
+        stat = data.stat()
+        data.write_bytes(data.read_bytes()[: stat.st_size // 2])
+        os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    else:
+        image = dataset / "imagesTr" / "case001_0000.nii.gz"
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        shutil.move(image, outside / image.name)  # keeps size and mtime
+        os.symlink(outside / image.name if change == "symlink_outside" else outside / "gone.nii.gz", image)
+    capsys.readouterr()
+    assert main(args + ["plan.name=second"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" not in err and "fix:" in err.lower()
+    assert not (work / dataset.name / "plans_second.json").exists()
 
 
 def test_plan_for_a_bigger_card_and_one_configuration(tiny_dataset, tmp_path):

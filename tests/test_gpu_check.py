@@ -88,14 +88,20 @@ def extra_callbacks(entries: dict) -> list:
 
 
 def test_callback_entries_make_each_callback_and_name_a_bad_one():
-    made = extra_callbacks({"rec": {"_target_": f"{__name__}.Recorder", "tag": "x"}, "off": None})
-    assert len(made) == 1 and isinstance(made[0], Recorder) and made[0].tag == "x"
+    made = extra_callbacks({"lr": {"_target_": "lightning.pytorch.callbacks.LearningRateMonitor",
+                                   "logging_interval": "step"}, "off": None})
+    assert len(made) == 1 and isinstance(made[0], L.pytorch.callbacks.LearningRateMonitor)
+    assert made[0].logging_interval == "step"
     assert extra_callbacks({}) == []
-    with pytest.raises(SegforgeError, match="callbacks.timer: cannot make no_such_module.Timer"):
-        extra_callbacks({"timer": {"_target_": "no_such_module.Timer"}})
+    with pytest.raises(SegforgeError, match="callbacks.timer: cannot make lightning.no_such_module.Timer"):
+        extra_callbacks({"timer": {"_target_": "lightning.no_such_module.Timer"}})
+    with pytest.raises(SegforgeError, match="callbacks.timer: no_such_module.Timer is not a Lightning callback"):
+        extra_callbacks({"timer": {"_target_": "no_such_module.Timer"}})  # outside the packages: not even imported
     with pytest.raises(SegforgeError, match="is not a Lightning callback"):
         extra_callbacks({"od": {"_target_": "collections.OrderedDict"}})
     with pytest.raises(SegforgeError, match="cannot make"):
-        extra_callbacks({"rec": {"_target_": f"{__name__}.Recorder", "no_such_argument": 1}})
+        extra_callbacks({"lr": {"_target_": "lightning.pytorch.callbacks.LearningRateMonitor", "no_such_argument": 1}})
+    with pytest.raises(SegforgeError, match="is not a Lightning callback"):  # a class of another package
+        extra_callbacks({"rec": {"_target_": f"{__name__}.Recorder", "tag": "x"}})
     with pytest.raises(SegforgeError, match=r"callbacks.rec=True: must be an entry .*Fix: callbacks.rec=null"):
         extra_callbacks({"rec": True})

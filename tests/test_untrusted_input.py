@@ -351,27 +351,38 @@ def test_cases_named_like_the_folders_own_files_overwrite_nothing(planned, model
         assert meta["channels"] == ["background", "ball", "box"] and (out / f"{case}.npz").is_file()
 
 
-def test_at_building_an_entry_resolved_late_calls_nothing_but_its_kind_or_a_segforge_factory(tmp_path, monkeypatch):
+def test_at_building_an_entry_resolved_late_calls_nothing_but_its_kind_or_a_packaged_factory(tmp_path, monkeypatch):
     """The second gate, where Hydra instantiates: the entry as it resolves then (an interpolation the command line's
-    check could not resolve) builds no function outside segforge, no class of another kind, no nested argument."""
+    check could not resolve) builds no function but the packaged factories, no class of another kind or package,
+    no nested argument, nothing it cannot locate itself (Hydra walks attribute chains through modules)."""
     import lightning as L
     import torch
     from omegaconf import OmegaConf
 
-    from segforge.training.components import build
+    from segforge.training.components import PACKAGES, build
     from segforge.training.optim import make_optimizer
 
     mark = tmp_path / "MARK"
     monkeypatch.setenv("SEGFORGE_LATE", f'{{_target_: os.mkdir, path: "{mark}"}}')
     late = OmegaConf.create({"x": "${oc.create:${oc.env:SEGFORGE_LATE}}"})
-    with pytest.raises(SegforgeError, match="not a lightning.pytorch.callbacks.callback.Callback class nor a segforge"):
-        build(late.x, "callbacks.x", "remove it", L.Callback)
-    nested = OmegaConf.create({"_target_": "lightning.pytorch.callbacks.LambdaCallback",
-                               "on_fit_start": {"_target_": "os.mkdir", "path": str(mark)}})
-    with pytest.raises(SegforgeError, match="would be built too"):
-        build(nested, "callbacks.l", "remove it", L.Callback)
-    with pytest.raises(SegforgeError, match="not a torch.optim.optimizer.Optimizer class"):
+
+    def refused(entry, match, packages=PACKAGES["callbacks"]):
+        with pytest.raises(SegforgeError, match=match):
+            build(OmegaConf.create(entry) if isinstance(entry, dict) else entry, "callbacks.x", "remove it",
+                  L.Callback, packages, "a Lightning callback")
+
+    refused(late.x, "os.mkdir is not a Lightning callback of lightning, segforge")
+    refused({"_target_": "lightning.pytorch.callbacks.LambdaCallback",
+             "on_fit_start": {"_target_": "os.mkdir", "path": str(mark)}}, "would be built too")
+    refused({"_target_": "segforge.parallel.os.mkdir", "path": str(mark)}, "cannot make segforge.parallel.os.mkdir")
+    refused({"_target_": "segforge.io.artifacts.atomic_write_text", "_args_": [str(mark), "x"]}, "is not a Lightning")
+    refused({"_target_": "lightning.pytorch.cli.SaveConfigCallback"}, "is not a Lightning callback")
+    refused({"_target_": "tests_helper.Callback"}, "is not a Lightning callback")  # outside the packages: not imported
+    with pytest.raises(SegforgeError, match="is not a torch optimizer"):
         make_optimizer([torch.nn.Parameter(torch.zeros(1))], {"_target_": "os.mkdir", "path": str(mark)})
     assert not mark.exists()
     assert build(OmegaConf.create({"_target_": "segforge.training.callbacks.progress_bar", "kind": "none"}),
-                 "callbacks.progress_bar", "", L.Callback) is None  # a segforge factory: built
+                 "callbacks.progress_bar", "", L.Callback, PACKAGES["callbacks"]) is None  # a packaged factory: built
+    swa = build(OmegaConf.create({"_target_": "lightning.pytorch.callbacks.StochasticWeightAveraging", "swa_lrs": 1e-3}),
+                "callbacks.swa", "", L.Callback, PACKAGES["callbacks"])
+    assert isinstance(swa, L.pytorch.callbacks.StochasticWeightAveraging)

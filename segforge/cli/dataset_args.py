@@ -58,25 +58,39 @@ def _refuse_unlabelled(root: Path, cfg) -> None:
                             f"case, or add task=denoise to the command (e.g. `segforge plan {root} task=denoise`)")
 
 
-def _checked_dataset(dataset_arg: str, cfg, require_labels: bool | None = None, checked_before=None):
-    """The dataset, every problem of it refused at once. ``checked_before(spec)``: whether these very files (names,
-    sizes, modification times) passed a check already; then only the layout is looked at (paths inside the dataset,
-    files present), not every image read again."""
-    from segforge.io.checks import check_dataset
+def _checked_dataset(dataset_arg: str, cfg, require_labels: bool | None = None, checked_file: Path | None = None):
+    """The dataset, every problem of it refused at once. ``checked_file``: where a passing check is recorded
+    (``check_signature``); while it matches, only the checks that read no image run (``layout_problems``). Written
+    after a passing check; ``recheck=true`` reads every image anyway."""
+    from segforge.io.artifacts import ArtifactError, read_json, write_json
+    from segforge.io.checks import check_dataset, check_signature, layout_problems
     from segforge.io.dataset import scan_dataset
 
     root = resolve_dataset(dataset_arg, cfg.paths.raw_root)
     if require_labels is None:
         _refuse_unlabelled(root, cfg)
         require_labels = labels_wanted(cfg, root)
-    if checked_before is not None:
+    if checked_file is not None and not cfg.get("recheck", False) and Path(checked_file).is_file():
         spec, problems = scan_dataset(root, require_labels)
-        if spec is not None and not problems and checked_before(spec):
-            log.info("%s: unchanged since it was checked (the files fingerprint.json was made from): images not "
-                     "read again (fingerprint.reuse=false reads them)", root)
+        try:
+            recorded = read_json(checked_file, "check").get("check_signature")
+        except (ArtifactError, ValueError, OSError):
+            recorded = None
+        if spec is not None and not problems and recorded and recorded == check_signature(spec):
+            problems = layout_problems(spec)
+            if problems:
+                raise DatasetError(problems)
+            log.info("%s: unchanged since it was checked (%s): images not read again (recheck=true reads them)",
+                     root, checked_file)
             return load_dataset(root, require_labels=require_labels)
     problems = check_dataset(root, require_labels=require_labels,
                              num_workers=int((cfg.get("preprocess") or {}).get("num_workers") or 0))
     if problems:
         raise DatasetError(problems)
-    return load_dataset(root, require_labels=require_labels)
+    spec = load_dataset(root, require_labels=require_labels)
+    if checked_file is not None:
+        signature = check_signature(spec)
+        if signature is not None:
+            write_json(checked_file, {"check_signature": signature, "require_labels": bool(require_labels)},
+                       kind="check")
+    return spec

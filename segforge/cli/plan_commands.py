@@ -41,25 +41,14 @@ def _fingerprint_settings(cfg) -> dict:
     return fingerprint_settings(cfg.fingerprint.total_samples, cfg.fingerprint.seed, cfg.fingerprint.clip_percentiles)
 
 
-def _checked_with_fingerprint(cfg):
-    """``_checked_dataset``'s ``checked_before``: the work folder's fingerprint.json (written after a passing check,
-    by this segforge version) was made from these very files, so they passed the check then."""
-    def checked_before(spec) -> bool:
-        from segforge import __version__
-        from segforge.io.artifacts import ArtifactError
-        from segforge.planning.fingerprint import dataset_signature
+def _checked_file(args, cfg) -> Path:
+    """Where plan and preprocess record a passing check of the dataset (``checked.json`` in its work folder)."""
+    from segforge.workspace import resolve_dataset
 
-        path = Workspace.from_config(cfg.paths, spec.name).fingerprint_path
-        if not (cfg.get("fingerprint") or {}).get("reuse", True) or not path.is_file():
-            return False
-        try:
-            old = read_json(path, "fingerprint")
-            # the signature of the files it was made from, with the settings it was made with
-            return old.get("segforge_version") == __version__ and \
-                old.get("source_signature") == dataset_signature(spec, old["settings"])
-        except (ArtifactError, ValueError, KeyError, TypeError):
-            return False
-    return checked_before
+    root = resolve_dataset(args.dataset, cfg.paths.raw_root)
+    work_dir = Workspace.from_config(cfg.paths, root.name).work_dir
+    check_not_inside(work_dir, root, "dataset folder")  # before anything is written there
+    return work_dir / "checked.json"
 
 
 def _fingerprint(spec, ws: Workspace, cfg) -> dict:
@@ -94,7 +83,7 @@ def run_plan(args, cfg, overrides) -> int:
             raise SegforgeError("--verify runs each planned training step on a CUDA device, and there is none here. "
                                 "Fix: run it on the GPU machine; plans themselves need no GPU (drop --verify)")
     plans_name = check_plans_name(cfg.plan.name)  # before any work
-    spec = _checked_dataset(args.dataset, cfg, checked_before=_checked_with_fingerprint(cfg))
+    spec = _checked_dataset(args.dataset, cfg, checked_file=_checked_file(args, cfg))
     ws = Workspace.from_config(cfg.paths, spec.name)
     check_not_inside(ws.work_dir, spec.root, "dataset folder")
     fingerprint = _fingerprint(spec, ws, cfg)
@@ -188,7 +177,7 @@ def _preprocess(spec, ws: Workspace, cfg, configurations, plans_name: str) -> No
 
 
 def run_preprocess(args, cfg, overrides) -> int:
-    spec = _checked_dataset(args.dataset, cfg, checked_before=_checked_with_fingerprint(cfg))
+    spec = _checked_dataset(args.dataset, cfg, checked_file=_checked_file(args, cfg))
     ws = Workspace.from_config(cfg.paths, spec.name)
     _preprocess(spec, ws, cfg, cfg.configurations, str(cfg.plans))
     return 0

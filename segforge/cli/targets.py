@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import importlib
 import re
-from functools import lru_cache
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from segforge.configs import packaged_targets
 from segforge.errors import SegforgeError
 
 # where a command-line `_target_` is instantiated by design (the node holding it), and the packages its classes may
@@ -37,13 +37,6 @@ INSTANTIATED = {
 }
 WHERE = ("callbacks.NAME and logger.NAME (classes of Lightning or segforge), optim.optimizer (torch.optim) and "
          "optim.scheduler (segforge's ScheduleCallback)")
-_TARGET_LINE = re.compile(r"^\s*_target_:\s*['\"]?([\w.]+)", re.MULTILINE)
-
-
-@lru_cache(maxsize=4)
-def packaged_targets(config_dir: Path) -> frozenset[str]:
-    """Every ``_target_`` the YAML files of ``config_dir`` name."""
-    return frozenset(m for path in Path(config_dir).rglob("*.yaml") for m in _TARGET_LINE.findall(path.read_text()))
 
 
 def _targets(node, path: str = ""):

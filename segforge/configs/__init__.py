@@ -8,6 +8,7 @@ rather than repeating a number. Files are read once and cached; each call return
 from __future__ import annotations
 
 import copy
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,3 +37,12 @@ def packaged_defaults(group: str, option: str = "default") -> dict:
 def packaged_config(name: str) -> dict:
     """The keys a primary config (``configs/NAME.yaml``, e.g. ``train``) sets itself, without its defaults list."""
     return copy.deepcopy(_read(f"{name}.yaml"))
+
+
+_TARGET_LINE = re.compile(r"^\s*_target_:\s*['\"]?([\w.]+)", re.MULTILINE)
+
+
+@lru_cache(maxsize=4)
+def packaged_targets(config_dir: Path = CONFIG_DIR) -> frozenset[str]:
+    """Every ``_target_`` the YAML files of ``config_dir`` name (the packaged configs by default)."""
+    return frozenset(m for path in Path(config_dir).rglob("*.yaml") for m in _TARGET_LINE.findall(path.read_text()))

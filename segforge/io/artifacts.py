@@ -30,6 +30,7 @@ SCHEMA_VERSIONS = {
     "model_weights": 1,
     "summary": 1,
     "run": 1,
+    "check": 1,
 }
 
 # The command that (re)creates each artifact, for the error message of a stage that cannot read it.
@@ -41,6 +42,7 @@ PRODUCED_BY = {
     "model_weights": "segforge train DATASET",
     "summary": "segforge evaluate PRED REF",
     "run": "segforge train DATASET",
+    "check": "segforge plan DATASET",
 }
 
 

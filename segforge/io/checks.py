@@ -26,6 +26,8 @@ from segforge.io.dataset import Case, DatasetSpec, Problem, inside, scan_dataset
 from segforge.io.image import GEOMETRY_TOL, Geometry, ImageReadError, float32_overflow, read_image
 
 MAX_LISTED = 10  # values shown per problem before "..."
+# raise with every new rule here: a dataset a check of another version passed is read again (``check_signature``)
+CHECK_VERSION = 1
 REEXPORT_FIX = "re-export the file from the original data (the copy may have been interrupted)"
 
 
@@ -62,6 +64,47 @@ def check_dataset(root: Path, require_labels: bool = True, progress: bool = Fals
                   file=sys.stderr, flush=True)
     problems += _dimension_problems(ndims)
     return problems
+
+
+def check_signature(spec: DatasetSpec, allowed_roots: list[Path] | None = None, env_root: bool = True) -> str | None:
+    """What a passing check vouches for, so that a later command may skip reading the images of unchanged files:
+    dataset.json, and every case file and every data file an .mhd/.nhdr header there names, as the file system has
+    them (a symlink and its target, the file's device, inode, size, mtime and ctime: ``touch -r``, ``cp -p`` and
+    ``rsync -t`` cannot set a ctime back), the allowed data roots, ``CHECK_VERSION`` and segforge's version. None
+    when a file cannot be looked at (the check reads it and says why)."""
+    import hashlib
+
+    from segforge import __version__
+    from segforge.io.header_checks import detached_data_files
+
+    root = Path(spec.root)
+    digest = hashlib.sha256(f"{CHECK_VERSION}|{__version__}|{_allowed_roots(allowed_roots, env_root)}\n".encode())
+    files = [root / "dataset.json"]
+    folders = set()
+    for case in spec.cases:
+        for path in [*case.image_files, *([case.label_file] if case.label_file else [])]:
+            files.append(Path(path))
+            if str(path).lower().endswith((".mhd", ".nhdr")):
+                folders.add(Path(path).parent)
+    try:
+        for folder in sorted(folders):
+            files += sorted(detached_data_files(folder))
+        for path in files:
+            link = os.readlink(path) if os.path.islink(path) else ""
+            facts = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root)}|{link}|{os.path.realpath(path)}|{facts.st_dev}|"
+                          f"{facts.st_ino}|{facts.st_size}|{facts.st_mtime_ns}|{facts.st_ctime_ns}\n".encode())
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def layout_problems(spec: DatasetSpec, allowed_roots: list[Path] | None = None, env_root: bool = True) -> list[Problem]:
+    """The checks that read no image: every case file's real path inside the dataset or an allowed root."""
+    roots = _allowed_roots(allowed_roots, env_root)
+    return [problem for case in spec.cases
+            for path in [*case.image_files, *([case.label_file] if case.label_file else [])]
+            for problem in _location_problems(Path(spec.root), Path(path), roots)]
 
 
 def _case_bytes(spec: DatasetSpec) -> int:

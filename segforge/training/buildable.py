@@ -1,11 +1,12 @@
-"""The last check before a config entry is instantiated: the entry, resolved as Hydra will build it, names a class of
-the kind the setting builds (a Lightning callback, a logger, a torch optimizer, segforge's schedule) or one of
-segforge's own factories, and no argument of it is built too (no nested ``_target_``).
+"""The last check before a config entry is instantiated: the entry, resolved as Hydra will build it, names a class
+of the kind the setting builds (a Lightning callback, a logger, a torch optimizer, segforge's schedule) defined in
+the packages that belong there, or a factory the packaged configs name; and no argument of it is built too (no
+nested ``_target_``). What cannot be located is refused, not passed on.
 
 The command line's gate (``cli/targets.py``) refuses other targets before any work; this check repeats its core at
 the moment of building, on the resolved entry, so that nothing the earlier check could not see (an interpolation
-that resolves only where the run does) reaches ``instantiate``. It imports the target's module to look at it, which
-the earlier gate has limited to the packages that belong there.
+that resolves only where the run does) reaches ``instantiate``. A module is imported only when the target's name
+lies within the allowed packages.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ import importlib
 
 from omegaconf import DictConfig, OmegaConf
 
+from segforge.configs import packaged_targets
 from segforge.errors import SegforgeError
 
 
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
 def _located(dotted: str):
+    """The object ``module.attribute`` names (a plain module path: no attribute chains through other modules)."""
     module_name, _, attribute = dotted.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError):
-        return None  # instantiate reports it, in its own words
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise LookupError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _nested_targets(node, path: str):
@@ -37,23 +44,32 @@ def _nested_targets(node, path: str):
             yield from _nested_targets(value, f"{path}[{i}]")
 
 
-def check_buildable(entry, setting: str, kind: type | None, fix: str) -> None:
-    """Refuse ``entry`` (a config node with ``_target_``) unless it builds a ``kind`` class or calls a segforge
-    factory, with plain arguments only."""
+def check_buildable(entry, setting: str, kind: type, packages: tuple[str, ...], fix: str,
+                    what: str | None = None) -> None:
+    """Refuse ``entry`` (a config node with ``_target_``) unless it builds a ``kind`` class defined in ``packages``
+    or calls a factory the packaged configs name, with plain arguments only (``what``: the kind in words)."""
     resolved = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else entry
     nested = next(_nested_targets(resolved, ""), None)
     if nested is not None:
         raise SegforgeError(f"{setting}.{nested}._target_: an argument of {setting} would be built too; its arguments "
                             f"take plain values. Fix: {fix}")
     target = resolved.get("_target_")
-    found = _located(target) if isinstance(target, str) else None
-    if found is None:
-        return
+    what = what or f"a {kind.__module__}.{kind.__qualname__}"
+    refusal = SegforgeError(f"{setting}: {target} is not {what} of {', '.join(packages)}, nor a factory the packaged "
+                            f"configs name; nothing else is built. Fix: {fix}")
+    if not isinstance(target, str):
+        raise refusal
+    packaged = target in packaged_targets()
+    if not (packaged or _within(target, packages)):
+        raise refusal
+    try:
+        found = _located(target)
+    except LookupError as exc:
+        raise SegforgeError(f"{setting}: cannot make {target} ({exc}). Fix: an importable class, or {fix}") from exc
     if isinstance(found, type):
-        if kind is None or issubclass(found, kind):
+        if issubclass(found, kind) and (packaged or (_within(found.__module__, packages)
+                                                     and ".cli" not in f".{found.__module__}.")):
             return
-    elif callable(found) and str(getattr(found, "__module__", "")).startswith("segforge."):
-        return  # one of segforge's factories (the progress bar, the local MLflow logger)
-    what = f"a {kind.__module__}.{kind.__qualname__} class" if kind is not None else "a class"
-    raise SegforgeError(f"{setting}._target_={target}: not {what} nor a segforge factory; nothing else is built. "
-                        f"Fix: {fix}")
+    elif packaged and callable(found):
+        return  # a factory of the packaged configs (the progress bar, the local MLflow logger)
+    raise refusal

@@ -47,7 +47,11 @@ def _made_error(exc: Exception, target, setting: str, fix: str) -> SegforgeError
                          f"arguments it takes, or {fix}")
 
 
-def build(entry, setting: str, fix: str, kind: type | None = None):
+# the packages each kind of entry may come from (as the command line's gate says, cli/targets.py)
+PACKAGES = {"callbacks": ("lightning", "segforge"), "logger": ("lightning", "segforge"), "optim.scheduler": ("segforge",)}
+
+
+def build(entry, setting: str, fix: str, kind: type, packages: tuple[str, ...], what: str | None = None):
     """``instantiate(entry)`` with plain containers as arguments (a checkpoint holds no OmegaConf object), once
     ``check_buildable`` passed (a ``kind`` class or a segforge factory); an entry that cannot be made is a user
     error naming ``setting`` and ``fix``."""
@@ -56,7 +60,7 @@ def build(entry, setting: str, fix: str, kind: type | None = None):
     if not isinstance(entry, DictConfig) or "_target_" not in entry:
         raise SegforgeError(f"{setting}={OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry!r}: "
                             f"must be an entry {{_target_: module.Class, arg: value, ...}} or null (left out). Fix: {fix}")
-    check_buildable(entry, setting, kind, fix)
+    check_buildable(entry, setting, kind, packages, fix, what)
     try:
         return instantiate(entry, _convert_="all")
     except Exception as exc:  # Hydra wraps import and argument errors alike
@@ -72,7 +76,7 @@ def entries(cfg, group: str, kind: type, what: str) -> list:
             continue
         setting = f"{group}.{name}"
         fix = f"{setting}=null to leave it out ({setting}.ARG=VALUE sets an argument)"
-        obj = build(entry, setting, fix, kind)
+        obj = build(entry, setting, fix, kind, PACKAGES[group], what)
         if obj is None:
             continue
         if not isinstance(obj, kind):
@@ -101,7 +105,8 @@ def make_schedule(cfg, total_steps: int | None, max_time_s: float | None):
 
     fix = ("optim.scheduler.schedule=poly|cosine|constant (optim.scheduler.warmup_fraction, .poly_exponent), or "
            "optim=sgd_poly|adamw_cosine")
-    made = build(cfg.optim.get("scheduler"), "optim.scheduler", fix, ScheduleCallback)
+    made = build(cfg.optim.get("scheduler"), "optim.scheduler", fix, ScheduleCallback, PACKAGES["optim.scheduler"],
+                 "segforge's progress schedule")
     try:  # a _partial_'s arguments are checked when it is called
         schedule = made(total_steps=total_steps, max_time_s=max_time_s) if callable(made) else made
     except Exception as exc:

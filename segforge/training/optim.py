@@ -19,7 +19,8 @@ def make_optimizer(parameters, optimizer_cfg) -> torch.optim.Optimizer:
     target = optimizer_cfg.get("_target_")
     fix = ("optim=sgd_poly|adamw_cosine, or optim.optimizer._target_=torch.optim.CLASS with only the arguments it takes "
            "(~optim.optimizer.ARG removes one, e.g. ~optim.optimizer.momentum for Adam)")
-    check_buildable(optimizer_cfg, "optim.optimizer", torch.optim.Optimizer, fix)
+    check_buildable(optimizer_cfg, "optim.optimizer", torch.optim.Optimizer, ("torch.optim", "segforge"), fix,
+                    "a torch optimizer")
     try:
         made = instantiate(optimizer_cfg, _convert_="all")  # plain lists (betas): the checkpoint holds no OmegaConf
         optimizer = made(parameters) if callable(made) and not isinstance(made, torch.optim.Optimizer) else made
