@@ -213,3 +213,44 @@ def test_hand_edited_plan_is_respected_by_every_later_stage(tmp_path):
     assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "--model", str(fold.parent),
                  *roots(work), "predict.mirror=false"]) == 0
     assert (out / "case005.nii.gz").is_file()
+
+
+def test_a_case_name_that_is_no_utf8_plans_twice(tmp_path):
+    """A file name of bytes that are no UTF-8 is a valid name (the check accepts it): the signatures of the files
+    take it as the file system has it, so the fast re-plan works too."""
+    from conftest import write_dataset
+
+    dataset = write_dataset(tmp_path / "Dataset001_Tiny", num_train=4, num_test=0)
+    new = os.fsdecode(b"case000\xff")
+    os.rename(dataset / "imagesTr" / "case000_0000.nii.gz", dataset / "imagesTr" / f"{new}_0000.nii.gz")
+    os.rename(dataset / "labelsTr" / "case000.nii.gz", dataset / "labelsTr" / f"{new}.nii.gz")
+    work = tmp_path / "work"
+    args = ["plan", str(dataset), *roots(work), "plan.configurations=[3d_fullres]", "plan.memory.method=analytic",
+            "preprocess.run=false"]
+    assert main(args) == 0 and (work / dataset.name / "checked.json").is_file()
+    assert main(args + ["plan.name=again"]) == 0
+
+
+def test_a_work_folder_that_cannot_take_the_check_record_costs_only_the_record(tmp_path, monkeypatch, caplog):
+    """preprocess reads plans from the work folder and writes elsewhere: a read-only work folder must not fail it
+    after the whole check, only cost the next command a full check."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    import segforge.io.artifacts as artifacts
+    from conftest import write_dataset
+    from segforge.cli.dataset_args import _checked_dataset
+    from segforge.io.storage import StorageError
+
+    dataset = write_dataset(tmp_path / "Dataset001_Tiny", num_train=2, num_test=0)
+    cfg = OmegaConf.create({"paths": {"raw_root": None}, "recheck": False})
+
+    def refuse(path, payload, kind=None):
+        raise StorageError(f"{path}: read-only file system")
+
+    monkeypatch.setattr(artifacts, "write_json", refuse)
+    record = tmp_path / "work" / "checked.json"
+    with caplog.at_level(logging.WARNING, logger="segforge"):
+        spec = _checked_dataset(str(dataset), cfg, require_labels=True, checked_file=record)
+    assert len(spec.cases) == 2 and not record.exists() and "not written" in caplog.text

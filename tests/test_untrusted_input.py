@@ -380,6 +380,9 @@ def test_at_building_an_entry_resolved_late_calls_nothing_but_its_kind_or_a_pack
     refused({"_target_": "tests_helper.Callback"}, "is not a Lightning callback")  # outside the packages: not imported
     with pytest.raises(SegforgeError, match="is not a torch optimizer"):
         make_optimizer([torch.nn.Parameter(torch.zeros(1))], {"_target_": "os.mkdir", "path": str(mark)})
+    with pytest.raises(SegforgeError, match="is not a torch optimizer"):  # packaged, but a logger group's factory
+        make_optimizer([torch.nn.Parameter(torch.zeros(1))],
+                       {"_target_": "segforge.training.components.local_mlflow_logger", "save_dir": str(mark)})
     assert not mark.exists()
     assert build(OmegaConf.create({"_target_": "segforge.training.callbacks.progress_bar", "kind": "none"}),
                  "callbacks.progress_bar", "", L.Callback, PACKAGES["callbacks"]) is None  # a packaged factory: built

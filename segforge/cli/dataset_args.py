@@ -63,6 +63,7 @@ def _checked_dataset(dataset_arg: str, cfg, require_labels: bool | None = None, 
     (``check_signature``); while it matches, only the checks that read no image run (``layout_problems``). Written
     after a passing check; ``recheck=true`` reads every image anyway."""
     from segforge.io.artifacts import ArtifactError, read_json, write_json
+    from segforge.io.storage import StorageError
     from segforge.io.checks import check_dataset, check_signature, layout_problems
     from segforge.io.dataset import scan_dataset
 
@@ -70,27 +71,29 @@ def _checked_dataset(dataset_arg: str, cfg, require_labels: bool | None = None, 
     if require_labels is None:
         _refuse_unlabelled(root, cfg)
         require_labels = labels_wanted(cfg, root)
-    if checked_file is not None and not cfg.get("recheck", False) and Path(checked_file).is_file():
-        spec, problems = scan_dataset(root, require_labels)
+    spec, problems = scan_dataset(root, require_labels) if checked_file is not None else (None, [])
+    # signed before the images are read: a file that changes during the check is not recorded as checked
+    before = check_signature(spec) if spec is not None and not problems else None
+    if before is not None and not cfg.get("recheck", False) and Path(checked_file).is_file():
         try:
             recorded = read_json(checked_file, "check").get("check_signature")
         except (ArtifactError, ValueError, OSError):
             recorded = None
-        if spec is not None and not problems and recorded and recorded == check_signature(spec):
+        if recorded == before:
             problems = layout_problems(spec)
             if problems:
                 raise DatasetError(problems)
             log.info("%s: unchanged since it was checked (%s): images not read again (recheck=true reads them)",
                      root, checked_file)
-            return load_dataset(root, require_labels=require_labels)
+            return spec
     problems = check_dataset(root, require_labels=require_labels,
                              num_workers=int((cfg.get("preprocess") or {}).get("num_workers") or 0))
     if problems:
         raise DatasetError(problems)
-    spec = load_dataset(root, require_labels=require_labels)
-    if checked_file is not None:
-        signature = check_signature(spec)
-        if signature is not None:
-            write_json(checked_file, {"check_signature": signature, "require_labels": bool(require_labels)},
-                       kind="check")
-    return spec
+    checked = load_dataset(root, require_labels=require_labels)
+    if before is not None and check_signature(checked) == before:
+        try:  # a record to save work later: a work folder that cannot take it costs only that
+            write_json(checked_file, {"check_signature": before, "require_labels": bool(require_labels)}, kind="check")
+        except (StorageError, OSError) as exc:
+            log.warning("%s: not written (%s); the next plan or preprocess reads every image again", checked_file, exc)
+    return checked

@@ -75,25 +75,27 @@ def check_signature(spec: DatasetSpec, allowed_roots: list[Path] | None = None, 
     import hashlib
 
     from segforge import __version__
-    from segforge.io.header_checks import detached_data_files
+    from segforge.io.header_checks import detached_data_file
 
     root = Path(spec.root)
-    digest = hashlib.sha256(f"{CHECK_VERSION}|{__version__}|{_allowed_roots(allowed_roots, env_root)}\n".encode())
+    digest = hashlib.sha256(f"{CHECK_VERSION}|{__version__}|{_allowed_roots(allowed_roots, env_root)}\n"
+                            .encode("utf-8", "surrogateescape"))
     files = [root / "dataset.json"]
-    folders = set()
     for case in spec.cases:
         for path in [*case.image_files, *([case.label_file] if case.label_file else [])]:
             files.append(Path(path))
             if str(path).lower().endswith((".mhd", ".nhdr")):
-                folders.add(Path(path).parent)
+                data = detached_data_file(Path(path))
+                if data is not None:
+                    files.append(data)
     try:
-        for folder in sorted(folders):
-            files += sorted(detached_data_files(folder))
         for path in files:
             link = os.readlink(path) if os.path.islink(path) else ""
             facts = os.stat(path)
+            # names as the file system has them: bytes that are no UTF-8 (surrogate escapes) are valid names
             digest.update(f"{os.path.relpath(path, root)}|{link}|{os.path.realpath(path)}|{facts.st_dev}|"
-                          f"{facts.st_ino}|{facts.st_size}|{facts.st_mtime_ns}|{facts.st_ctime_ns}\n".encode())
+                          f"{facts.st_ino}|{facts.st_size}|{facts.st_mtime_ns}|{facts.st_ctime_ns}\n"
+                          .encode("utf-8", "surrogateescape"))
     except OSError:
         return None
     return digest.hexdigest()

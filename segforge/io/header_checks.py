@@ -72,14 +72,23 @@ def detached_data_files(folder: Path) -> set[Path]:
     named = set()
     for header in Path(folder).iterdir():
         if header.name.lower().endswith((".mhd", ".nhdr")) and header.is_file():
-            try:
-                fields, _ = (_read_metaio if header.name.lower().endswith(".mhd") else _read_nrrd)(header)
-            except (OSError, ImageReadError):
-                continue
-            value = fields.get("elementdatafile") or fields.get("data file") or fields.get("datafile")
-            if value and not _is_list(value):
-                named.add(Path(os.path.abspath(header.parent / value)))
+            data = detached_data_file(header)
+            if data is not None:
+                named.add(data)
     return named
+
+
+def detached_data_file(header: Path) -> Path | None:
+    """The one data file an .mhd/.nhdr ``header`` names (None: data in the header itself, ``LOCAL``, a multi-file
+    list, or an unreadable header, which the check reports)."""
+    try:
+        fields, _ = (_read_metaio if header.name.lower().endswith(".mhd") else _read_nrrd)(header)
+    except (OSError, ImageReadError):
+        return None
+    value = fields.get("elementdatafile") or fields.get("data file") or fields.get("datafile")
+    if not value or _is_list(value) or value.strip().upper() == "LOCAL":
+        return None
+    return Path(os.path.abspath(Path(header).parent / value))
 
 
 def _read_header_bytes(path: Path) -> bytes:

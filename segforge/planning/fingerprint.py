@@ -121,7 +121,8 @@ def dataset_signature(spec: DatasetSpec, settings: dict) -> str:
     for case in spec.cases:
         for path in [*case.image_files, *([case.label_file] if case.label_file else [])]:
             stat = path.stat()
-            digest.update(f"{os.path.relpath(path, spec.root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{os.path.relpath(path, spec.root)}|{stat.st_size}|{stat.st_mtime_ns}\n"
+                          .encode("utf-8", "surrogateescape"))  # a file name need not be UTF-8
     return digest.hexdigest()
 
 

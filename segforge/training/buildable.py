@@ -1,6 +1,7 @@
 """The last check before a config entry is instantiated: the entry, resolved as Hydra will build it, names a class
 of the kind the setting builds (a Lightning callback, a logger, a torch optimizer, segforge's schedule) defined in
-the packages that belong there, or a factory the packaged configs name; and no argument of it is built too (no
+the packages that belong there, or a factory the packaged configs of that group name (``configs/callbacks`` for
+``callbacks.NAME``); and no argument of it is built too (no
 nested ``_target_``). What cannot be located is refused, not passed on.
 
 The command line's gate (``cli/targets.py``) refuses other targets before any work; this check repeats its core at
@@ -15,7 +16,7 @@ import importlib
 
 from omegaconf import DictConfig, OmegaConf
 
-from segforge.configs import packaged_targets
+from segforge.configs import CONFIG_DIR, packaged_targets
 from segforge.errors import SegforgeError
 
 
@@ -59,7 +60,8 @@ def check_buildable(entry, setting: str, kind: type, packages: tuple[str, ...], 
                             f"configs name; nothing else is built. Fix: {fix}")
     if not isinstance(target, str):
         raise refusal
-    packaged = target in packaged_targets()
+    group = CONFIG_DIR / setting.split(".")[0]  # callbacks.NAME -> configs/callbacks: its own group's targets only
+    packaged = group.is_dir() and target in packaged_targets(group)
     if not (packaged or _within(target, packages)):
         raise refusal
     try:
