@@ -30,6 +30,8 @@ log = logging.getLogger("segforge")
 
 DEFAULT_PLANS = "default"  # the plan of `segforge plan DATASET` without plan.name: its model folders carry no suffix
 LEGACY_PLANS_FILE = "plans.json"  # the one plans file of a work folder from before named plans (read as plan default)
+# what `configuration=budget` names: the plan's budget configuration, in this order of preference
+BUDGET_CONFIGURATIONS = ("3d_budget", "2d_budget")
 MODEL_FOLDER_SEPARATOR = "__"  # <configuration>__<plans name>: the model folder of a plan other than default
 # letters, digits, '.', '_', '-'; never ".previous-": plans_<name>.previous-<date>.json is a kept copy, not a plan
 _PLANS_NAME = re.compile(r"(?!.*\.previous-)[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -16,7 +16,7 @@ from segforge.cli.dataset_args import _refuse_unlabelled, labels_wanted, save_co
 from segforge.errors import SegforgeError
 from segforge.io.artifacts import read_json, write_json
 from segforge.io.dataset import load_dataset
-from segforge.workspace import DEFAULT_PLANS, Workspace, check_not_inside, resolve_dataset
+from segforge.workspace import BUDGET_CONFIGURATIONS, DEFAULT_PLANS, Workspace, check_not_inside, resolve_dataset
 
 log = logging.getLogger("segforge")
 
@@ -90,7 +90,7 @@ def run_predict(args, cfg, overrides) -> int:
     members = pair_stages(predictors, sources)  # a cascade stage and its previous stage's model become one member
     wanted = cfg.get("configuration")
     for member in members if wanted is not None else []:
-        if member.configuration != wanted and not (wanted == "budget" and member.configuration.endswith("_budget")):
+        if member.configuration != wanted and not (wanted == "budget" and member.configuration in BUDGET_CONFIGURATIONS):
             stage = member.stage if isinstance(member, Cascade) else member
             raise SegforgeError(f"{sources[predictors.index(stage)]}: is a model of configuration "
                                 f"{member.configuration}, not configuration={wanted}. Fix: pass the model folder of "
@@ -239,21 +239,19 @@ def run_select(args, cfg, overrides) -> int:
 def run_export_model(args, cfg, overrides) -> int:
     from segforge.io.model_archive import export_model
 
-    from segforge.evaluation.selection import model_identity
-    from segforge.workspace import model_folder_name
+    from segforge.evaluation.selection import with_previous_stages
 
     model_dir = Path(args.model_dir)
     manifest = export_model(model_dir, Path(args.archive), args.folds)
     size = Path(args.archive).stat().st_size
     print(f"{args.archive}: {len(manifest['files'])} files of {manifest['model']} ({', '.join(manifest['folds'])}), "
           f"{size / 2**20:.1f} MB")
-    identity = model_identity(model_dir)
-    previous = (read_json(model_dir / "plans.json")["configurations"].get(identity["configuration"]) or {}).get("previous_stage")
-    if previous:  # a cascade stage predicts only after its previous stage: that model travels in its own archive
-        lowres = model_dir.parent / model_folder_name(previous, identity["plans"])
-        print(f"note: {model_dir.name} is a cascade stage; it predicts after its {previous} model. Export that too: "
+    folders = with_previous_stages(model_dir.parent, [model_dir.name])  # [previous stage's, this] for a cascade stage
+    if len(folders) > 1:  # it predicts only after its previous stage: that model travels in its own archive
+        lowres = model_dir.parent / folders[0]
+        print(f"note: {model_dir.name} is a cascade stage; it predicts after its {lowres.name} model. Export that too: "
               f"segforge export-model {lowres} {Path(args.archive).with_name(lowres.name + '.zip')}; then predict with "
-              f"--model <{previous} folder> --model <this folder>")
+              f"--model <{lowres.name} folder> --model <this folder>")
     return 0
 
 

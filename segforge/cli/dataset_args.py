@@ -63,9 +63,9 @@ def _checked_dataset(dataset_arg: str, cfg, require_labels: bool | None = None, 
     (``check_signature``); while it matches, only the checks that read no image run (``layout_problems``). Written
     after a passing check; ``recheck=true`` reads every image anyway."""
     from segforge.io.artifacts import ArtifactError, read_json, write_json
-    from segforge.io.storage import StorageError
     from segforge.io.checks import check_dataset, check_signature, layout_problems
     from segforge.io.dataset import scan_dataset
+    from segforge.io.storage import StorageError
 
     root = resolve_dataset(dataset_arg, cfg.paths.raw_root)
     if require_labels is None:
@@ -93,7 +93,7 @@ def _checked_dataset(dataset_arg: str, cfg, require_labels: bool | None = None, 
     checked = load_dataset(root, require_labels=require_labels)
     if before is not None and check_signature(checked) == before:
         try:  # a record to save work later: a work folder that cannot take it costs only that
-            write_json(checked_file, {"check_signature": before, "require_labels": bool(require_labels)}, kind="check")
+            write_json(checked_file, {"check_signature": before}, kind="check")
         except (StorageError, OSError) as exc:
             log.warning("%s: not written (%s); the next plan or preprocess reads every image again", checked_file, exc)
     return checked

@@ -89,7 +89,7 @@ def resolve_model_folders(paths: list[Path], configuration, plans) -> list[Path]
     """``--model`` given a task folder (``results/<task>``, one model folder per configuration and plan) with
     ``configuration=`` (and ``plans=``): that plan's model folder of the configuration, as nnU-Net's ``-c``/``-p``
     pick one; a cascade stage comes with its ``3d_lowres`` of the same plan. Other paths are kept as given."""
-    from segforge.workspace import DEFAULT_PLANS, model_folder_name
+    from segforge.workspace import BUDGET_CONFIGURATIONS, DEFAULT_PLANS, model_folder_name
 
     resolved = []
     for path in paths:
@@ -97,10 +97,11 @@ def resolve_model_folders(paths: list[Path], configuration, plans) -> list[Path]
             resolved.append(path)
             continue
         plan = DEFAULT_PLANS if plans is None else str(plans)
-        if str(configuration) == "budget":  # as train's configuration=budget: the plan's budget configuration
-            configuration = next((c for c in ("3d_budget", "2d_budget")
-                                  if _holds_folds(Path(path) / model_folder_name(c, plan))), "3d_budget")
-        stages = ["3d_lowres", str(configuration)] if str(configuration).startswith("3d_cascade") else [str(configuration)]
+        wanted = str(configuration)
+        if wanted == "budget":  # as train's configuration=budget: the plan's budget configuration
+            wanted = next((c for c in BUDGET_CONFIGURATIONS if _holds_folds(Path(path) / model_folder_name(c, plan))),
+                          BUDGET_CONFIGURATIONS[0])
+        stages = ["3d_lowres", wanted] if wanted.startswith("3d_cascade") else [wanted]
         for stage in stages:
             folder = Path(path) / model_folder_name(stage, plan)
             if not _holds_folds(folder):

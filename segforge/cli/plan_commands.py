@@ -35,12 +35,6 @@ def _keep_previous(path: Path, new_payload: dict) -> None:
     log.info("kept the previous %s as %s", path.name, backup.name)
 
 
-def _fingerprint_settings(cfg) -> dict:
-    from segforge.planning.fingerprint import fingerprint_settings
-
-    return fingerprint_settings(cfg.fingerprint.total_samples, cfg.fingerprint.seed, cfg.fingerprint.clip_percentiles)
-
-
 def _checked_file(args, cfg) -> Path:
     """Where plan and preprocess record a passing check of the dataset (``checked.json`` in its work folder)."""
     from segforge.workspace import resolve_dataset
@@ -54,9 +48,9 @@ def _checked_file(args, cfg) -> Path:
 def _fingerprint(spec, ws: Workspace, cfg) -> dict:
     """fingerprint.json, reused while the dataset and the settings are unchanged (``fingerprint.reuse``)."""
     from segforge.io.artifacts import ArtifactError
-    from segforge.planning.fingerprint import compute_fingerprint, dataset_signature
+    from segforge.planning.fingerprint import compute_fingerprint, dataset_signature, fingerprint_settings
 
-    settings = _fingerprint_settings(cfg)
+    settings = fingerprint_settings(cfg.fingerprint.total_samples, cfg.fingerprint.seed, cfg.fingerprint.clip_percentiles)
     signature = dataset_signature(spec, settings)
     if cfg.fingerprint.reuse and ws.fingerprint_path.is_file():
         try:
@@ -83,9 +77,8 @@ def run_plan(args, cfg, overrides) -> int:
             raise SegforgeError("--verify runs each planned training step on a CUDA device, and there is none here. "
                                 "Fix: run it on the GPU machine; plans themselves need no GPU (drop --verify)")
     plans_name = check_plans_name(cfg.plan.name)  # before any work
-    spec = _checked_dataset(args.dataset, cfg, checked_file=_checked_file(args, cfg))
+    spec = _checked_dataset(args.dataset, cfg, checked_file=_checked_file(args, cfg))  # work folder outside it
     ws = Workspace.from_config(cfg.paths, spec.name)
-    check_not_inside(ws.work_dir, spec.root, "dataset folder")
     fingerprint = _fingerprint(spec, ws, cfg)
     from segforge.durations import parse_duration
 

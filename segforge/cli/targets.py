@@ -13,7 +13,6 @@ a model folder (a fold's ``config.yaml``) are never instantiated at all: segforg
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 
@@ -21,60 +20,33 @@ from omegaconf import OmegaConf
 
 from segforge.configs import packaged_targets
 from segforge.errors import SegforgeError
+from segforge.training.buildable import PACKAGES, allowed_class, locate, targets_in, within
 
 # where a command-line `_target_` is instantiated by design (the node holding it), and the packages its classes may
 # come from; no other setting is instantiated, so a `_target_` anywhere else would either run code or be ignored
-LIGHTNING = ("lightning", "segforge")  # lightning.pytorch (pytorch_lightning's classes do not fit its Trainer)
 INSTANTIATED = {
-    re.compile(r"^callbacks\.[^.\[\]]+$"): ("callbacks.NAME", LIGHTNING, "lightning.pytorch.callbacks.Callback",
+    re.compile(r"^callbacks\.[^.\[\]]+$"): ("callbacks.NAME", PACKAGES["callbacks"], "lightning.pytorch.callbacks.Callback",
                                           "lightning.pytorch.callbacks.StochasticWeightAveraging"),
-    re.compile(r"^logger\.[^.\[\]]+$"): ("logger.NAME", LIGHTNING, "lightning.pytorch.loggers.Logger",
+    re.compile(r"^logger\.[^.\[\]]+$"): ("logger.NAME", PACKAGES["logger"], "lightning.pytorch.loggers.Logger",
                                        "lightning.pytorch.loggers.MLFlowLogger"),
-    re.compile(r"^optim\.optimizer$"): ("optim.optimizer", ("torch.optim", "segforge"), "torch.optim.Optimizer",
+    re.compile(r"^optim\.optimizer$"): ("optim.optimizer", PACKAGES["optim.optimizer"], "torch.optim.Optimizer",
                                       "torch.optim.AdamW"),
-    re.compile(r"^optim\.scheduler$"): ("optim.scheduler", ("segforge",), "lightning.pytorch.callbacks.Callback",
-                                      "segforge.training.schedules.ScheduleCallback"),
+    re.compile(r"^optim\.scheduler$"): ("optim.scheduler", PACKAGES["optim.scheduler"],
+                                      "lightning.pytorch.callbacks.Callback", "segforge.training.schedules.ScheduleCallback"),
 }
 WHERE = ("callbacks.NAME and logger.NAME (classes of Lightning or segforge), optim.optimizer (torch.optim) and "
          "optim.scheduler (segforge's ScheduleCallback)")
 
 
-def _targets(node, path: str = ""):
-    """(dotted path of the node holding it, value) of every ``_target_`` under ``node``, at any depth."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "_target_":
-                yield path, value
-            else:
-                yield from _targets(value, f"{path}.{key}" if path else str(key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _targets(value, f"{path}[{i}]")
-
-
 def _allowed_class(target: str, packages: tuple[str, ...], kind: str | None = None) -> bool:
     """Whether ``target`` is a class defined in one of ``packages`` (nothing outside them is imported to find out),
     and of ``kind`` (a dotted class: what the zone builds, e.g. Lightning's ``Callback``) when given."""
-    def within(name: str) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in packages)
-
-    if not within(target):
+    if not within(target, packages):
         return False
-    found = _imported(target)
-    # a class defined there (not one re-exported from elsewhere), and no command-line parser that builds classes
-    # from its own arguments (LightningCLI)
-    if not (isinstance(found, type) and within(found.__module__) and ".cli" not in f".{found.__module__}."):
-        return False
-    base = _imported(kind) if kind else object
-    return isinstance(base, type) and issubclass(found, base)
-
-
-def _imported(dotted: str):
-    module_name, _, attribute = dotted.rpartition(".")
     try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError):
-        return None
+        return allowed_class(locate(target), locate(kind) if kind else object, packages)
+    except LookupError:
+        return False
 
 
 def check_targets(cfg, config_dir: Path) -> None:
@@ -88,7 +60,7 @@ def check_targets(cfg, config_dir: Path) -> None:
         # unresolved, a node built from a string (which may resolve where the run does: another environment, a
         # SLURM node) would hide its `_target_`: none is accepted then
         _refuse_node_builders(tree, "the config does not resolve here")
-    for where, target in _targets(tree):
+    for where, target in targets_in(tree):
         setting = f"{where}._target_" if where else "_target_"
         if isinstance(target, str) and target in known:
             continue
@@ -120,7 +92,7 @@ def check_hydra_targets(hydra_node) -> None:
     """Refuse a sweep whose composed ``hydra`` node (what ``Hydra.multirun`` instantiates before any job runs) names a
     class outside Hydra and its plugins, or builds a node from a string (e.g. ``+hydra.callbacks.x._target_=...``)."""
     tree = OmegaConf.to_container(hydra_node, resolve=False)
-    for where, target in _targets(tree, "hydra"):
+    for where, target in targets_in(tree, "hydra"):
         if not (isinstance(target, str) and _allowed_class(target, HYDRA_PACKAGES)):
             raise SegforgeError(f"{where}._target_={target}: a sweep's Hydra settings may only name classes of Hydra "
                                 "and its plugins (launchers, sweepers); segforge instantiates nothing else from the "

@@ -20,12 +20,18 @@ from segforge.configs import CONFIG_DIR, packaged_targets
 from segforge.errors import SegforgeError
 
 
-def _within(name: str, packages: tuple[str, ...]) -> bool:
+# the packages each setting's classes may come from (the command line's gate, cli/targets.py, says the same)
+PACKAGES = {"callbacks": ("lightning", "segforge"), "logger": ("lightning", "segforge"),
+            "optim.optimizer": ("torch.optim", "segforge"), "optim.scheduler": ("segforge",)}
+
+
+def within(name: str, packages: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in packages)
 
 
-def _located(dotted: str):
-    """The object ``module.attribute`` names (a plain module path: no attribute chains through other modules)."""
+def locate(dotted: str):
+    """The object ``module.attribute`` names (a plain module path: no attribute chains through other modules);
+    ``LookupError`` saying why when there is none."""
     module_name, _, attribute = dotted.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), attribute)
@@ -33,16 +39,24 @@ def _located(dotted: str):
         raise LookupError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _nested_targets(node, path: str):
+def allowed_class(found, kind: type, packages: tuple[str, ...]) -> bool:
+    """A ``kind`` class defined in ``packages`` (not one re-exported there from elsewhere), and no command-line
+    parser that builds classes from its own arguments (LightningCLI)."""
+    return (isinstance(found, type) and issubclass(found, kind) and within(found.__module__, packages)
+            and ".cli" not in f".{found.__module__}.")
+
+
+def targets_in(node, path: str = ""):
+    """(dotted path of the node holding it, value) of every ``_target_`` under ``node``, at any depth."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "_target_" and path:
-                yield path
-            elif key != "_target_":
-                yield from _nested_targets(value, f"{path}.{key}" if path else str(key))
+            if key == "_target_":
+                yield path, value
+            else:
+                yield from targets_in(value, f"{path}.{key}" if path else str(key))
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _nested_targets(value, f"{path}[{i}]")
+            yield from targets_in(value, f"{path}[{i}]")
 
 
 def check_buildable(entry, setting: str, kind: type, packages: tuple[str, ...], fix: str,
@@ -50,7 +64,7 @@ def check_buildable(entry, setting: str, kind: type, packages: tuple[str, ...], 
     """Refuse ``entry`` (a config node with ``_target_``) unless it builds a ``kind`` class defined in ``packages``
     or calls a factory the packaged configs name, with plain arguments only (``what``: the kind in words)."""
     resolved = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else entry
-    nested = next(_nested_targets(resolved, ""), None)
+    nested = next((where for where, _ in targets_in(resolved) if where), None)
     if nested is not None:
         raise SegforgeError(f"{setting}.{nested}._target_: an argument of {setting} would be built too; its arguments "
                             f"take plain values. Fix: {fix}")
@@ -62,16 +76,14 @@ def check_buildable(entry, setting: str, kind: type, packages: tuple[str, ...], 
         raise refusal
     group = CONFIG_DIR / setting.split(".")[0]  # callbacks.NAME -> configs/callbacks: its own group's targets only
     packaged = group.is_dir() and target in packaged_targets(group)
-    if not (packaged or _within(target, packages)):
+    if not (packaged or within(target, packages)):
         raise refusal
     try:
-        found = _located(target)
+        found = locate(target)
     except LookupError as exc:
         raise SegforgeError(f"{setting}: cannot make {target} ({exc}). Fix: an importable class, or {fix}") from exc
-    if isinstance(found, type):
-        if issubclass(found, kind) and (packaged or (_within(found.__module__, packages)
-                                                     and ".cli" not in f".{found.__module__}.")):
-            return
-    elif packaged and callable(found):
+    if allowed_class(found, kind, packages) or (packaged and isinstance(found, type) and issubclass(found, kind)):
+        return
+    if packaged and callable(found) and not isinstance(found, type):
         return  # a factory of the packaged configs (the progress bar, the local MLflow logger)
     raise refusal

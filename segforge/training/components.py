@@ -14,7 +14,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from segforge.errors import SegforgeError
-from segforge.training.buildable import check_buildable
+from segforge.training.buildable import PACKAGES, check_buildable
 
 
 def fill_run_context(cfg, fold_dir, monitor: str, name: str) -> None:
@@ -45,10 +45,6 @@ def _made_error(exc: Exception, target, setting: str, fix: str) -> SegforgeError
     install = " (install what it needs; for logger=mlflow: pip install 'segforge[mlflow]')" if missing else ""
     return SegforgeError(f"{setting}: cannot make {target} ({reason}). Fix: an importable class{install} and only the "
                          f"arguments it takes, or {fix}")
-
-
-# the packages each kind of entry may come from (as the command line's gate says, cli/targets.py)
-PACKAGES = {"callbacks": ("lightning", "segforge"), "logger": ("lightning", "segforge"), "optim.scheduler": ("segforge",)}
 
 
 def build(entry, setting: str, fix: str, kind: type, packages: tuple[str, ...], what: str | None = None):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from segforge.errors import SegforgeError
-from segforge.training.buildable import check_buildable
+from segforge.training.buildable import PACKAGES, check_buildable
 
 
 def make_optimizer(parameters, optimizer_cfg) -> torch.optim.Optimizer:
@@ -19,7 +19,7 @@ def make_optimizer(parameters, optimizer_cfg) -> torch.optim.Optimizer:
     target = optimizer_cfg.get("_target_")
     fix = ("optim=sgd_poly|adamw_cosine, or optim.optimizer._target_=torch.optim.CLASS with only the arguments it takes "
            "(~optim.optimizer.ARG removes one, e.g. ~optim.optimizer.momentum for Adam)")
-    check_buildable(optimizer_cfg, "optim.optimizer", torch.optim.Optimizer, ("torch.optim", "segforge"), fix,
+    check_buildable(optimizer_cfg, "optim.optimizer", torch.optim.Optimizer, PACKAGES["optim.optimizer"], fix,
                     "a torch optimizer")
     try:
         made = instantiate(optimizer_cfg, _convert_="all")  # plain lists (betas): the checkpoint holds no OmegaConf

@@ -46,7 +46,7 @@ from segforge.training.settings import check_train_settings
 from segforge.training.splits import check_splits, make_splits
 from segforge.training.tasks import (  # noqa: F401  (re-exported)
     label_setup, make_task, trained_encoder, segmentation_network_kwargs)
-from segforge.workspace import DEFAULT_PLANS, Workspace
+from segforge.workspace import BUDGET_CONFIGURATIONS, DEFAULT_PLANS, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def resolve_configuration(name: str, plans: dict, plans_path: Path, budget_s: fl
     """``configuration=budget`` is the plan's budget configuration (3d_budget, else 2d_budget); names are checked."""
     available = plans["configurations"]
     if name == "budget":
-        found = [n for n in ("3d_budget", "2d_budget") if n in available]
+        found = [n for n in BUDGET_CONFIGURATIONS if n in available]
         if not found:
             raise SegforgeError(f"{plans_path} has no budget configuration. Fix: `segforge plan DATASET budget=...` "
                                 "(sizes one for this device), or choose configuration=3d_fullres (2d)")
